@@ -1,0 +1,288 @@
+"""Typed settings: the one place that says what attune can be configured with.
+
+Sources, later ones winning:
+
+1. the defaults written in the models below (the same values ``config.toml`` lists);
+2. a TOML file: ``--config PATH``, else ``$ATTUNE_CONFIG``, else ``./config.toml``;
+3. environment variables ``ATTUNE_<SECTION>__<KEY>`` (``__`` separates nesting levels,
+   e.g. ``ATTUNE_LLM__OPENAI__BASE_URL``).
+
+Secrets (API keys, tokens) never come from the file: they are read from their own
+environment variables into :class:`Secrets`, and a secret found in the file is an error.
+
+Any problem — a wrong type, a bad value, an unknown key, a secret in the file — raises
+:class:`ConfigError` with one message naming each key and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
+
+from agent_core.style import Emoji, Format, Length, Tone
+
+ENV_PREFIX = "ATTUNE_"
+CONFIG_ENV = "ATTUNE_CONFIG"
+DEFAULT_CONFIG_FILE = "config.toml"
+
+
+class ConfigError(Exception):
+    """Bad configuration: the message names the key and the file (or variable)."""
+
+
+class _Section(BaseModel):
+    # Strict: a TOML string where a number belongs is an error, not a silent coercion.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class StorageSettings(_Section):
+    data_dir: str = "./data"
+    database: str = "attune.db"
+    busy_timeout_ms: int = Field(default=5000, ge=0)
+    synchronous: Literal["normal", "full"] = "normal"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_path / self.database
+
+
+class LocalLLMSettings(_Section):
+    model: str = "smollm2"
+    cache_dir: str = ""
+    threads: int = Field(default=0, ge=0)
+    context_window: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
+
+
+class OpenAISettings(_Section):
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    context_window: int = Field(default=8192, ge=256)
+    max_retries: int = Field(default=1, ge=0)
+
+
+class LLMSettings(_Section):
+    backend: Literal["local", "openai"] = "local"
+    max_new_tokens: int = Field(default=160, ge=1, le=4096)
+    temperature: float = Field(default=0.3, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    timeout_s: float = Field(default=120.0, gt=0.0)
+    local: LocalLLMSettings = LocalLLMSettings()
+    openai: OpenAISettings = OpenAISettings()
+
+
+class AgentSettings(_Section):
+    name: str = "attune"
+    system_prompt: str = "You are attune, a friendly and helpful assistant."
+    recent_turns: int = Field(default=12, ge=0)
+    memory_notes: int = Field(default=5, ge=0)
+
+
+class StyleDefaults(_Section):
+    """The style used for a dimension the user has not set and nothing has learned."""
+
+    length: Length = "brief"
+    tone: Tone = "casual"
+    emoji: Emoji = "none"
+    format: Format = "prose"
+
+
+class LimitsSettings(_Section):
+    messages_per_minute: int = Field(default=20, ge=1)
+    max_message_chars: int = Field(default=4000, ge=1)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+DEFAULT_REWARDS: dict[str, float] = {
+    "👍": 1.0,
+    "👎": -1.0,
+    "❤️": 1.0,
+    "😂": 0.5,
+    "🎉": 0.8,
+    "😕": -0.5,
+    "🙏": 0.7,
+    "🔥": 0.8,
+    "👀": 0.0,
+    "+1": 1.0,
+    "thumbsup": 1.0,
+    "-1": -1.0,
+    "thumbsdown": -1.0,
+    "heart": 1.0,
+    "joy": 0.5,
+    "tada": 0.8,
+    "confused": -0.5,
+    "pray": 0.7,
+    "fire": 0.8,
+    "eyes": 0.0,
+}
+
+
+Reward = Annotated[float, Field(ge=-1.0, le=1.0)]
+
+
+class Settings(_Section):
+    storage: StorageSettings = StorageSettings()
+    llm: LLMSettings = LLMSettings()
+    agent: AgentSettings = AgentSettings()
+    style: StyleDefaults = StyleDefaults()
+    limits: LimitsSettings = LimitsSettings()
+    rewards: dict[str, Reward] = Field(default_factory=lambda: dict(DEFAULT_REWARDS))
+    logging: LoggingSettings = LoggingSettings()
+
+
+class Secrets(BaseModel):
+    """Values read only from the environment; never written to logs or output."""
+
+    model_config = ConfigDict(frozen=True)
+    openai_api_key: SecretStr | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Secrets:
+        return cls(**{name: environ[var] for name, var in SECRET_ENV.items() if environ.get(var)})
+
+    def values(self) -> list[str]:
+        """Every secret that is set, for log redaction."""
+        return [s.get_secret_value() for s in (getattr(self, n) for n in SECRET_ENV) if s]
+
+
+# Secret name -> environment variable, and where someone might wrongly put it in the file.
+SECRET_ENV: dict[str, str] = {"openai_api_key": "OPENAI_API_KEY"}
+SECRET_FILE_KEYS: dict[str, str] = {"llm.openai.api_key": "OPENAI_API_KEY"}
+
+
+class Config(BaseModel):
+    """Everything attune runs with: the settings, the secrets, and where they came from."""
+
+    model_config = ConfigDict(frozen=True)
+    settings: Settings
+    secrets: Secrets
+    source: Path | None  # the TOML file read, or None when running on defaults
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    msg = error["msg"]
+    return f"{msg[0].lower()}{msg[1:]} (got {error['input']!r})"
+
+
+def _field_type(path: tuple[str, ...]) -> Any:
+    """The annotation of the setting at ``path``, or None for an unknown key."""
+    model: Any = Settings
+    for i, part in enumerate(path):
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(part)
+            if field is None:
+                return None
+            model = field.annotation
+        elif getattr(model, "__origin__", None) is dict and i == len(path) - 1:
+            return model.__args__[1]
+        else:
+            return None
+    return model
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Parse ``ATTUNE_<SECTION>__<KEY>`` variables into a nested dict of typed values."""
+    data: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    problems: list[str] = []
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or "__" not in var:
+            continue  # ATTUNE_CONFIG, ATTUNE_ADMIN_TOKEN...: not settings overrides
+        path = tuple(p.lower() for p in var[len(ENV_PREFIX) :].split("__"))
+        annotation = _field_type(path)
+        if annotation is None or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            problems.append(f"{'.'.join(path)}: unknown key (from environment variable {var})")
+            continue
+        try:
+            value = TypeAdapter(annotation).validate_python(raw, strict=False)
+        except ValidationError as exc:
+            problems.append(f"{'.'.join(path)}: {_describe(exc.errors()[0])} (from environment variable {var})")
+            continue
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        origin[path] = var
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return data, origin
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "rewards":
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The file to read: the CLI flag, then $ATTUNE_CONFIG, then ./config.toml if present."""
+    if cli_path:
+        return Path(cli_path)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read settings from ``path`` (see :func:`resolve_config_path`) and the environment."""
+    environ = os.environ if environ is None else environ
+    source = resolve_config_path(str(path) if path else None, environ)
+    file_data: dict[str, Any] = {}
+    if source is not None:
+        try:
+            file_data = tomllib.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        for key, var in SECRET_FILE_KEYS.items():
+            node: Any = file_data
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                raise ConfigError(
+                    f"{source}: {key}: secrets are read only from the environment; "
+                    f"remove it from the file and set {var} instead"
+                )
+    env_data, env_origin = _env_overrides(environ)
+    data = _merge(file_data, env_data)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            where = f"environment variable {env_origin[loc]}" if loc in env_origin else str(source or "defaults")
+            lines.append(f"{'.'.join(loc)}: {_describe(err)} (in {where})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    return Config(settings=settings, secrets=Secrets.from_env(environ), source=source)
+
+
+def effective_settings(config: Config) -> dict[str, Any]:
+    """Settings plus masked secrets, as plain data for ``attune config show``."""
+    data = config.settings.model_dump(mode="json")
+    data["secrets"] = {
+        var: ("******** (set)" if getattr(config.secrets, name) else "(not set)") for name, var in SECRET_ENV.items()
+    }
+    return data
