@@ -1,0 +1,391 @@
+"""Every query attune runs, named for what it does; no SQL lives outside storage/."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from storage.database import Database
+
+_CACHE_SIZE = 50_000
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class Received:
+    """An incoming message, committed: who sent it, where, and its row id."""
+
+    user_id: int
+    chat_id: int
+    message_id: int
+
+
+@dataclass(frozen=True)
+class ReplyRef:
+    """A stored bot reply that a reaction points at."""
+
+    message_id: int
+    user_id: int  # the person the reply answered
+
+
+@dataclass(frozen=True)
+class MemoryNote:
+    id: int
+    text: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ActiveAdapter:
+    version: int
+    path: str
+    user_id: int | None  # None: the population adapter
+
+
+class _LRU(OrderedDict[tuple[str, str], int]):
+    def get_fresh(self, key: tuple[str, str]) -> int | None:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, str], value: int) -> None:
+        self[key] = value
+        if len(self) > _CACHE_SIZE:
+            self.popitem(last=False)
+
+
+def fts_query(text: str) -> str:
+    """A safe FTS5 query matching any word of ``text`` (each quoted, OR-ed)."""
+    words = {w.lower() for w in _WORD.findall(text) if len(w) > 2}
+    return " OR ".join(f'"{w}"' for w in sorted(words))
+
+
+class Store:
+    """Queries over one :class:`Database`; ids in and out are the core's own."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._users = _LRU()  # (platform, platform user id) -> user id
+        self._chats = _LRU()  # (platform, platform chat id) -> chat id
+
+    # --- people and places -------------------------------------------------------
+
+    async def _user_id(self, conn: Any, platform: str, platform_user_id: str, name: str) -> int:
+        key = (platform, platform_user_id)
+        cached = self._users.get_fresh(key)
+        if cached is not None:
+            return cached
+        async with conn.execute(
+            "SELECT user_id FROM identities WHERE platform = ? AND platform_user_id = ?", key
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            now = time.time()
+            cur = await conn.execute(
+                "INSERT INTO users (name, created_at) VALUES (?, ?)", (name or platform_user_id, now)
+            )
+            user_id = int(cur.lastrowid)
+            await conn.execute(
+                "INSERT INTO identities (platform, platform_user_id, user_id, display_name, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (platform, platform_user_id, user_id, name, now),
+            )
+        else:
+            user_id = int(row[0])
+        self._users.put(key, user_id)
+        return user_id
+
+    async def _chat_id(self, conn: Any, platform: str, platform_chat_id: str, kind: str) -> int:
+        key = (platform, platform_chat_id)
+        cached = self._chats.get_fresh(key)
+        if cached is not None:
+            return cached
+        await conn.execute(
+            "INSERT OR IGNORE INTO chats (platform, platform_chat_id, kind, created_at) VALUES (?, ?, ?, ?)",
+            (platform, platform_chat_id, kind, time.time()),
+        )
+        async with conn.execute("SELECT id FROM chats WHERE platform = ? AND platform_chat_id = ?", key) as cur:
+            chat_id = int((await cur.fetchone())[0])
+        self._chats.put(key, chat_id)
+        return chat_id
+
+    async def resolve_user(self, platform: str, platform_user_id: str, name: str = "") -> int:
+        """The user behind a platform identity, created on first sight."""
+        cached = self._users.get_fresh((platform, platform_user_id))
+        if cached is not None:
+            return cached
+        async with self.db.transaction() as conn:
+            return await self._user_id(conn, platform, platform_user_id, name)
+
+    async def resolve_chat(self, platform: str, platform_chat_id: str, kind: str = "private") -> int:
+        cached = self._chats.get_fresh((platform, platform_chat_id))
+        if cached is not None:
+            return cached
+        async with self.db.transaction() as conn:
+            return await self._chat_id(conn, platform, platform_chat_id, kind)
+
+    async def user_name(self, user_id: int) -> str:
+        row = await self.db.fetchone("SELECT name FROM users WHERE id = ?", (user_id,))
+        return str(row[0]) if row else ""
+
+    # --- messages ------------------------------------------------------------------
+
+    async def claim_event(self, platform: str, event_id: str) -> bool:
+        """Record a platform event id; False if it was handled before."""
+        cur = await self.db.execute(
+            "INSERT OR IGNORE INTO processed_events (platform, event_id, processed_at) VALUES (?, ?, ?)",
+            (platform, event_id, time.time()),
+        )
+        return cur.rowcount == 1
+
+    async def receive_message(
+        self,
+        *,
+        platform: str,
+        platform_chat_id: str,
+        chat_kind: str,
+        platform_user_id: str,
+        sender_name: str,
+        text: str,
+        platform_message_id: str | None,
+        event_id: str | None,
+    ) -> Received | None:
+        """Commit an incoming message (and its event id); None if the event was seen before."""
+        async with self.db.transaction() as conn:
+            if event_id is not None:
+                cur = await conn.execute(
+                    "INSERT OR IGNORE INTO processed_events (platform, event_id, processed_at) VALUES (?, ?, ?)",
+                    (platform, event_id, time.time()),
+                )
+                if cur.rowcount != 1:
+                    return None
+            user_id = await self._user_id(conn, platform, platform_user_id, sender_name)
+            chat_id = await self._chat_id(conn, platform, platform_chat_id, chat_kind)
+            cur = await conn.execute(
+                "INSERT INTO messages (chat_id, user_id, role, text, platform_message_id, created_at)"
+                " VALUES (?, ?, 'user', ?, ?, ?)",
+                (chat_id, user_id, text, platform_message_id, time.time()),
+            )
+            return Received(user_id=user_id, chat_id=chat_id, message_id=int(cur.lastrowid))
+
+    async def add_reply(
+        self,
+        received: Received,
+        *,
+        text: str,
+        style: dict[str, str],
+        adapter_version: str | None,
+        prompt: Sequence[Mapping[str, str]],
+    ) -> int:
+        """Store the bot's answer to ``received``, with the exact prompt it came from."""
+        cur = await self.db.execute(
+            "INSERT INTO messages (chat_id, user_id, role, text, reply_to, style, adapter_version,"
+            " prompt, created_at) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?)",
+            (
+                received.chat_id,
+                received.user_id,
+                text,
+                received.message_id,
+                json.dumps(style),
+                adapter_version,
+                json.dumps(list(prompt), ensure_ascii=False),
+                time.time(),
+            ),
+        )
+        return int(cur.lastrowid)
+
+    async def set_platform_message_id(self, message_id: int, platform_message_id: str) -> None:
+        await self.db.execute(
+            "UPDATE messages SET platform_message_id = ? WHERE id = ?", (platform_message_id, message_id)
+        )
+
+    async def find_reply(self, platform: str, platform_chat_id: str, platform_message_id: str) -> ReplyRef | None:
+        row = await self.db.fetchone(
+            "SELECT m.id, m.user_id FROM messages m JOIN chats c ON c.id = m.chat_id"
+            " WHERE c.platform = ? AND c.platform_chat_id = ? AND m.platform_message_id = ?"
+            " AND m.role = 'assistant'",
+            (platform, platform_chat_id, platform_message_id),
+        )
+        return ReplyRef(message_id=int(row[0]), user_id=int(row[1])) if row else None
+
+    async def recent_turns(self, user_id: int, chat_id: int, limit: int, before: int) -> list[tuple[str, str]]:
+        """This user's last turns in this chat (theirs and the replies to them), oldest first."""
+        if limit <= 0:
+            return []
+        rows = await self.db.fetchall(
+            "SELECT role, text FROM messages WHERE user_id = ? AND chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (user_id, chat_id, before, limit),
+        )
+        return [(str(r[0]), str(r[1])) for r in reversed(rows)]
+
+    # --- long-term memory ------------------------------------------------------------
+
+    async def add_memory(self, user_id: int, text: str) -> int:
+        cur = await self.db.execute(
+            "INSERT INTO memories (user_id, text, created_at) VALUES (?, ?, ?)", (user_id, text, time.time())
+        )
+        return int(cur.lastrowid)
+
+    async def delete_memory(self, user_id: int, memory_id: int) -> bool:
+        """Delete one of this user's notes; False if there is no such note of theirs."""
+        cur = await self.db.execute("DELETE FROM memories WHERE id = ? AND user_id = ?", (memory_id, user_id))
+        return cur.rowcount == 1
+
+    async def list_memories(self, user_id: int, limit: int = 1000) -> list[MemoryNote]:
+        rows = await self.db.fetchall(
+            "SELECT id, text, created_at FROM memories WHERE user_id = ? ORDER BY id DESC LIMIT ?",
+            (user_id, limit),
+        )
+        return [MemoryNote(int(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    async def search_memories(self, user_id: int, text: str, limit: int) -> list[MemoryNote]:
+        """This user's notes matching ``text``, best first (BM25)."""
+        query = fts_query(text)
+        if not query or limit <= 0:
+            return []
+        rows = await self.db.fetchall(
+            "SELECT m.id, m.text, m.created_at FROM memories_fts f JOIN memories m ON m.id = f.rowid"
+            " WHERE memories_fts MATCH ? AND m.user_id = ? ORDER BY bm25(memories_fts) LIMIT ?",
+            (query, user_id, limit),
+        )
+        return [MemoryNote(int(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    # --- preferences -----------------------------------------------------------------
+
+    async def preferences(self, user_id: int) -> dict[str, str]:
+        rows = await self.db.fetchall("SELECT key, value FROM preferences WHERE user_id = ?", (user_id,))
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    async def set_preference(self, user_id: int, key: str, value: str) -> None:
+        await self.db.execute(
+            "INSERT INTO preferences (user_id, key, value) VALUES (?, ?, ?)"
+            " ON CONFLICT (user_id, key) DO UPDATE SET value = excluded.value",
+            (user_id, key, value),
+        )
+
+    async def clear_preferences(self, user_id: int, keys: list[str] | None = None) -> None:
+        if keys is None:
+            await self.db.execute("DELETE FROM preferences WHERE user_id = ?", (user_id,))
+            return
+        async with self.db.transaction() as conn:
+            for key in keys:
+                await conn.execute("DELETE FROM preferences WHERE user_id = ? AND key = ?", (user_id, key))
+
+    # --- reactions -------------------------------------------------------------------
+
+    async def add_reaction(self, message_id: int, user_id: int, emoji: str, reward: float) -> bool:
+        """Store a reaction; False if the same person's same emoji was already there."""
+        async with self.db.transaction() as conn:
+            async with conn.execute(
+                "SELECT removed_at FROM reactions WHERE message_id = ? AND user_id = ? AND emoji = ?",
+                (message_id, user_id, emoji),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is not None and row[0] is None:
+                return False
+            await conn.execute(
+                "INSERT INTO reactions (message_id, user_id, emoji, reward, created_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (message_id, user_id, emoji) DO UPDATE SET reward = excluded.reward,"
+                " created_at = excluded.created_at, removed_at = NULL",
+                (message_id, user_id, emoji, reward, time.time()),
+            )
+            return True
+
+    async def remove_reaction(self, message_id: int, user_id: int, emoji: str) -> float | None:
+        """Mark a reaction taken back; its reward, or None if there was none standing."""
+        async with self.db.transaction() as conn:
+            async with conn.execute(
+                "SELECT id, reward FROM reactions WHERE message_id = ? AND user_id = ? AND emoji = ?"
+                " AND removed_at IS NULL",
+                (message_id, user_id, emoji),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            await conn.execute("UPDATE reactions SET removed_at = ? WHERE id = ?", (time.time(), row[0]))
+            return float(row[1])
+
+    async def standing_reactions(self, message_id: int, user_id: int) -> list[str]:
+        rows = await self.db.fetchall(
+            "SELECT emoji FROM reactions WHERE message_id = ? AND user_id = ? AND removed_at IS NULL",
+            (message_id, user_id),
+        )
+        return [str(r[0]) for r in rows]
+
+    # --- adapters --------------------------------------------------------------------
+
+    async def active_adapter(self, user_id: int) -> ActiveAdapter | None:
+        """The adapter serving this user: their own, else the population's, else None."""
+        row = await self.db.fetchone(
+            "SELECT version, path, user_id FROM adapters WHERE status = 'active'"
+            " AND (user_id = ? OR user_id IS NULL) ORDER BY user_id IS NULL, version DESC LIMIT 1",
+            (user_id,),
+        )
+        return ActiveAdapter(int(row[0]), str(row[1]), row[2]) if row else None
+
+    # --- what we know about one user ---------------------------------------------------
+
+    async def stats(self, user_id: int) -> dict[str, Any]:
+        """Counts and the reward history of the replies this user rated."""
+        counts = await self.db.fetchone(
+            "SELECT SUM(role = 'user'), SUM(role = 'assistant') FROM messages WHERE user_id = ?", (user_id,)
+        )
+        rewards = await self.db.fetchall(
+            "SELECT r.reward FROM reactions r JOIN messages m ON m.id = r.message_id"
+            " WHERE r.user_id = ? AND m.user_id = ? AND r.removed_at IS NULL ORDER BY r.created_at",
+            (user_id, user_id),
+        )
+        memories = await self.db.fetchone("SELECT COUNT(*) FROM memories WHERE user_id = ?", (user_id,))
+        return {
+            "messages": int(counts[0] or 0),
+            "replies": int(counts[1] or 0),
+            "rewards": [float(r[0]) for r in rewards],
+            "memories": int(memories[0]),
+        }
+
+    async def export_user(self, user_id: int) -> dict[str, Any]:
+        """Everything stored about one user, as plain data."""
+
+        async def rows(sql: str) -> list[dict[str, Any]]:
+            return [dict(r) for r in await self.db.fetchall(sql, (user_id,))]
+
+        user = await rows("SELECT id, name, created_at FROM users WHERE id = ?")
+        messages = await rows(
+            "SELECT m.id, c.platform, c.platform_chat_id AS chat, m.role, m.text, m.platform_message_id,"
+            " m.reply_to, m.style, m.adapter_version, m.created_at FROM messages m"
+            " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ? ORDER BY m.id"
+        )
+        for message in messages:
+            message["style"] = json.loads(message["style"]) if message["style"] else None
+        return {
+            "user": user[0] if user else None,
+            "identities": await rows(
+                "SELECT platform, platform_user_id, display_name, created_at FROM identities WHERE user_id = ?"
+            ),
+            "preferences": await self.preferences(user_id),
+            "memories": await rows("SELECT id, text, created_at FROM memories WHERE user_id = ? ORDER BY id"),
+            "messages": messages,
+            "reactions": await rows(
+                "SELECT message_id, emoji, reward, created_at, removed_at FROM reactions WHERE user_id = ? ORDER BY id"
+            ),
+            "adapters": await rows(
+                "SELECT version, status, metrics, created_at FROM adapters WHERE user_id = ? ORDER BY version"
+            ),
+            "training_runs": await rows(
+                "SELECT id, status, started_at, finished_at, metrics FROM training_runs WHERE user_id = ? ORDER BY id"
+            ),
+        }
+
+    async def delete_user(self, user_id: int) -> None:
+        """Delete the user and every row about them (cascades), then reclaim the space."""
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
+            await conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
+        for key in [k for k, v in self._users.items() if v == user_id]:
+            del self._users[key]
