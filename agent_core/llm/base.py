@@ -1,0 +1,78 @@
+"""The backend contract: what the agent needs from a language model, written down once.
+
+A backend turns a chat prompt into reply text. The agent only ever calls the methods of
+:class:`LLMBackend`; a new backend subclasses it and implements every abstract method.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+
+class ChatMessage(TypedDict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class LLMError(Exception):
+    """The backend could not produce a reply (server down, bad answer, model failure)."""
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A per-user LoRA adapter to generate with: where it lies and a stable name."""
+
+    name: str  # unique per adapter version, e.g. "user-12-v3"; the model name on vLLM
+    path: str  # a peft adapter directory (adapter_config.json + weights)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: list[ChatMessage]
+    max_new_tokens: int = 160
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 0.9
+    adapter: AdapterRef | None = None
+    seed: int | None = None
+
+
+class LLMBackend(ABC):
+    """A language model the agent can ask for replies.
+
+    Lifecycle: ``await start()`` once (load weights, open clients), then any number of
+    concurrent ``stream``/``generate`` calls, then ``await close()``. Methods must not
+    block the event loop: heavy work runs in a worker thread or another process.
+    """
+
+    #: Tokens the model can attend to: prompt plus reply must fit.
+    context_window: int = 2048
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Get ready to generate (may take long the first time; report progress)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release threads, clients and memory."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes in a prompt (exact where the backend has a tokenizer)."""
+
+    #: Extra tokens a chat template adds around each message.
+    message_overhead: int = 5
+
+    @abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """Yield the reply in pieces as they are generated. Raises :class:`LLMError`."""
+
+    async def generate(self, request: GenerationRequest) -> str:
+        """The whole reply at once. Raises :class:`LLMError`."""
+        return "".join([piece async for piece in self.stream(request)])
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for logs and ``/stats``: which model, where."""

@@ -1,0 +1,191 @@
+"""The local backend: a transformers model on this machine's CPU, with per-user LoRA.
+
+All model work runs on one worker thread, so the event loop stays free and the
+model's state (which adapter is active) is only ever touched from that thread.
+Requests are answered one at a time, in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from agent_core.llm.base import GenerationRequest, LLMBackend, LLMError
+from agent_core.llm.model_files import cached_directory, find_model
+
+log = logging.getLogger(__name__)
+
+MAX_LOADED_ADAPTERS = 16
+_DONE = object()
+
+
+class LocalBackend(LLMBackend):
+    def __init__(
+        self,
+        model: str,
+        cache_dir: Path,
+        *,
+        threads: int = 0,
+        context_window: int = 0,
+        repetition_penalty: float = 1.0,
+    ) -> None:
+        self.model_setting = model
+        self.repetition_penalty = repetition_penalty
+        self.cache_dir = cache_dir
+        self.threads = threads
+        self._context_window_setting = context_window
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attune-llm")
+        self._model: Any = None  # a transformers model, or a peft PeftModel once an adapter is used
+        self._tokenizer: Any = None
+        self._counter: Any = None  # a separate tokenizers.Tokenizer for counting on the loop thread
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # loaded adapter name -> path
+        self.model_dir: Path | None = None
+        self.generated_tokens = 0  # new tokens produced since start, all requests together
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        import torch
+        from tokenizers import Tokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.model_dir = cached_directory(find_model(self.model_setting), self.cache_dir)
+        hf_logging.disable_progress_bar()  # shown while converting; loading the cache is quick
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self._counter = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
+        self._counter.no_truncation()
+        self._counter.no_padding()
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        model.eval()
+        self._model = model
+        own = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.context_window = min(self._context_window_setting or own, own)
+        log.info("local model ready: %s", self.describe())
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._model = None
+
+    def describe(self) -> str:
+        return f"local {self.model_dir or self.model_setting} (context {self.context_window} tokens, CPU fp32)"
+
+    # --- prompts ---------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        if self._counter is None:
+            raise LLMError("the local model is not loaded yet")
+        return len(self._counter.encode(text, add_special_tokens=False).ids)
+
+    # --- generation ------------------------------------------------------------------
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        if self._model is None:
+            raise LLMError("the local model is not loaded yet")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def push(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        future = loop.run_in_executor(self._executor, self._generate, request, push, cancel)
+        try:
+            while (item := await queue.get()) is not _DONE:
+                yield str(item)
+            await future  # re-raises a failure in the worker
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            cancel.set()  # stops the worker early if the consumer went away
+
+    def _generate(self, request: GenerationRequest, push: Any, cancel: threading.Event) -> None:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    push(text)
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool)
+
+        try:
+            if cancel.is_set():
+                return
+            model = self._select_adapter(request)
+            inputs = self._tokenizer.apply_chat_template(
+                request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            sampling: dict[str, Any] = {"do_sample": False}
+            if request.temperature > 0:
+                sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
+                if request.seed is not None:
+                    torch.manual_seed(request.seed)
+            with torch.inference_mode():
+                output = model.generate(
+                    **inputs,
+                    **sampling,
+                    max_new_tokens=request.max_new_tokens,
+                    repetition_penalty=self.repetition_penalty,
+                    pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
+                    streamer=Streamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True),
+                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                )
+            self.generated_tokens += int(output.shape[1] - inputs["input_ids"].shape[1])
+        except Exception as exc:
+            log.exception("local generation failed")
+            raise LLMError(f"local generation failed: {exc}") from exc
+        finally:
+            push(_DONE)
+
+    def _select_adapter(self, request: GenerationRequest) -> Any:
+        """The model to generate with: the base, or the base with the request's adapter active."""
+        from peft import PeftModel
+
+        adapter = request.adapter
+        if adapter is None:
+            if isinstance(self._model, PeftModel):
+                return _BaseOnly(self._model)
+            return self._model
+        name = adapter.name.replace(".", "_")
+        if name not in self._adapters:
+            if not Path(adapter.path, "adapter_config.json").is_file():
+                raise LLMError(f"adapter {adapter.name}: no adapter_config.json in {adapter.path}")
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(adapter.path, adapter_name=name)
+            else:
+                self._model = PeftModel.from_pretrained(self._model, adapter.path, adapter_name=name)
+            self._model.eval()
+            self._adapters[name] = adapter.path
+            if len(self._adapters) > MAX_LOADED_ADAPTERS:
+                oldest, _ = self._adapters.popitem(last=False)
+                self._model.delete_adapter(oldest)
+        self._adapters.move_to_end(name)
+        self._model.set_adapter(name)
+        return self._model
+
+
+class _BaseOnly:
+    """A PeftModel seen with its adapters switched off, for users without one."""
+
+    def __init__(self, peft_model: Any) -> None:
+        self._peft = peft_model
+
+    def generate(self, **kwargs: Any) -> Any:
+        with self._peft.disable_adapter():
+            return self._peft.generate(**kwargs)
