@@ -1,0 +1,205 @@
+"""The Agent: every platform's events come here, replies go back.
+
+``handle_message`` is the pipeline of one message, top to bottom; ``handle_reaction``
+and ``handle_command`` are the other two ways in; ``delivered`` records the platform's
+id of a sent reply so that a later reaction on it finds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from agent_core.commands import Commands, parse_command
+from agent_core.config import Config, Settings
+from agent_core.events import Command, Event, Message, Reaction, Reply
+from agent_core.llm import AdapterRef, ChatMessage, GenerationRequest, LLMBackend, LLMError, create_backend
+from agent_core.memory import Memory, Recollection, note_to_remember
+from agent_core.policy import DefaultsPolicy, StylePolicy
+from agent_core.prompts import PromptParts, build_prompt
+from agent_core.ratelimit import RateLimiter
+from agent_core.rewards import RewardMap, normalize
+from agent_core.style import Style
+from storage import ActiveAdapter, Database, Received, Store
+
+log = logging.getLogger(__name__)
+
+OnText = Callable[[str], Awaitable[None]]
+APOLOGY = "Sorry, I couldn't come up with an answer just now. Your message is saved; please try again."
+
+
+@dataclass(frozen=True)
+class ReactionOutcome:
+    """What a reaction did: stored or not, its reward, whether it trains the policy."""
+
+    stored: bool  # False: a duplicate, or on a message that is not a stored reply
+    reward: float = 0.0
+    trains: bool = False  # only the person a reply answered teaches their own policy
+
+
+class Agent:
+    def __init__(self, settings: Settings, store: Store, llm: LLMBackend, policy: StylePolicy | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.llm = llm
+        self.policy = policy or DefaultsPolicy(settings.style)
+        self.memory = Memory(store, recent_turns=settings.agent.recent_turns, notes=settings.agent.memory_notes)
+        self.commands = Commands(store, self.memory, describe_model=llm.describe)
+        self.rewards = RewardMap(settings.rewards)
+        self.limiter = RateLimiter(settings.limits.messages_per_minute)
+
+    @classmethod
+    async def open(cls, config: Config, llm: LLMBackend | None = None) -> Agent:
+        """Open the database (migrating it) and build the configured backend (not started)."""
+        s = config.settings.storage
+        db = await Database.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous)
+        return cls(config.settings, Store(db), llm or create_backend(config))
+
+    async def close(self) -> None:
+        await self.llm.close()
+        await self.store.db.close()
+
+    # --- the message pipeline ------------------------------------------------------------
+
+    async def handle_message(self, msg: Message, on_text: OnText | None = None) -> Reply | None:
+        """Answer one message; None if this event was already handled."""
+        if (command := parse_command(msg.text)) is not None:
+            return await self.handle_command(Command(**_event_fields(msg), name=command[0], args=command[1]))
+        if refusal := self._refusal(msg):
+            return Reply(text=refusal, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="notice")
+        received = await self._receive(msg)  # committed before the reply is generated
+        if received is None:
+            return None
+        user = received.user_id
+        if note := note_to_remember(msg.text):
+            await self.memory.remember(user, note)
+        prefs = await self.store.preferences(user)
+        style = await self.policy.choose(user, msg.text, prefs)
+        recalled = await self.memory.recall(user, received.chat_id, msg.text, before_message=received.message_id)
+        prompt = self._prompt(msg, prefs, style, recalled)
+        adapter = await self.store.active_adapter(user)
+        text = await self._generate(prompt, adapter, on_text)
+        if text is None:
+            return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
+        reply_id = await self.store.add_reply(
+            received, text=text, style=style.as_dict(), adapter_version=_adapter_name(adapter), prompt=prompt
+        )
+        return Reply(
+            text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id, style=style.as_dict()
+        )
+
+    async def _receive(self, msg: Message) -> Received | None:
+        return await self.store.receive_message(
+            platform=msg.platform,
+            platform_chat_id=msg.chat_id,
+            chat_kind=msg.chat_kind,
+            platform_user_id=msg.sender_id,
+            sender_name=msg.sender_name,
+            text=msg.text,
+            platform_message_id=msg.message_id,
+            event_id=msg.event_id,
+        )
+
+    def _refusal(self, msg: Message) -> str | None:
+        if not msg.text.strip():
+            return "I got an empty message."
+        if len(msg.text) > self.settings.limits.max_message_chars:
+            return f"That message is too long for me: at most {self.settings.limits.max_message_chars} characters."
+        wait = self.limiter.retry_after((msg.platform, msg.sender_id))
+        if wait:
+            return f"You're writing faster than I can answer; please wait {wait:.0f} s."
+        return None
+
+    def _prompt(self, msg: Message, prefs: dict[str, str], style: Style, recalled: Recollection) -> list[ChatMessage]:
+        parts = PromptParts(
+            system_prompt=self.settings.agent.system_prompt,
+            user_name=msg.sender_name,
+            style=style,
+            notes=recalled.notes,
+            turns=recalled.turns,
+            text=msg.text,
+            persona=prefs.get("persona", ""),
+            language=prefs.get("language", ""),
+        )
+        budget = self.llm.context_window - self.settings.llm.max_new_tokens
+        return build_prompt(parts, budget=budget, count=self.llm.count_tokens, overhead=self.llm.message_overhead)
+
+    async def _generate(
+        self, prompt: list[ChatMessage], adapter: ActiveAdapter | None, on_text: OnText | None
+    ) -> str | None:
+        """The model's reply, streamed to ``on_text``; None (and a log line) if it failed."""
+        llm = self.settings.llm
+        request = GenerationRequest(
+            messages=prompt,
+            max_new_tokens=llm.max_new_tokens,
+            temperature=llm.temperature,
+            top_p=llm.top_p,
+            adapter=AdapterRef(_adapter_name(adapter), adapter.path) if adapter else None,
+        )
+        pieces: list[str] = []
+        try:
+            async with asyncio.timeout(llm.timeout_s):
+                async for piece in self.llm.stream(request):
+                    pieces.append(piece)
+                    if on_text is not None:
+                        await on_text(piece)
+        except TimeoutError:
+            log.warning("the model took longer than %.0f s; the user got an apology", llm.timeout_s)
+            return None
+        except LLMError as exc:
+            log.warning("the model failed (%s); the user got an apology", exc)
+            return None
+        return "".join(pieces).strip() or "…"
+
+    # --- reactions, commands, delivery -------------------------------------------------------
+
+    async def handle_reaction(self, reaction: Reaction) -> ReactionOutcome:
+        """Store a reaction (or take one back) on one of the bot's replies."""
+        if reaction.event_id is not None and not await self.store.claim_event(reaction.platform, reaction.event_id):
+            return ReactionOutcome(stored=False)
+        reply = await self.store.find_reply(reaction.platform, reaction.chat_id, reaction.message_id)
+        if reply is None:
+            log.debug("reaction on %s/%s: not one of my replies", reaction.chat_id, reaction.message_id)
+            return ReactionOutcome(stored=False)
+        user_id = await self.store.resolve_user(reaction.platform, reaction.sender_id, reaction.sender_name)
+        emoji = normalize(reaction.emoji)
+        if reaction.added:
+            reward = self.rewards(emoji)
+            stored = await self.store.add_reaction(reply.message_id, user_id, emoji, reward)
+        else:
+            taken_back = await self.store.remove_reaction(reply.message_id, user_id, emoji)
+            stored, reward = taken_back is not None, -(taken_back or 0.0)
+        return ReactionOutcome(stored=stored, reward=reward, trains=stored and user_id == reply.user_id)
+
+    async def handle_command(self, command: Command) -> Reply | None:
+        """Run a slash command; None if this event was already handled."""
+        if command.event_id is not None and not await self.store.claim_event(command.platform, command.event_id):
+            return None
+        user_id = await self.store.resolve_user(command.platform, command.sender_id, command.sender_name)
+        result = await self.commands.run(user_id, command.name, command.args)
+        return Reply(
+            text=result.text,
+            chat_id=command.chat_id,
+            private=result.private,
+            attachment=result.attachment,
+            kind="command",
+        )
+
+    async def delivered(self, reply: Reply, platform_message_id: str) -> None:
+        """The adapter sent ``reply`` and the platform gave it this id."""
+        if reply.reply_id is not None:
+            await self.store.set_platform_message_id(reply.reply_id, platform_message_id)
+
+
+def _adapter_name(adapter: ActiveAdapter | None) -> str | None:
+    if adapter is None:
+        return None
+    owner = "population" if adapter.user_id is None else f"user-{adapter.user_id}"
+    return f"{owner}-v{adapter.version}"
+
+
+def _event_fields(msg: Message) -> dict[str, Any]:
+    return {f.name: getattr(msg, f.name) for f in fields(Event)}

@@ -1,0 +1,122 @@
+"""The ``attune`` command line: the process's entry point and composition root.
+
+    attune [--config PATH] run                 every configured adapter (else the default front end)
+    attune [--config PATH] chat [--user NAME]  talk to the bot in this terminal
+    attune [--config PATH] config show         the effective settings, secrets masked
+
+This is the one place that wires the core to the platform adapters (``bots``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+import tomli_w
+
+from agent_core.agent import Agent
+from agent_core.config import CONFIG_ENV, Config, ConfigError, effective_settings, load_config
+from agent_core.llm.model_files import ModelNotFound
+from agent_core.logs import setup_logging
+from storage import DatabaseError
+
+log = logging.getLogger("attune")
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+
+def _version() -> str:
+    try:
+        return version("attune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"settings file (default: ${CONFIG_ENV}, else ./config.toml)",
+    )
+    common.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        default=argparse.SUPPRESS,
+        help="override [logging] level",
+    )
+    parser = argparse.ArgumentParser(
+        prog="attune",
+        parents=[common],
+        description="attune: a chat bot that learns each of its users from their reactions.",
+    )
+    parser.add_argument("--version", action="version", version=f"attune {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="start every configured platform (default: the terminal chat)")
+    chat = sub.add_parser("chat", parents=[common], help="talk to the bot in this terminal")
+    chat.add_argument("--user", help="who you are (default: your login name)")
+    config = sub.add_parser("config", parents=[common], help="inspect the configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    config_sub.add_parser("show", parents=[common], help="print the effective settings, secrets masked")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"attune: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(getattr(args, "log_level", None) or config.settings.logging.level, config.secrets.values())
+    if args.command == "config":
+        source = f"# effective settings (file: {config.source or 'none, defaults'}; environment overrides applied)\n"
+        print(source + tomli_w.dumps(effective_settings(config)), end="")
+        return 0
+    try:
+        return asyncio.run(_serve(config, user=getattr(args, "user", None), chat=args.command == "chat"))
+    except (DatabaseError, ModelNotFound) as exc:
+        print(f"attune: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
+    from bots import configured_adapters
+    from bots.terminal import TerminalAdapter
+
+    agent = await Agent.open(config)
+    try:
+        await agent.llm.start()
+        if chat:
+            adapters = [TerminalAdapter(agent, config, user=user)]
+        else:
+            adapters = [cls(agent, config) for cls in configured_adapters(config)]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        for adapter in adapters:
+            await adapter.start()
+            log.info("%s adapter started", adapter.platform)
+        waiters = [asyncio.create_task(stop.wait())] + [asyncio.create_task(a.finished.wait()) for a in adapters]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in waiters:
+            task.cancel()
+        for adapter in adapters:
+            await adapter.stop()
+        return 0
+    finally:
+        await agent.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

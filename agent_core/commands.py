@@ -1,0 +1,234 @@
+"""Slash commands, platform-neutral: every adapter reuses these handlers.
+
+Each command is a :class:`CommandSpec` (name, usage, summary, handler). Platforms with
+a native command system register the specs there; text platforms send ``/name args``
+through :func:`parse_command`. A wrong use gets the usage back, never a trace.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from statistics import fmean
+
+from agent_core.events import Attachment
+from agent_core.memory import MAX_NOTE_CHARS, Memory
+from agent_core.style import DIMENSIONS, is_valid
+from storage import Store
+
+FORGET_CONFIRM_SECONDS = 120.0
+FREE_TEXT_PREFS = {"language": 60, "persona": 300}  # key -> longest value
+UNSET = {"auto", "default", "unset"}
+
+
+class UsageError(Exception):
+    """The command was used wrongly; the message says how."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    text: str
+    private: bool = False  # personal data: send ephemerally or directly where possible
+    attachment: Attachment | None = None
+
+
+Handler = Callable[["Commands", int, str], Awaitable[CommandResult]]
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str
+    usage: str
+    summary: str
+    handler: Handler
+    private: bool = False
+
+
+def parse_command(text: str) -> tuple[str, str] | None:
+    """``"/prefs tone formal"`` -> ``("prefs", "tone formal")``; None if not a command."""
+    stripped = text.strip()
+    if not stripped.startswith("/") or len(stripped) < 2 or not stripped[1].isalpha():
+        return None
+    head, _, args = stripped[1:].partition(" ")
+    return head.split("@", 1)[0].lower(), args.strip()
+
+
+class Commands:
+    """The command table and the state some commands keep (pending confirmations)."""
+
+    def __init__(self, store: Store, memory: Memory, *, describe_model: Callable[[], str]) -> None:
+        self.store = store
+        self.memory = memory
+        self.describe_model = describe_model
+        self._forget_pending: dict[int, float] = {}  # user id -> deadline of "/forget all"
+        self.specs: dict[str, CommandSpec] = {s.name: s for s in SPECS}
+
+    async def run(self, user_id: int, name: str, args: str) -> CommandResult:
+        spec = self.specs.get(name)
+        if spec is None:
+            return CommandResult(f"Unknown command /{name}. Type /help for the list.")
+        try:
+            return await spec.handler(self, user_id, args)
+        except UsageError as exc:
+            return CommandResult(f"{exc}\nUsage: {spec.usage}", private=spec.private)
+
+
+async def _help(cmds: Commands, user_id: int, args: str) -> CommandResult:
+    if args:
+        spec = cmds.specs.get(args.lstrip("/").lower())
+        if spec is None:
+            raise UsageError(f"No command /{args.lstrip('/')}.")
+        return CommandResult(f"{spec.usage}\n{spec.summary}")
+    lines = ["Commands:"] + [f"  {s.usage}  —  {s.summary}" for s in cmds.specs.values()]
+    lines.append("React to any reply (👍 👎 ❤️ ...) to teach me what you like.")
+    return CommandResult("\n".join(lines))
+
+
+def _show_prefs(prefs: dict[str, str]) -> str:
+    lines = ["Your preferences (auto = learned from your reactions):"]
+    lines += [f"  {dim}: {prefs.get(dim, 'auto')}  ({' | '.join(values)})" for dim, values in DIMENSIONS.items()]
+    lines += [f"  {key}: {prefs.get(key, '(not set)')}" for key in FREE_TEXT_PREFS]
+    return "\n".join(lines)
+
+
+async def _prefs(cmds: Commands, user_id: int, args: str) -> CommandResult:
+    words = args.split()
+    if not words:
+        return CommandResult(_show_prefs(await cmds.store.preferences(user_id)), private=True)
+    key = words[0].lower().rstrip(":=")
+    if key == "reset":
+        keys = [k.lower() for k in words[1:]]
+        unknown = [k for k in keys if k not in DIMENSIONS and k not in FREE_TEXT_PREFS]
+        if unknown:
+            raise UsageError(f"Unknown preference {unknown[0]!r}.")
+        await cmds.store.clear_preferences(user_id, keys or None)
+        return CommandResult("Preferences reset.\n" + _show_prefs(await cmds.store.preferences(user_id)), True)
+    if "=" in words[0]:  # "/prefs tone=formal"
+        key, _, first = words[0].partition("=")
+        words = [key, first, *words[1:]]
+        key = key.lower()
+    value = " ".join(words[1:]).strip()
+    if key in DIMENSIONS:
+        value = value.lower()
+        if value in UNSET:
+            await cmds.store.clear_preferences(user_id, [key])
+            return CommandResult(f"{key} is back to auto: I'll learn it from your reactions.", True)
+        if not is_valid(key, value):
+            raise UsageError(f"{key} must be one of: {', '.join(DIMENSIONS[key])} (or auto).")
+    elif key in FREE_TEXT_PREFS:
+        if not value:
+            raise UsageError(f"Give a value for {key}.")
+        if value.lower() in UNSET:
+            await cmds.store.clear_preferences(user_id, [key])
+            return CommandResult(f"{key} cleared.", True)
+        if len(value) > FREE_TEXT_PREFS[key]:
+            raise UsageError(f"{key} can be at most {FREE_TEXT_PREFS[key]} characters.")
+    else:
+        raise UsageError(f"Unknown preference {key!r}.")
+    await cmds.store.set_preference(user_id, key, value)
+    return CommandResult(f"Set {key} to {value}.", private=True)
+
+
+async def _remember(cmds: Commands, user_id: int, args: str) -> CommandResult:
+    if not args:
+        raise UsageError("Tell me what to remember.")
+    if len(args) > MAX_NOTE_CHARS:
+        raise UsageError(f"A note can be at most {MAX_NOTE_CHARS} characters.")
+    note_id = await cmds.memory.remember(user_id, args)
+    return CommandResult(f"I'll remember that (note #{note_id}).", private=True)
+
+
+async def _forget(cmds: Commands, user_id: int, args: str) -> CommandResult:
+    words = args.lower().split()
+    if not words:
+        notes = await cmds.store.list_memories(user_id, 50)
+        if not notes:
+            return CommandResult("You have no notes. /forget all deletes everything I store about you.", True)
+        lines = ["Your notes (/forget <number> deletes one):"] + [f"  #{n.id}: {n.text}" for n in notes]
+        return CommandResult("\n".join(lines), private=True)
+    if words == ["all"]:
+        cmds._forget_pending[user_id] = time.monotonic() + FORGET_CONFIRM_SECONDS
+        return CommandResult(
+            "This deletes everything I store about you: messages, notes, preferences, reactions "
+            f"and what I learned. Send /forget all confirm within {FORGET_CONFIRM_SECONDS:.0f} s to go on.",
+            private=True,
+        )
+    if words == ["all", "confirm"]:
+        deadline = cmds._forget_pending.pop(user_id, 0.0)
+        if time.monotonic() > deadline:
+            return CommandResult("Nothing to confirm: send /forget all first.", private=True)
+        await cmds.store.delete_user(user_id)
+        return CommandResult("Done: everything I stored about you is deleted.", private=True)
+    if len(words) == 1 and words[0].lstrip("#").isdigit():
+        if await cmds.store.delete_memory(user_id, int(words[0].lstrip("#"))):
+            return CommandResult(f"Forgot note {words[0]}.", private=True)
+        raise UsageError(f"You have no note {words[0]}; /forget lists yours.")
+    raise UsageError("Say which note to forget.")
+
+
+async def _export(cmds: Commands, user_id: int, args: str) -> CommandResult:
+    data = await cmds.store.export_user(user_id)
+    data["exported_at"] = time.time()
+    content = json.dumps(data, ensure_ascii=False, indent=2).encode()
+    return CommandResult(
+        f"Everything I store about you: {len(data['messages'])} messages, {len(data['memories'])} notes, "
+        f"{len(data['reactions'])} reactions.",
+        private=True,
+        attachment=Attachment("attune-export.json", content),
+    )
+
+
+def reward_trend(rewards: list[float], window: int = 10) -> str:
+    """``"+0.60 over the last 10 (was +0.20)"`` from rewards in time order."""
+    if not rewards:
+        return "no reactions yet"
+    recent, earlier = rewards[-window:], rewards[:-window][-window:]
+    text = f"{fmean(recent):+.2f} over the last {len(recent)}"
+    if earlier:
+        delta = fmean(recent) - fmean(earlier)
+        arrow = "↑" if delta > 0.05 else "↓" if delta < -0.05 else "→"
+        text += f" (was {fmean(earlier):+.2f} before, {arrow})"
+    return text
+
+
+async def _stats(cmds: Commands, user_id: int, args: str) -> CommandResult:
+    stats = await cmds.store.stats(user_id)
+    adapter = await cmds.store.active_adapter(user_id)
+    if adapter is None:
+        adapter_line = "none yet: answers come from the base model"
+    elif adapter.user_id is None:
+        adapter_line = f"the shared population adapter v{adapter.version}"
+    else:
+        adapter_line = f"your own, version {adapter.version}"
+    lines = [
+        f"Messages: {stats['messages']} from you, {stats['replies']} replies from me.",
+        f"Reactions: {len(stats['rewards'])}; reward {reward_trend(stats['rewards'])}.",
+        f"Notes: {stats['memories']}.",
+        f"Adapter: {adapter_line}.",
+        f"Model: {cmds.describe_model()}.",
+    ]
+    return CommandResult("\n".join(lines), private=True)
+
+
+SPECS: list[CommandSpec] = [
+    CommandSpec("help", "/help [command]", "show the commands, or how to use one", _help),
+    CommandSpec(
+        "prefs",
+        "/prefs [length|tone|emoji|format|language|persona <value|auto>] | /prefs reset [key]",
+        "show or set how I answer you",
+        _prefs,
+        private=True,
+    ),
+    CommandSpec("remember", "/remember <text>", "keep a note I recall when it matters", _remember, private=True),
+    CommandSpec(
+        "forget",
+        "/forget [<note number> | all]",
+        "list or delete your notes; 'all' deletes everything about you",
+        _forget,
+        private=True,
+    ),
+    CommandSpec("export", "/export", "everything I store about you, as JSON", _export, private=True),
+    CommandSpec("stats", "/stats", "your messages, reactions, reward trend and adapter", _stats, private=True),
+]

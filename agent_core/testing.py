@@ -1,0 +1,51 @@
+"""A backend for tests and benchmarks: answers at once, records what it was asked.
+
+Like errbot's test backend, it lets adapter and command authors drive a real
+:class:`~agent_core.agent.Agent` (real storage, memory, prompts) with no model at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from agent_core.llm.base import GenerationRequest, LLMBackend, LLMError
+
+
+class RecordingBackend(LLMBackend):
+    """Replies ``reply(request)`` (by default an echo of the last user message)."""
+
+    def __init__(
+        self,
+        reply: Callable[[GenerationRequest], str] | None = None,
+        *,
+        context_window: int = 2048,
+        delay_s: float = 0.0,
+        fail: bool = False,
+    ) -> None:
+        self.reply = reply or (lambda r: f"echo: {r.messages[-1]['content']}")
+        self.context_window = context_window
+        self.delay_s = delay_s
+        self.fail = fail
+        self.requests: list[GenerationRequest] = []
+
+    async def start(self) -> None:
+        self.requests.clear()
+
+    async def close(self) -> None:
+        self.requests.clear()
+
+    def describe(self) -> str:
+        return "recording test backend"
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        self.requests.append(request)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise LLMError("the recording backend was told to fail")
+        for i, word in enumerate(self.reply(request).split(" ")):
+            yield word if i == 0 else " " + word

@@ -1,0 +1,104 @@
+"""Shared fixtures: configs in temporary directories, agents, and a tiny local model.
+
+The tiny model is a randomly initialised 2-layer Llama with the real SmolLM2 tokenizer,
+saved once under .test-cache/ (the tokenizer conversion from the GGUF takes seconds).
+The real SmolLM2 is converted once into .test-cache/models and shared by the tests
+that use it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from agent_core.agent import Agent
+from agent_core.config import Config, load_config
+from agent_core.testing import RecordingBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_CACHE = ROOT / ".test-cache"
+MODEL_CACHE = TEST_CACHE / "models"
+ATTUNE = str(Path(sys.executable).parent / "attune")
+
+
+def write_config(directory: Path, text: str = "") -> Path:
+    """A config file whose data_dir is ``directory/data``, plus ``text``."""
+    path = directory / "attune.toml"
+    path.write_text(f'[storage]\ndata_dir = "{directory / "data"}"\n' + text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    def make(text: str = "", environ: dict[str, str] | None = None) -> Config:
+        return load_config(write_config(tmp_path, text), environ=environ or {})
+
+    return make
+
+
+@pytest.fixture
+async def agent(make_config: Callable[..., Config]) -> AsyncIterator[Agent]:
+    """An Agent on a fresh database with the recording backend."""
+    backend = RecordingBackend()
+    opened = await Agent.open(make_config(), llm=backend)
+    await backend.start()
+    yield opened
+    await opened.close()
+
+
+def _smollm2_tokenizer() -> Path:
+    target = TEST_CACHE / "smollm2-tokenizer"
+    if not (target / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        from agent_core.llm.model_files import find_model
+
+        source = find_model("smollm2")
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A transformers model directory: tiny random Llama, real SmolLM2 tokenizer."""
+    target = TEST_CACHE / "tiny-llama-v2"
+    if (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_tokenizer())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def tiny_config_text(model_dir: Path, extra: str = "") -> str:
+    return (
+        f'[llm]\nmax_new_tokens = 12\ntemperature = 0.0\n[llm.local]\nmodel = "{model_dir}"\n'
+        f'cache_dir = "{MODEL_CACHE}"\nthreads = 1\n' + extra
+    )

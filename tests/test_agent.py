@@ -1,0 +1,185 @@
+"""The Agent's pipeline with a recording backend: storage, memory, prompts, reactions, failures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from agent_core.agent import APOLOGY, Agent
+from agent_core.config import Config
+from agent_core.events import Message, Reaction, Reply
+from agent_core.testing import RecordingBackend
+
+
+def msg(text: str, user: str = "ann", chat: str = "c1", **kw: object) -> Message:
+    return Message(platform="test", chat_id=chat, sender_id=user, sender_name=user.title(), text=text, **kw)
+
+
+def react(reply_platform_id: str, emoji: str, user: str = "ann", chat: str = "c1", added: bool = True) -> Reaction:
+    return Reaction(
+        platform="test", chat_id=chat, sender_id=user, message_id=reply_platform_id, emoji=emoji, added=added
+    )
+
+
+def backend(agent: Agent) -> RecordingBackend:
+    assert isinstance(agent.llm, RecordingBackend)
+    return agent.llm
+
+
+async def send(agent: Agent, message: Message, platform_id: str | None = None) -> Reply:
+    reply = await agent.handle_message(message)
+    assert reply is not None
+    if platform_id is not None:
+        await agent.delivered(reply, platform_id)
+    return reply
+
+
+async def test_a_message_is_stored_answered_and_the_reply_recorded(agent: Agent) -> None:
+    reply = await send(agent, msg("hello there"), platform_id="p1")
+    assert reply.kind == "answer" and reply.text == "echo: hello there"
+    assert reply.style == {"length": "brief", "tone": "casual", "emoji": "none", "format": "prose"}
+    rows = await agent.store.db.fetchall("SELECT role, text, platform_message_id, style, prompt FROM messages")
+    assert [(r[0], r[1]) for r in rows] == [("user", "hello there"), ("assistant", "echo: hello there")]
+    assert rows[1][2] == "p1"
+    assert json.loads(rows[1][3])["tone"] == "casual"
+    prompt = json.loads(rows[1][4])
+    assert prompt == list(backend(agent).requests[0].messages)  # exactly what the model got
+
+
+async def test_the_message_is_committed_before_the_reply_is_generated(agent: Agent) -> None:
+    seen: list[int] = []
+
+    def reply(request: object) -> str:
+        # Another connection sees the committed message while the model is still working.
+        import sqlite3
+
+        with sqlite3.connect(agent.store.db.path) as other:
+            seen.append(other.execute("SELECT COUNT(*) FROM messages WHERE text = 'keep me'").fetchone()[0])
+        return "ok"
+
+    backend(agent).reply = reply
+    await send(agent, msg("keep me"))
+    assert seen == [1]
+
+
+async def test_a_redelivered_event_is_answered_once(agent: Agent) -> None:
+    first = await agent.handle_message(msg("once", event_id="ev-1"))
+    second = await agent.handle_message(msg("once", event_id="ev-1"))
+    assert first is not None and second is None
+    assert len(backend(agent).requests) == 1
+
+
+async def test_the_prompt_holds_style_preferences_memory_and_recent_turns(agent: Agent) -> None:
+    await send(agent, msg("/prefs tone formal"))
+    await send(agent, msg("/prefs language French"))
+    await send(agent, msg("/prefs persona a patient teacher"))
+    await send(agent, msg("remember that my cat is called Tom"))
+    await send(agent, msg("what about dogs?"))
+    await send(agent, msg("and my cat?"))
+    messages = backend(agent).requests[-1].messages
+    system = messages[0]["content"]
+    assert "polite, formal" in system  # the explicit setting
+    assert "Answer in one to three short sentences." in system  # the default for the rest
+    assert "Always reply in French." in system and "Persona: a patient teacher" in system
+    assert "- my cat is called Tom" in system  # recalled by "remember that ..."
+    assert "You are talking with Ann." in system
+    assert [m["content"] for m in messages[1:]] == [
+        "remember that my cat is called Tom",
+        "echo: remember that my cat is called Tom",
+        "what about dogs?",
+        "echo: what about dogs?",
+        "and my cat?",
+    ]
+    assert [m["role"] for m in messages[1:]] == ["user", "assistant", "user", "assistant", "user"]
+
+
+async def test_in_a_group_chat_one_users_memory_never_reaches_another(agent: Agent) -> None:
+    group = {"chat": "g1", "chat_kind": "group"}
+    await send(agent, msg("/remember my password hint is blue whale", user="ann", chat="g1"))
+    await send(agent, msg("I am Ann and I like whales", **group))
+    await send(agent, msg("tell me about whales", user="bob", **group))
+    bob_prompt = json.dumps(backend(agent).requests[-1].messages)
+    assert "blue whale" not in bob_prompt and "I am Ann" not in bob_prompt
+    await send(agent, msg("whales again", **group))
+    ann_prompt = json.dumps(backend(agent).requests[-1].messages)
+    assert "blue whale" in ann_prompt and "I am Ann" in ann_prompt
+    assert "tell me about whales" not in ann_prompt
+
+
+async def test_a_failing_backend_gives_an_apology_and_keeps_the_message(agent: Agent) -> None:
+    backend(agent).fail = True
+    reply = await send(agent, msg("are you there?"))
+    assert reply.kind == "error" and reply.text == APOLOGY and reply.reply_id is None
+    rows = await agent.store.db.fetchall("SELECT role, text FROM messages")
+    assert [tuple(r) for r in rows] == [("user", "are you there?")]
+
+
+async def test_a_slow_backend_times_out_with_an_apology(make_config: Callable[..., Config]) -> None:
+    slow = RecordingBackend(delay_s=5)
+    agent = await Agent.open(make_config("[llm]\ntimeout_s = 0.2\n"), llm=slow)
+    try:
+        reply = await send(agent, msg("slow?"))
+        assert reply.kind == "error"
+        assert (await agent.store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 1
+    finally:
+        await agent.close()
+
+
+async def test_rate_limit_and_size_limit_refuse_politely(make_config: Callable[..., Config]) -> None:
+    agent = await Agent.open(
+        make_config("[limits]\nmessages_per_minute = 2\nmax_message_chars = 50\n"), llm=RecordingBackend()
+    )
+    try:
+        assert (await send(agent, msg("one"))).kind == "answer"
+        assert (await send(agent, msg("two"))).kind == "answer"
+        third = await send(agent, msg("three"))
+        assert third.kind == "notice" and "please wait" in third.text
+        assert (await send(agent, msg("fine", user="bob"))).kind == "answer"  # per person
+        long = await send(agent, msg("x" * 51, user="cat"))
+        assert long.kind == "notice" and "at most 50 characters" in long.text
+        assert (await send(agent, msg("   ", user="dan"))).kind == "notice"
+    finally:
+        await agent.close()
+
+
+async def test_reactions_are_stored_once_undone_and_changed(agent: Agent) -> None:
+    await send(agent, msg("q"), platform_id="r1")
+    first = await agent.handle_reaction(react("r1", "👍🏽"))  # skin tone folded
+    assert first.stored and first.reward == 1.0 and first.trains
+    assert not (await agent.handle_reaction(react("r1", "👍"))).stored  # the same reaction again
+    taken_back = await agent.handle_reaction(react("r1", "👍", added=False))
+    assert taken_back.stored and taken_back.reward == -1.0
+    await agent.handle_reaction(react("r1", "👎"))
+    ann = await agent.store.resolve_user("test", "ann")
+    assert (await agent.store.stats(ann))["rewards"] == [-1.0]  # changed 👍 to 👎: one 👎
+
+
+async def test_only_the_addressee_trains_on_a_reply(agent: Agent) -> None:
+    await send(agent, msg("q", chat="g", chat_kind="group"), platform_id="g1")
+    other = await agent.handle_reaction(react("g1", "❤️", user="bob", chat="g"))
+    assert other.stored and not other.trains
+    mine = await agent.handle_reaction(react("g1", "❤", chat="g"))
+    assert mine.stored and mine.trains
+
+
+async def test_reactions_on_unknown_messages_and_unknown_emoji(agent: Agent) -> None:
+    assert not (await agent.handle_reaction(react("nope", "👍"))).stored
+    await send(agent, msg("q"), platform_id="x1")
+    odd = await agent.handle_reaction(react("x1", "🦄"))
+    assert odd.stored and odd.reward == 0.0
+    slack = await agent.handle_reaction(react("x1", ":+1::skin-tone-3:"))
+    assert slack.reward == 1.0
+
+
+async def test_a_redelivered_reaction_event_counts_once(agent: Agent) -> None:
+    await send(agent, msg("q"), platform_id="d1")
+    event = Reaction(platform="test", chat_id="c1", sender_id="ann", message_id="d1", emoji="🎉", event_id="re-1")
+    assert (await agent.handle_reaction(event)).stored
+    assert not (await agent.handle_reaction(event)).stored
+
+
+async def test_text_commands_go_through_the_command_table(agent: Agent) -> None:
+    reply = await send(agent, msg("/help"))
+    assert reply.kind == "command" and "/prefs" in reply.text and "/export" in reply.text
+    assert backend(agent).requests == []  # no model call for a command
+    assert (await agent.store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 0
