@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -23,7 +24,7 @@ from agent_core.prompts import PromptParts, build_prompt
 from agent_core.ratelimit import RateLimiter
 from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style
-from storage import ActiveAdapter, Database, Received, Store
+from storage import ActiveAdapter, Database, Store
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +71,23 @@ class Agent:
             return await self.handle_command(Command(**_event_fields(msg), name=command[0], args=command[1]))
         if refusal := self._refusal(msg):
             return Reply(text=refusal, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="notice")
-        received = await self._receive(msg)  # committed before the reply is generated
+        user = await self.store.resolve_user(msg.platform, msg.sender_id, msg.sender_name)
+        chat = await self.store.resolve_chat(msg.platform, msg.chat_id, msg.chat_kind)
+        now = time.time()
+        received, prefs, recalled, adapter = await asyncio.gather(  # one round trip to the database
+            self.store.receive_message(  # committed before the reply is generated
+                user, chat, msg.text, platform_message_id=msg.message_id, event_id=msg.event_id, at=now
+            ),
+            self.store.preferences(user),
+            self.memory.recall(user, chat, msg.text, before=now),
+            self.store.active_adapter(user),
+        )
         if received is None:
             return None
-        user = received.user_id
         if note := note_to_remember(msg.text):
             await self.memory.remember(user, note)
-        prefs = await self.store.preferences(user)
         style = await self.policy.choose(user, msg.text, prefs)
-        recalled = await self.memory.recall(user, received.chat_id, msg.text, before_message=received.message_id)
         prompt = self._prompt(msg, prefs, style, recalled)
-        adapter = await self.store.active_adapter(user)
         text = await self._generate(prompt, adapter, on_text)
         if text is None:
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
@@ -89,18 +96,6 @@ class Agent:
         )
         return Reply(
             text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id, style=style.as_dict()
-        )
-
-    async def _receive(self, msg: Message) -> Received | None:
-        return await self.store.receive_message(
-            platform=msg.platform,
-            platform_chat_id=msg.chat_id,
-            chat_kind=msg.chat_kind,
-            platform_user_id=msg.sender_id,
-            sender_name=msg.sender_name,
-            text=msg.text,
-            platform_message_id=msg.message_id,
-            event_id=msg.event_id,
         )
 
     def _refusal(self, msg: Message) -> str | None:
@@ -124,8 +119,12 @@ class Agent:
             persona=prefs.get("persona", ""),
             language=prefs.get("language", ""),
         )
-        budget = self.llm.context_window - self.settings.llm.max_new_tokens
+        budget = self.llm.context_window - self._reply_room()
         return build_prompt(parts, budget=budget, count=self.llm.count_tokens, overhead=self.llm.message_overhead)
+
+    def _reply_room(self) -> int:
+        """Tokens kept for the reply: as configured, but never more than half the context."""
+        return min(self.settings.llm.max_new_tokens, self.llm.context_window // 2)
 
     async def _generate(
         self, prompt: list[ChatMessage], adapter: ActiveAdapter | None, on_text: OnText | None
@@ -134,7 +133,7 @@ class Agent:
         llm = self.settings.llm
         request = GenerationRequest(
             messages=prompt,
-            max_new_tokens=llm.max_new_tokens,
+            max_new_tokens=self._reply_room(),
             temperature=llm.temperature,
             top_p=llm.top_p,
             adapter=AdapterRef(_adapter_name(adapter), adapter.path) if adapter else None,

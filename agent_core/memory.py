@@ -6,10 +6,11 @@ and notes never reach another person's prompt.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 
-from storage import MemoryNote, Store
+from storage import Store
 
 # "remember that my cat is called Tom", "please remember: I'm vegetarian"
 _REMEMBER = re.compile(r"^\s*(?:please\s+)?remember(?:\s+that|\s*:)\s+(?P<note>.+?)\s*$", re.I | re.S)
@@ -40,17 +41,10 @@ class Memory:
     async def remember(self, user_id: int, note: str) -> int:
         return await self.store.add_memory(user_id, note[:MAX_NOTE_CHARS])
 
-    async def recall(self, user_id: int, chat_id: int, text: str, *, before_message: int) -> Recollection:
-        """What to put in the prompt for this user's message ``text``."""
-        relevant = await self.store.search_memories(user_id, text, self.notes)
-        notes = _merge_by_recency(relevant, await self.store.list_memories(user_id, self.notes), self.notes)
-        turns = await self.store.recent_turns(user_id, chat_id, self.recent_turns, before_message)
+    async def recall(self, user_id: int, chat_id: int, text: str, *, before: float) -> Recollection:
+        """What to put in the prompt for this user's message ``text``, sent at time ``before``."""
+        notes, turns = await asyncio.gather(
+            self.store.recall_notes(user_id, text, self.notes),
+            self.store.recent_turns(user_id, chat_id, self.recent_turns, before),
+        )
         return Recollection(notes=[n.text for n in notes], turns=turns)
-
-
-def _merge_by_recency(relevant: list[MemoryNote], recent: list[MemoryNote], limit: int) -> list[MemoryNote]:
-    """Relevant notes first; the newest notes fill any places left."""
-    chosen = list(relevant)
-    seen = {n.id for n in chosen}
-    chosen += [n for n in recent if n.id not in seen]
-    return chosen[:limit]

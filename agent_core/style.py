@@ -8,7 +8,7 @@ A reply's style is one value for each of four dimensions (see DESIGN.md):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 Length = Literal["brief", "detailed"]
@@ -46,7 +46,7 @@ class Style:
     format: Format
 
     def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+        return {dim: getattr(self, dim) for dim in DIMENSIONS}
 
     def instructions(self) -> str:
         return " ".join(INSTRUCTIONS[(dim, value)] for dim, value in self.as_dict().items())

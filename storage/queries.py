@@ -60,10 +60,140 @@ class _LRU(OrderedDict[tuple[str, str], int]):
             self.popitem(last=False)
 
 
-def fts_query(text: str) -> str:
-    """A safe FTS5 query matching any word of ``text`` (each quoted, OR-ed)."""
-    words = {w.lower() for w in _WORD.findall(text) if len(w) > 2}
-    return " OR ".join(f'"{w}"' for w in sorted(words))
+def note_terms(user_id: int, text: str) -> str:
+    """What the full-text index holds for a note: each word with the owner's prefix."""
+    return " ".join(f"u{int(user_id)}_{w}" for w in _WORD.findall(text.lower()))
+
+
+# Words that say nothing about which note matters; leaving them out of a search keeps it
+# short (each word is one lookup per index segment).
+STOP_WORDS = frozenset(
+    [
+        "about",
+        "above",
+        "after",
+        "again",
+        "all",
+        "also",
+        "and",
+        "any",
+        "are",
+        "because",
+        "been",
+        "before",
+        "being",
+        "below",
+        "between",
+        "both",
+        "but",
+        "can",
+        "could",
+        "did",
+        "does",
+        "doing",
+        "down",
+        "during",
+        "each",
+        "few",
+        "for",
+        "from",
+        "further",
+        "had",
+        "has",
+        "have",
+        "having",
+        "her",
+        "here",
+        "hers",
+        "herself",
+        "him",
+        "himself",
+        "his",
+        "how",
+        "into",
+        "its",
+        "itself",
+        "just",
+        "let",
+        "more",
+        "most",
+        "myself",
+        "nor",
+        "not",
+        "now",
+        "off",
+        "once",
+        "only",
+        "other",
+        "our",
+        "ours",
+        "ourselves",
+        "out",
+        "over",
+        "own",
+        "same",
+        "she",
+        "should",
+        "some",
+        "such",
+        "than",
+        "that",
+        "the",
+        "their",
+        "theirs",
+        "them",
+        "themselves",
+        "then",
+        "there",
+        "these",
+        "they",
+        "this",
+        "those",
+        "through",
+        "too",
+        "under",
+        "until",
+        "very",
+        "was",
+        "were",
+        "what",
+        "when",
+        "where",
+        "which",
+        "while",
+        "who",
+        "whom",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+        "yours",
+        "yourself",
+        "yourselves",
+        "tell",
+        "please",
+        "thanks",
+        "thank",
+        "know",
+        "like",
+        "want",
+    ]
+)
+
+
+def fts_query(user_id: int, text: str) -> str | None:
+    """A safe FTS5 query for this user's notes with any word of ``text``; None if no words."""
+    words = sorted({w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOP_WORDS})
+    if not words:
+        return None
+    return " OR ".join(f'"u{int(user_id)}_{w}"' for w in words)
+
+
+async def _insert(conn: Any, sql: str, params: tuple[Any, ...]) -> int:
+    """Run an INSERT in one hop; the new row's id."""
+    return int((await conn.execute_insert(sql, params))[0])
 
 
 class Store:
@@ -76,63 +206,45 @@ class Store:
 
     # --- people and places -------------------------------------------------------
 
-    async def _user_id(self, conn: Any, platform: str, platform_user_id: str, name: str) -> int:
+    async def resolve_user(self, platform: str, platform_user_id: str, name: str = "") -> int:
+        """The user behind a platform identity, created on first sight."""
         key = (platform, platform_user_id)
         cached = self._users.get_fresh(key)
         if cached is not None:
             return cached
-        async with conn.execute(
-            "SELECT user_id FROM identities WHERE platform = ? AND platform_user_id = ?", key
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            now = time.time()
-            cur = await conn.execute(
-                "INSERT INTO users (name, created_at) VALUES (?, ?)", (name or platform_user_id, now)
+        async with self.db.transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT user_id FROM identities WHERE platform = ? AND platform_user_id = ?", key
             )
-            user_id = int(cur.lastrowid)
-            await conn.execute(
-                "INSERT INTO identities (platform, platform_user_id, user_id, display_name, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (platform, platform_user_id, user_id, name, now),
-            )
-        else:
-            user_id = int(row[0])
+            if rows:
+                user_id = int(next(iter(rows))[0])
+            else:
+                now = time.time()
+                user_id = await _insert(conn, "INSERT INTO users (name, created_at) VALUES (?, ?)",
+                                        (name or platform_user_id, now))  # fmt: skip
+                await conn.execute(
+                    "INSERT INTO identities (platform, platform_user_id, user_id, display_name, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (platform, platform_user_id, user_id, name, now),
+                )
         self._users.put(key, user_id)
         return user_id
 
-    async def _chat_id(self, conn: Any, platform: str, platform_chat_id: str, kind: str) -> int:
+    async def resolve_chat(self, platform: str, platform_chat_id: str, kind: str = "private") -> int:
+        """The chat behind a platform's conversation id, created on first sight."""
         key = (platform, platform_chat_id)
         cached = self._chats.get_fresh(key)
         if cached is not None:
             return cached
-        await conn.execute(
-            "INSERT OR IGNORE INTO chats (platform, platform_chat_id, kind, created_at) VALUES (?, ?, ?, ?)",
-            (platform, platform_chat_id, kind, time.time()),
-        )
-        async with conn.execute("SELECT id FROM chats WHERE platform = ? AND platform_chat_id = ?", key) as cur:
-            chat_id = int((await cur.fetchone())[0])
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT OR IGNORE INTO chats (platform, platform_chat_id, kind, created_at) VALUES (?, ?, ?, ?)",
+                (platform, platform_chat_id, kind, time.time()),
+            )
+            rows = await conn.execute_fetchall("SELECT id FROM chats WHERE platform = ? AND platform_chat_id = ?", key)
+            chat_id = int(next(iter(rows))[0])
         self._chats.put(key, chat_id)
         return chat_id
-
-    async def resolve_user(self, platform: str, platform_user_id: str, name: str = "") -> int:
-        """The user behind a platform identity, created on first sight."""
-        cached = self._users.get_fresh((platform, platform_user_id))
-        if cached is not None:
-            return cached
-        async with self.db.transaction() as conn:
-            return await self._user_id(conn, platform, platform_user_id, name)
-
-    async def resolve_chat(self, platform: str, platform_chat_id: str, kind: str = "private") -> int:
-        cached = self._chats.get_fresh((platform, platform_chat_id))
-        if cached is not None:
-            return cached
-        async with self.db.transaction() as conn:
-            return await self._chat_id(conn, platform, platform_chat_id, kind)
-
-    async def user_name(self, user_id: int) -> str:
-        row = await self.db.fetchone("SELECT name FROM users WHERE id = ?", (user_id,))
-        return str(row[0]) if row else ""
 
     # --- messages ------------------------------------------------------------------
 
@@ -145,34 +257,17 @@ class Store:
         return cur.rowcount == 1
 
     async def receive_message(
-        self,
-        *,
-        platform: str,
-        platform_chat_id: str,
-        chat_kind: str,
-        platform_user_id: str,
-        sender_name: str,
-        text: str,
-        platform_message_id: str | None,
-        event_id: str | None,
+        self, user_id: int, chat_id: int, text: str, *, platform_message_id: str | None, event_id: str | None, at: float
     ) -> Received | None:
-        """Commit an incoming message (and its event id); None if the event was seen before."""
-        async with self.db.transaction() as conn:
-            if event_id is not None:
-                cur = await conn.execute(
-                    "INSERT OR IGNORE INTO processed_events (platform, event_id, processed_at) VALUES (?, ?, ?)",
-                    (platform, event_id, time.time()),
-                )
-                if cur.rowcount != 1:
-                    return None
-            user_id = await self._user_id(conn, platform, platform_user_id, sender_name)
-            chat_id = await self._chat_id(conn, platform, platform_chat_id, chat_kind)
-            cur = await conn.execute(
-                "INSERT INTO messages (chat_id, user_id, role, text, platform_message_id, created_at)"
-                " VALUES (?, ?, 'user', ?, ?, ?)",
-                (chat_id, user_id, text, platform_message_id, time.time()),
-            )
-            return Received(user_id=user_id, chat_id=chat_id, message_id=int(cur.lastrowid))
+        """Commit an incoming message; None if its event id was seen before in this chat."""
+        cur = await self.db.execute(
+            "INSERT OR IGNORE INTO messages (chat_id, user_id, role, text, platform_message_id, event_id, created_at)"
+            " VALUES (?, ?, 'user', ?, ?, ?, ?)",
+            (chat_id, user_id, text, platform_message_id, event_id, at),
+        )
+        if cur.rowcount != 1:
+            return None
+        return Received(user_id=user_id, chat_id=chat_id, message_id=int(cur.lastrowid))
 
     async def add_reply(
         self,
@@ -214,12 +309,14 @@ class Store:
         )
         return ReplyRef(message_id=int(row[0]), user_id=int(row[1])) if row else None
 
-    async def recent_turns(self, user_id: int, chat_id: int, limit: int, before: int) -> list[tuple[str, str]]:
-        """This user's last turns in this chat (theirs and the replies to them), oldest first."""
+    async def recent_turns(self, user_id: int, chat_id: int, limit: int, before: float) -> list[tuple[str, str]]:
+        """This user's last turns in this chat before time ``before`` (theirs and the replies
+        to them), oldest first."""
         if limit <= 0:
             return []
         rows = await self.db.fetchall(
-            "SELECT role, text FROM messages WHERE user_id = ? AND chat_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            "SELECT role, text FROM messages WHERE user_id = ? AND chat_id = ? AND created_at < ?"
+            " ORDER BY id DESC LIMIT ?",
             (user_id, chat_id, before, limit),
         )
         return [(str(r[0]), str(r[1])) for r in reversed(rows)]
@@ -227,10 +324,14 @@ class Store:
     # --- long-term memory ------------------------------------------------------------
 
     async def add_memory(self, user_id: int, text: str) -> int:
-        cur = await self.db.execute(
-            "INSERT INTO memories (user_id, text, created_at) VALUES (?, ?, ?)", (user_id, text, time.time())
-        )
-        return int(cur.lastrowid)
+        async with self.db.transaction() as conn:
+            memory_id = await _insert(
+                conn, "INSERT INTO memories (user_id, text, created_at) VALUES (?, ?, ?)", (user_id, text, time.time())
+            )
+            await conn.execute(
+                "INSERT INTO memories_fts (rowid, terms) VALUES (?, ?)", (memory_id, note_terms(user_id, text))
+            )
+        return memory_id
 
     async def delete_memory(self, user_id: int, memory_id: int) -> bool:
         """Delete one of this user's notes; False if there is no such note of theirs."""
@@ -244,17 +345,28 @@ class Store:
         )
         return [MemoryNote(int(r[0]), str(r[1]), float(r[2])) for r in rows]
 
-    async def search_memories(self, user_id: int, text: str, limit: int) -> list[MemoryNote]:
-        """This user's notes matching ``text``, best first (BM25)."""
-        query = fts_query(text)
-        if not query or limit <= 0:
+    async def recall_notes(self, user_id: int, text: str, limit: int) -> list[MemoryNote]:
+        """Up to ``limit`` of this user's notes: those matching ``text`` best first, then the newest."""
+        query = fts_query(user_id, text)
+        if limit <= 0:
             return []
-        rows = await self.db.fetchall(
-            "SELECT m.id, m.text, m.created_at FROM memories_fts f JOIN memories m ON m.id = f.rowid"
-            " WHERE memories_fts MATCH ? AND m.user_id = ? ORDER BY bm25(memories_fts) LIMIT ?",
-            (query, user_id, limit),
+        if query is None:
+            return await self.list_memories(user_id, limit)
+        rows = await self.db.fetchall(  # both halves in one round trip
+            "SELECT id, text, created_at FROM ("
+            " SELECT * FROM (SELECT m.id, m.text, m.created_at, 0 AS part, bm25(memories_fts) AS rank"
+            "  FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH ?"
+            "  ORDER BY rank LIMIT ?)"
+            " UNION ALL"
+            " SELECT * FROM (SELECT id, text, created_at, 1 AS part, -id AS rank FROM memories"
+            "  WHERE user_id = ? ORDER BY id DESC LIMIT ?)"
+            ") ORDER BY part, rank",
+            (query, limit, user_id, limit),
         )
-        return [MemoryNote(int(r[0]), str(r[1]), float(r[2])) for r in rows]
+        notes: dict[int, MemoryNote] = {}
+        for r in rows:
+            notes.setdefault(int(r[0]), MemoryNote(int(r[0]), str(r[1]), float(r[2])))
+        return list(notes.values())[:limit]
 
     # --- preferences -----------------------------------------------------------------
 
@@ -282,12 +394,11 @@ class Store:
     async def add_reaction(self, message_id: int, user_id: int, emoji: str, reward: float) -> bool:
         """Store a reaction; False if the same person's same emoji was already there."""
         async with self.db.transaction() as conn:
-            async with conn.execute(
+            rows = await conn.execute_fetchall(
                 "SELECT removed_at FROM reactions WHERE message_id = ? AND user_id = ? AND emoji = ?",
                 (message_id, user_id, emoji),
-            ) as cur:
-                row = await cur.fetchone()
-            if row is not None and row[0] is None:
+            )
+            if any(row[0] is None for row in rows):
                 return False
             await conn.execute(
                 "INSERT INTO reactions (message_id, user_id, emoji, reward, created_at) VALUES (?, ?, ?, ?, ?)"
@@ -300,12 +411,12 @@ class Store:
     async def remove_reaction(self, message_id: int, user_id: int, emoji: str) -> float | None:
         """Mark a reaction taken back; its reward, or None if there was none standing."""
         async with self.db.transaction() as conn:
-            async with conn.execute(
+            rows = await conn.execute_fetchall(
                 "SELECT id, reward FROM reactions WHERE message_id = ? AND user_id = ? AND emoji = ?"
                 " AND removed_at IS NULL",
                 (message_id, user_id, emoji),
-            ) as cur:
-                row = await cur.fetchone()
+            )
+            row = next(iter(rows), None)
             if row is None:
                 return None
             await conn.execute("UPDATE reactions SET removed_at = ? WHERE id = ?", (time.time(), row[0]))

@@ -97,8 +97,8 @@ def tiny_model_dir() -> Path:
     return target
 
 
-def tiny_config_text(model_dir: Path, extra: str = "") -> str:
+def tiny_config_text(model_dir: Path, extra: str = "", max_new_tokens: int = 12) -> str:
     return (
-        f'[llm]\nmax_new_tokens = 12\ntemperature = 0.0\n[llm.local]\nmodel = "{model_dir}"\n'
+        f'[llm]\nmax_new_tokens = {max_new_tokens}\ntemperature = 0.0\n[llm.local]\nmodel = "{model_dir}"\n'
         f'cache_dir = "{MODEL_CACHE}"\nthreads = 1\n' + extra
     )

@@ -21,6 +21,7 @@ class FakeOpenAI:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.received = asyncio.Event()
+        self._release = asyncio.Event()  # set on exit: a hanging request then ends
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -39,6 +40,7 @@ class FakeOpenAI:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -48,7 +50,7 @@ class FakeOpenAI:
         self.headers.append(dict(request.headers))
         self.received.set()
         if self.hang:
-            await asyncio.sleep(3600)
+            await self._release.wait()
         if self.status != 200:
             return web.json_response(
                 {"error": {"message": "fake failure", "type": "invalid_request_error"}}, status=self.status

@@ -62,10 +62,12 @@ async def test_server_errors_become_llm_errors_and_an_apology(make_config: Calla
         with pytest.raises(LLMError, match=re.escape(server.base_url)):
             await backend.generate(REQUEST)
         agent = await Agent.open(make_config(), llm=backend)
-        reply = await agent.handle_message(Message(platform="t", chat_id="c", sender_id="u", text="hello?"))
-        assert reply is not None and reply.kind == "error"
-        assert (await agent.store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 1
-        await agent.close()
+        try:
+            reply = await agent.handle_message(Message(platform="t", chat_id="c", sender_id="u", text="hello?"))
+            assert reply is not None and reply.kind == "error"
+            assert (await agent.store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 1
+        finally:
+            await agent.close()
 
 
 async def test_an_unreachable_server_is_an_llm_error(make_config: Callable[..., Config]) -> None:

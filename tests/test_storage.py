@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,33 +17,34 @@ async def _open(path: Path) -> Store:
     return Store(await Database.open(path, busy_timeout_ms=1234))
 
 
-async def test_open_sets_wal_busy_timeout_and_applies_every_migration(tmp_path: Path) -> None:
-    store = await _open(tmp_path / "a.db")
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await _open(tmp_path / "test.db")
+    yield opened
+    await opened.db.close()  # also when the test failed: an open connection's thread keeps pytest alive
+
+
+async def test_open_sets_wal_busy_timeout_and_applies_every_migration(store: Store) -> None:
     db = store.db
     assert (await db.fetchone("PRAGMA journal_mode"))[0] == "wal"
     assert (await db.fetchone("PRAGMA busy_timeout"))[0] == 1234
     assert (await db.fetchone("PRAGMA foreign_keys"))[0] == 1
     assert await db.schema_version() == len(migrations())
     tables = {r[0] for r in await db.fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    for table in (
-        "users",
-        "identities",
-        "chats",
-        "messages",
-        "reactions",
-        "preferences",
-        "memories",
-        "memories_fts",
-        "adapters",
-        "training_runs",
-        "processed_events",
-    ):
-        assert table in tables
-    await db.close()
-    # Opening again applies nothing new and keeps the data.
+    expected = "users identities chats messages reactions preferences memories memories_fts adapters training_runs"
+    assert set(expected.split()) | {"processed_events"} <= tables
+
+
+async def test_reopening_applies_nothing_new_and_keeps_the_data(tmp_path: Path) -> None:
+    first = await _open(tmp_path / "a.db")
+    user = await first.resolve_user("t", "ann")
+    await first.db.close()
     again = await _open(tmp_path / "a.db")
-    assert await again.db.schema_version() == len(migrations())
-    await again.db.close()
+    try:
+        assert await again.db.schema_version() == len(migrations())
+        assert await again.resolve_user("t", "ann") == user
+    finally:
+        await again.db.close()
 
 
 async def test_a_newer_schema_stops_start_up_with_a_clear_message(tmp_path: Path) -> None:
@@ -62,82 +65,63 @@ async def test_not_a_database_is_reported(tmp_path: Path) -> None:
 async def _receive(
     store: Store, user: str, chat: str, text: str, event_id: str | None = None, kind: str = "private"
 ) -> Received:
+    user_id = await store.resolve_user("test", user, user)
+    chat_id = await store.resolve_chat("test", chat, kind)
     got = await store.receive_message(
-        platform="test",
-        platform_chat_id=chat,
-        chat_kind=kind,
-        platform_user_id=user,
-        sender_name=user,
-        text=text,
-        platform_message_id=None,
-        event_id=event_id,
+        user_id, chat_id, text, platform_message_id=None, event_id=event_id, at=time.time()
     )
     assert got is not None
     return got
 
 
-async def test_identities_users_and_event_dedupe(tmp_path: Path) -> None:
-    store = await _open(tmp_path / "s.db")
+async def test_identities_users_and_event_dedupe(store: Store) -> None:
     alice = await store.resolve_user("telegram", "111", "Alice")
     assert await store.resolve_user("telegram", "111") == alice
     assert await store.resolve_user("discord", "111") != alice  # another platform, another identity
-    first = await store.receive_message(
-        platform="telegram",
-        platform_chat_id="c",
-        chat_kind="private",
-        platform_user_id="111",
-        sender_name="Alice",
-        text="hi",
-        platform_message_id="m1",
-        event_id="e1",
-    )
-    assert first is not None and first.user_id == alice
-    again = await store.receive_message(
-        platform="telegram",
-        platform_chat_id="c",
-        chat_kind="private",
-        platform_user_id="111",
-        sender_name="Alice",
-        text="hi",
-        platform_message_id="m1",
-        event_id="e1",
-    )
+    chat = await store.resolve_chat("telegram", "c", "private")
+    assert await store.resolve_chat("telegram", "c") == chat
+    first = await store.receive_message(alice, chat, "hi", platform_message_id="m1", event_id="e1", at=1.0)
+    assert first is not None and first.user_id == alice and first.chat_id == chat
+    again = await store.receive_message(alice, chat, "hi", platform_message_id="m1", event_id="e1", at=2.0)
     assert again is None
-    assert (await store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 1
-    await store.db.close()
+    other_chat = await store.resolve_chat("telegram", "d", "group")
+    assert await store.receive_message(alice, other_chat, "hi", platform_message_id="m1", event_id="e1", at=3.0)
+    assert (await store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 2  # one per chat
 
 
-async def test_recent_turns_are_per_user_even_in_a_group(tmp_path: Path) -> None:
-    store = await _open(tmp_path / "g.db")
+async def test_recent_turns_are_per_user_even_in_a_group(store: Store) -> None:
     await _receive(store, "ann", "group", "ann one", kind="group")
     await _receive(store, "bob", "group", "bob one", kind="group")
-    last = (await _receive(store, "ann", "group", "ann two", kind="group")).message_id
+    await _receive(store, "ann", "group", "ann two", kind="group")
+    cut = time.time()
+    await _receive(store, "ann", "group", "ann three", kind="group")
     ann = await store.resolve_user("test", "ann")
     chat = await store.resolve_chat("test", "group")
-    turns = await store.recent_turns(ann, chat, 10, before=last + 1)
-    assert turns == [("user", "ann one"), ("user", "ann two")]
-    await store.db.close()
+    assert await store.recent_turns(ann, chat, 10, before=cut) == [("user", "ann one"), ("user", "ann two")]
+    assert await store.recent_turns(ann, chat, 1, before=time.time()) == [("user", "ann three")]
 
 
-async def test_memory_full_text_search_is_per_user(tmp_path: Path) -> None:
-    store = await _open(tmp_path / "m.db")
+async def test_memory_recall_is_per_user_relevant_first_then_newest(store: Store) -> None:
     ann, bob = await store.resolve_user("t", "ann"), await store.resolve_user("t", "bob")
     await store.add_memory(ann, "my cat is called Tom")
     await store.add_memory(ann, "I live in Lyon")
+    await store.add_memory(ann, "I work as a nurse")
     await store.add_memory(bob, "my cat is called Felix")
-    found = await store.search_memories(ann, "What is my cat's name?", 5)
-    assert [n.text for n in found] == ["my cat is called Tom"]
-    assert await store.search_memories(ann, "!!! ??? ***", 5) == []  # no words, no query
-    assert await store.search_memories(ann, 'cat" OR text:*', 5) != []  # quotes cannot break the query
+    found = await store.recall_notes(ann, "What are my cats' names?", 5)  # "cats" matches "cat" (stemming)
+    assert [n.text for n in found] == ["my cat is called Tom", "I work as a nurse", "I live in Lyon"]
+    assert [n.text for n in await store.recall_notes(ann, "cat", 1)] == ["my cat is called Tom"]
+    assert [n.text for n in await store.recall_notes(ann, "!!! ???", 2)] == ["I work as a nurse", "I live in Lyon"]
+    assert len(await store.recall_notes(ann, 'cat" OR terms:* NEAR(', 5)) == 3  # quotes cannot break the query
+    assert [n.text for n in await store.recall_notes(bob, "cat", 5)] == ["my cat is called Felix"]
     note = found[0].id
     assert not await store.delete_memory(bob, note)  # not Bob's to delete
     assert await store.delete_memory(ann, note)
-    assert await store.search_memories(ann, "cat", 5) == []  # the index follows deletions
-    await store.db.close()
+    assert "my cat is called Tom" not in [n.text for n in await store.recall_notes(ann, "cat", 5)]
+    hits = await store.db.fetchall("SELECT rowid FROM memories_fts WHERE memories_fts MATCH ?", (f'"u{ann}_cat"',))
+    assert hits == []  # the index follows deletions
 
 
-async def test_reactions_add_remove_and_re_add(tmp_path: Path) -> None:
-    store = await _open(tmp_path / "r.db")
+async def test_reactions_add_remove_and_re_add(store: Store) -> None:
     received = await _receive(store, "ann", "c", "question")
     ann = received.user_id
     reply = await store.add_reply(received, text="answer", style={"length": "brief"}, adapter_version=None, prompt=[])
@@ -151,11 +135,9 @@ async def test_reactions_add_remove_and_re_add(tmp_path: Path) -> None:
     assert await store.add_reaction(reply, ann, "👍", 1.0)
     assert await store.standing_reactions(reply, ann) == ["👍"]
     assert (await store.stats(ann))["rewards"] == [1.0]
-    await store.db.close()
 
 
-async def test_delete_user_removes_every_row_about_them(tmp_path: Path) -> None:
-    store = await _open(tmp_path / "d.db")
+async def test_delete_user_removes_every_row_about_them(store: Store) -> None:
     received = await _receive(store, "ann", "c", "a secret sentence")
     await _receive(store, "bob", "c2", "bob stays")
     ann = received.user_id
@@ -169,6 +151,6 @@ async def test_delete_user_removes_every_row_about_them(tmp_path: Path) -> None:
     assert (await store.db.fetchone("SELECT COUNT(*) FROM users WHERE id = ?", (ann,)))[0] == 0
     texts = [r[0] for r in await store.db.fetchall("SELECT text FROM messages")]
     assert texts == ["bob stays"]
-    assert await store.search_memories(ann, "private note", 5) == []
+    assert await store.recall_notes(ann, "private note", 5) == []
+    assert (await store.db.fetchone("SELECT COUNT(*) FROM memories_fts"))[0] == 0
     assert await store.resolve_user("test", "ann") != ann  # comes back as a new user
-    await store.db.close()

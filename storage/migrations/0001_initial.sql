@@ -28,6 +28,7 @@ CREATE TABLE chats (
 
 -- Both sides of the conversation. For a bot reply, user_id is the person it answers,
 -- reply_to the message it answers, prompt the exact prompt sent to the model.
+-- event_id is the platform's id of the incoming event: a redelivered one is ignored.
 CREATE TABLE messages (
     id                   INTEGER PRIMARY KEY,
     chat_id              INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
@@ -39,9 +40,11 @@ CREATE TABLE messages (
     style                TEXT,
     adapter_version      TEXT,
     prompt               TEXT,
+    event_id             TEXT,
     created_at           REAL NOT NULL
 );
 CREATE INDEX messages_user_chat ON messages(user_id, chat_id, id);
+CREATE UNIQUE INDEX messages_event ON messages(chat_id, event_id) WHERE event_id IS NOT NULL;
 CREATE INDEX messages_platform_id ON messages(chat_id, platform_message_id);
 
 -- One row per (reply, person, emoji); removed_at set when the reaction is taken back.
@@ -72,19 +75,13 @@ CREATE TABLE memories (
 );
 CREATE INDEX memories_user ON memories(user_id, id);
 
--- Full-text index over memories, kept in step by triggers.
-CREATE VIRTUAL TABLE memories_fts USING fts5(
-    text, content='memories', content_rowid='id', tokenize='porter unicode61'
-);
-CREATE TRIGGER memories_ai AFTER INSERT ON memories BEGIN
-    INSERT INTO memories_fts(rowid, text) VALUES (new.id, new.text);
-END;
+-- Full-text index over memories. Each word is indexed with its owner's prefix
+-- ("u12_cat"), so a search reads only that user's entries and costs the same whatever
+-- the number of users. Rows are added with their memory (storage/queries.py) and
+-- removed by the trigger, also when a user's deletion cascades.
+CREATE VIRTUAL TABLE memories_fts USING fts5(terms, tokenize = "porter unicode61 tokenchars '_'");
 CREATE TRIGGER memories_ad AFTER DELETE ON memories BEGIN
-    INSERT INTO memories_fts(memories_fts, rowid, text) VALUES ('delete', old.id, old.text);
-END;
-CREATE TRIGGER memories_au AFTER UPDATE ON memories BEGIN
-    INSERT INTO memories_fts(memories_fts, rowid, text) VALUES ('delete', old.id, old.text);
-    INSERT INTO memories_fts(rowid, text) VALUES (new.id, new.text);
+    DELETE FROM memories_fts WHERE rowid = old.id;
 END;
 
 -- LoRA adapters; user_id NULL for the population adapter.
@@ -109,7 +106,8 @@ CREATE TABLE training_runs (
     log          TEXT NOT NULL DEFAULT ''
 );
 
--- Platform event ids already handled, so a redelivered event is not answered twice.
+-- Ids of other platform events already handled (reactions, commands), so a redelivered
+-- one is not counted twice. Messages carry their own event_id.
 CREATE TABLE processed_events (
     platform      TEXT NOT NULL,
     event_id      TEXT NOT NULL,

