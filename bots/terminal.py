@@ -9,6 +9,7 @@ from it, so a session can be scripted: ``printf 'hello\\n+1\\n/stats\\n' | attun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import sys
@@ -64,6 +65,10 @@ class TerminalAdapter(Adapter):
         self.stdin = stdin or sys.stdin
         self.stdout = stdout or sys.stdout
         self.interactive = self.stdin.isatty()
+        if self.interactive:
+            # Line editing and history; without readline, input() writes its prompt to stderr.
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401
         self.chat_id = f"terminal:{self.user}"
         self._last_reply: str | None = None  # platform id of the last answer
         self._last_reaction: str | None = None

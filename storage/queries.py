@@ -422,13 +422,6 @@ class Store:
             await conn.execute("UPDATE reactions SET removed_at = ? WHERE id = ?", (time.time(), row[0]))
             return float(row[1])
 
-    async def standing_reactions(self, message_id: int, user_id: int) -> list[str]:
-        rows = await self.db.fetchall(
-            "SELECT emoji FROM reactions WHERE message_id = ? AND user_id = ? AND removed_at IS NULL",
-            (message_id, user_id),
-        )
-        return [str(r[0]) for r in rows]
-
     # --- adapters --------------------------------------------------------------------
 
     async def active_adapter(self, user_id: int) -> ActiveAdapter | None:

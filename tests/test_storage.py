@@ -133,7 +133,8 @@ async def test_reactions_add_remove_and_re_add(store: Store) -> None:
     assert await store.remove_reaction(reply, ann, "👍") == 1.0
     assert await store.remove_reaction(reply, ann, "👍") is None
     assert await store.add_reaction(reply, ann, "👍", 1.0)
-    assert await store.standing_reactions(reply, ann) == ["👍"]
+    rows = await store.db.fetchall("SELECT emoji, removed_at FROM reactions WHERE message_id = ?", (reply,))
+    assert [tuple(r) for r in rows] == [("👍", None)]
     assert (await store.stats(ann))["rewards"] == [1.0]
 
 
