@@ -222,15 +222,12 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tup
     return data, origin
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on top, table by table."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "rewards":
-            out[key] = _merge(out[key], value)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
+        both_tables = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merge(out[key], value) if both_tables else value
     return out
 
 
@@ -266,7 +263,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                     f"remove it from the file and set {var} instead"
                 )
     env_data, env_origin = _env_overrides(environ)
-    data = _merge(file_data, env_data)
+    data = _merge(_merge(Settings().model_dump(), file_data), env_data)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:

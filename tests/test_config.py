@@ -57,6 +57,12 @@ def test_environment_overrides_nested_settings(tmp_path: Path) -> None:
     assert config.settings.storage.data_path == (tmp_path / "data").resolve()
 
 
+def test_reward_entries_add_to_the_defaults(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, '[rewards]\n"🦄" = 0.9\n'), environ={"ATTUNE_REWARDS__FIRE": "0.1"})
+    rewards = config.settings.rewards
+    assert rewards["🦄"] == 0.9 and rewards["fire"] == 0.1 and rewards["👍"] == 1.0
+
+
 def test_attune_config_variable_and_flag_select_the_file(tmp_path: Path) -> None:
     path = write_config(tmp_path, '[agent]\nname = "from-file"\n')
     assert load_config(environ={"ATTUNE_CONFIG": str(path)}).settings.agent.name == "from-file"
