@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
@@ -105,7 +106,7 @@ class Agent:
             return f"That message is too long for me: at most {self.settings.limits.max_message_chars} characters."
         wait = self.limiter.retry_after((msg.platform, msg.sender_id))
         if wait:
-            return f"You're writing faster than I can answer; please wait {wait:.0f} s."
+            return f"You're writing faster than I can answer; please wait {math.ceil(wait)} s."
         return None
 
     def _prompt(self, msg: Message, prefs: dict[str, str], style: Style, recalled: Recollection) -> list[ChatMessage]:
