@@ -19,13 +19,13 @@ from agent_core.commands import Commands, parse_command
 from agent_core.config import Config, Settings
 from agent_core.events import Command, Event, Message, Reaction, Reply
 from agent_core.llm import AdapterRef, ChatMessage, GenerationRequest, LLMBackend, LLMError, create_backend
-from agent_core.memory import Memory, Recollection, note_to_remember
+from agent_core.memory import note_to_remember
 from agent_core.policy import DefaultsPolicy, StylePolicy
 from agent_core.prompts import PromptParts, build_prompt
 from agent_core.ratelimit import RateLimiter
 from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style
-from storage import ActiveAdapter, Database, Store
+from storage import ActiveAdapter, Database, ReplyContext, Store
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ class Agent:
         self.store = store
         self.llm = llm
         self.policy = policy or DefaultsPolicy(settings.style)
-        self.memory = Memory(store, recent_turns=settings.agent.recent_turns, notes=settings.agent.memory_notes)
-        self.commands = Commands(store, self.memory, describe_model=llm.describe)
+        self.commands = Commands(store, describe_model=llm.describe)
         self.rewards = RewardMap(settings.rewards)
         self.limiter = RateLimiter(settings.limits.messages_per_minute)
 
@@ -75,25 +74,26 @@ class Agent:
         user = await self.store.resolve_user(msg.platform, msg.sender_id, msg.sender_name)
         chat = await self.store.resolve_chat(msg.platform, msg.chat_id, msg.chat_kind)
         now = time.time()
-        received, prefs, recalled, adapter = await asyncio.gather(  # one round trip to the database
+        received, context = await asyncio.gather(  # one round trip to the database
             self.store.receive_message(  # committed before the reply is generated
                 user, chat, msg.text, platform_message_id=msg.message_id, event_id=msg.event_id, at=now
             ),
-            self.store.preferences(user),
-            self.memory.recall(user, chat, msg.text, before=now),
-            self.store.active_adapter(user),
-        )
+            self.store.reply_context(
+                user, chat, msg.text, before=now, turns=self.settings.agent.recent_turns,
+                notes=self.settings.agent.memory_notes,
+            ),
+        )  # fmt: skip
         if received is None:
             return None
         if note := note_to_remember(msg.text):
-            await self.memory.remember(user, note)
-        style = await self.policy.choose(user, msg.text, prefs)
-        prompt = self._prompt(msg, prefs, style, recalled)
-        text = await self._generate(prompt, adapter, on_text)
+            await self.store.add_memory(user, note)
+        style = await self.policy.choose(user, msg.text, context.preferences)
+        prompt = self._prompt(msg, style, context)
+        text = await self._generate(prompt, context.adapter, on_text)
         if text is None:
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         reply_id = await self.store.add_reply(
-            received, text=text, style=style.as_dict(), adapter_version=_adapter_name(adapter), prompt=prompt
+            received, text=text, style=style.as_dict(), adapter_version=_adapter_name(context.adapter), prompt=prompt
         )
         return Reply(
             text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id, style=style.as_dict()
@@ -109,16 +109,16 @@ class Agent:
             return f"You're writing faster than I can answer; please wait {math.ceil(wait)} s."
         return None
 
-    def _prompt(self, msg: Message, prefs: dict[str, str], style: Style, recalled: Recollection) -> list[ChatMessage]:
+    def _prompt(self, msg: Message, style: Style, context: ReplyContext) -> list[ChatMessage]:
         parts = PromptParts(
             system_prompt=self.settings.agent.system_prompt,
             user_name=msg.sender_name,
             style=style,
-            notes=recalled.notes,
-            turns=recalled.turns,
+            notes=context.notes,
+            turns=context.turns,
             text=msg.text,
-            persona=prefs.get("persona", ""),
-            language=prefs.get("language", ""),
+            persona=context.preferences.get("persona", ""),
+            language=context.preferences.get("language", ""),
         )
         budget = self.llm.context_window - self._reply_room()
         return build_prompt(parts, budget=budget, count=self.llm.count_tokens, overhead=self.llm.message_overhead)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from statistics import fmean
 
 from agent_core.events import Attachment
-from agent_core.memory import MAX_NOTE_CHARS, Memory
+from agent_core.memory import MAX_NOTE_CHARS
 from agent_core.style import DIMENSIONS, is_valid
 from storage import Store
 
@@ -58,9 +58,8 @@ def parse_command(text: str) -> tuple[str, str] | None:
 class Commands:
     """The command table and the state some commands keep (pending confirmations)."""
 
-    def __init__(self, store: Store, memory: Memory, *, describe_model: Callable[[], str]) -> None:
+    def __init__(self, store: Store, *, describe_model: Callable[[], str]) -> None:
         self.store = store
-        self.memory = memory
         self.describe_model = describe_model
         self._forget_pending: dict[int, float] = {}  # user id -> deadline of "/forget all"
         self.specs: dict[str, CommandSpec] = {s.name: s for s in SPECS}
@@ -136,7 +135,7 @@ async def _remember(cmds: Commands, user_id: int, args: str) -> CommandResult:
         raise UsageError("Tell me what to remember.")
     if len(args) > MAX_NOTE_CHARS:
         raise UsageError(f"A note can be at most {MAX_NOTE_CHARS} characters.")
-    note_id = await cmds.memory.remember(user_id, args)
+    note_id = await cmds.store.add_memory(user_id, args)
     return CommandResult(f"I'll remember that (note #{note_id}).", private=True)
 
 

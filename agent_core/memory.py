@@ -1,16 +1,16 @@
-"""Per-user memory: recent turns in a chat, and long-term notes recalled by relevance and recency.
+"""Per-user memory: what gets remembered, and how it comes back.
 
-Everything here is keyed by the core's user id, so in a group chat one person's turns
-and notes never reach another person's prompt.
+A user's long-term notes are saved by ``/remember`` and by "remember that ..." in a
+plain message (:func:`note_to_remember`). For each reply,
+:meth:`storage.Store.reply_context` recalls the notes that match the message (FTS5,
+BM25) and then the newest ones, and this user's recent turns in this chat. Everything
+is keyed by the core's user id, so in a group chat one person's turns and notes never
+reach another person's prompt.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
-from dataclasses import dataclass
-
-from storage import Store
 
 # "remember that my cat is called Tom", "please remember: I'm vegetarian"
 _REMEMBER = re.compile(r"^\s*(?:please\s+)?remember(?:\s+that|\s*:)\s+(?P<note>.+?)\s*$", re.I | re.S)
@@ -24,27 +24,3 @@ def note_to_remember(text: str) -> str | None:
         return None
     note = match.group("note").rstrip(".!")
     return note[:MAX_NOTE_CHARS] or None
-
-
-@dataclass(frozen=True)
-class Recollection:
-    notes: list[str]  # long-term notes, most relevant first
-    turns: list[tuple[str, str]]  # (role, text) of recent turns, oldest first
-
-
-class Memory:
-    def __init__(self, store: Store, *, recent_turns: int, notes: int) -> None:
-        self.store = store
-        self.recent_turns = recent_turns
-        self.notes = notes
-
-    async def remember(self, user_id: int, note: str) -> int:
-        return await self.store.add_memory(user_id, note[:MAX_NOTE_CHARS])
-
-    async def recall(self, user_id: int, chat_id: int, text: str, *, before: float) -> Recollection:
-        """What to put in the prompt for this user's message ``text``, sent at time ``before``."""
-        notes, turns = await asyncio.gather(
-            self.store.recall_notes(user_id, text, self.notes),
-            self.store.recent_turns(user_id, chat_id, self.recent_turns, before),
-        )
-        return Recollection(notes=[n.text for n in notes], turns=turns)

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
@@ -22,6 +22,9 @@ from typing import Any
 import aiosqlite
 
 log = logging.getLogger(__name__)
+
+# Positional (?) or named (:name) parameters of one statement.
+Params = Sequence[Any] | Mapping[str, Any]
 
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -45,33 +48,38 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 class Database:
-    """An open SQLite database with the schema up to date."""
+    """An open SQLite database with the schema up to date.
 
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+    Two connections, each on its own thread: ``conn`` for writes (and reads inside a
+    write transaction), ``reader`` for plain reads. In WAL mode a reader never waits for
+    the writer, so reads and a commit can proceed at the same time on two cores. A read
+    sees every write committed before it started.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
         self.conn = conn
+        self.reader = reader
         self.path = path
         self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path, *, busy_timeout_ms: int = 5000, synchronous: str = "normal") -> Database:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
-        conn.row_factory = sqlite3.Row
+        opened: list[aiosqlite.Connection] = []
         try:
-            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            conn = await _connect(path, busy_timeout_ms, opened)
             mode = next(iter(await conn.execute_fetchall("PRAGMA journal_mode = WAL")))[0]
             if mode != "wal":
                 log.warning("SQLite refused WAL mode for %s (journal_mode=%s)", path, mode)
             await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-            await conn.execute("PRAGMA foreign_keys = ON")
             await conn.execute("PRAGMA secure_delete = ON")
-            db = cls(conn, path)
+            db = cls(conn, await _connect(path, busy_timeout_ms, opened), path)
             await db._migrate()
         except sqlite3.DatabaseError as exc:
-            await conn.close()
+            await _close_all(opened)
             raise DatabaseError(f"{path}: cannot open the database: {exc}") from exc
         except BaseException:
-            await conn.close()
+            await _close_all(opened)
             raise
         return db
 
@@ -93,7 +101,7 @@ class Database:
         return int((await self.fetchone("PRAGMA user_version"))[0])
 
     async def close(self) -> None:
-        await self.conn.close()
+        await _close_all([self.reader, self.conn])
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -107,17 +115,31 @@ class Database:
                 raise
             await self.conn.execute("COMMIT")
 
-    async def execute(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Cursor:
+    async def execute(self, sql: str, params: Params = ()) -> aiosqlite.Cursor:
         """One statement in a transaction of its own."""
         async with self._write_lock:
-            return await self.conn.execute(sql, tuple(params))
+            return await self.conn.execute(sql, params)
 
-    # Each call below is one hop to the connection's thread (about 0.1 ms here), so a
+    # Each call below is one hop to a connection's thread (about 0.07 ms here), so a
     # query is one call: execute_fetchall rather than execute, fetchone, close.
 
-    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        rows = await self.conn.execute_fetchall(sql, tuple(params))
+    async def fetchone(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
+        rows = await self.reader.execute_fetchall(sql, params)
         return next(iter(rows), None)
 
-    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        return list(await self.conn.execute_fetchall(sql, tuple(params)))
+    async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
+        return list(await self.reader.execute_fetchall(sql, params))
+
+
+async def _connect(path: Path, busy_timeout_ms: int, opened: list[aiosqlite.Connection]) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    opened.append(conn)
+    conn.row_factory = sqlite3.Row
+    await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    await conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+async def _close_all(connections: list[aiosqlite.Connection]) -> None:
+    for conn in connections:
+        await conn.close()

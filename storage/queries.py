@@ -47,6 +47,16 @@ class ActiveAdapter:
     user_id: int | None  # None: the population adapter
 
 
+@dataclass(frozen=True)
+class ReplyContext:
+    """Everything a reply to one user needs from the database, read at once."""
+
+    preferences: dict[str, str]
+    adapter: ActiveAdapter | None
+    notes: list[str]  # long-term notes: those relevant to the message best first, then the newest
+    turns: list[tuple[str, str]]  # (role, text) of this user's recent turns in this chat, oldest first
+
+
 class _LRU(OrderedDict[tuple[str, str], int]):
     def get_fresh(self, key: tuple[str, str]) -> int | None:
         value = self.get(key)
@@ -309,17 +319,47 @@ class Store:
         )
         return ReplyRef(message_id=int(row[0]), user_id=int(row[1])) if row else None
 
-    async def recent_turns(self, user_id: int, chat_id: int, limit: int, before: float) -> list[tuple[str, str]]:
-        """This user's last turns in this chat before time ``before`` (theirs and the replies
-        to them), oldest first."""
-        if limit <= 0:
-            return []
-        rows = await self.db.fetchall(
-            "SELECT role, text FROM messages WHERE user_id = ? AND chat_id = ? AND created_at < ?"
-            " ORDER BY id DESC LIMIT ?",
-            (user_id, chat_id, before, limit),
+    async def reply_context(
+        self, user_id: int, chat_id: int, text: str, *, before: float, turns: int, notes: int
+    ) -> ReplyContext:
+        """What a reply to ``text`` (sent at ``before``) needs: preferences, the serving
+        adapter, notes recalled by relevance (FTS5, BM25) then recency, and recent turns.
+        Strictly this user's: in a group chat nobody else's turns or notes come back.
+
+        One statement, so one round trip: the parts are tagged by ``kind``."""
+        query = fts_query(user_id, text)
+        relevant = (
+            " UNION ALL SELECT * FROM (SELECT 'note', m.id, m.text, bm25(memories_fts)"
+            "  FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH :query"
+            "  ORDER BY bm25(memories_fts) LIMIT :notes)"
+            if query
+            else ""
         )
-        return [(str(r[0]), str(r[1])) for r in reversed(rows)]
+        rows = await self.db.fetchall(
+            "SELECT 'pref' AS kind, key AS a, value AS b, NULL AS c FROM preferences WHERE user_id = :user"
+            " UNION ALL SELECT * FROM (SELECT 'adapter', version, path, user_id FROM adapters"
+            "  WHERE status = 'active' AND (user_id = :user OR user_id IS NULL)"
+            "  ORDER BY user_id IS NULL, version DESC LIMIT 1)"
+            " UNION ALL SELECT * FROM (SELECT 'turn', role, text, id FROM messages"
+            "  WHERE user_id = :user AND chat_id = :chat AND created_at < :before ORDER BY id DESC LIMIT :turns)"
+            + relevant
+            + " UNION ALL SELECT * FROM (SELECT 'newest', id, text, -id FROM memories"
+            "  WHERE user_id = :user ORDER BY id DESC LIMIT :notes)",
+            {"user": user_id, "chat": chat_id, "before": before, "turns": turns, "notes": notes, "query": query},
+        )
+        by_kind: dict[str, list[Any]] = {"pref": [], "adapter": [], "turn": [], "note": [], "newest": []}
+        for row in rows:
+            by_kind[row[0]].append(row)
+        adapter = next((ActiveAdapter(int(r[1]), str(r[2]), r[3]) for r in by_kind["adapter"]), None)
+        recalled: dict[int, str] = {}
+        for row in sorted(by_kind["note"], key=lambda r: r[3]) + by_kind["newest"]:
+            recalled.setdefault(int(row[1]), str(row[2]))
+        return ReplyContext(
+            preferences={str(r[1]): str(r[2]) for r in by_kind["pref"]},
+            adapter=adapter,
+            notes=list(recalled.values())[:notes] if notes > 0 else [],
+            turns=[(str(r[1]), str(r[2])) for r in reversed(by_kind["turn"])],
+        )
 
     # --- long-term memory ------------------------------------------------------------
 
@@ -344,29 +384,6 @@ class Store:
             (user_id, limit),
         )
         return [MemoryNote(int(r[0]), str(r[1]), float(r[2])) for r in rows]
-
-    async def recall_notes(self, user_id: int, text: str, limit: int) -> list[MemoryNote]:
-        """Up to ``limit`` of this user's notes: those matching ``text`` best first, then the newest."""
-        query = fts_query(user_id, text)
-        if limit <= 0:
-            return []
-        if query is None:
-            return await self.list_memories(user_id, limit)
-        rows = await self.db.fetchall(  # both halves in one round trip
-            "SELECT id, text, created_at FROM ("
-            " SELECT * FROM (SELECT m.id, m.text, m.created_at, 0 AS part, bm25(memories_fts) AS rank"
-            "  FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH ?"
-            "  ORDER BY rank LIMIT ?)"
-            " UNION ALL"
-            " SELECT * FROM (SELECT id, text, created_at, 1 AS part, -id AS rank FROM memories"
-            "  WHERE user_id = ? ORDER BY id DESC LIMIT ?)"
-            ") ORDER BY part, rank",
-            (query, limit, user_id, limit),
-        )
-        notes: dict[int, MemoryNote] = {}
-        for r in rows:
-            notes.setdefault(int(r[0]), MemoryNote(int(r[0]), str(r[1]), float(r[2])))
-        return list(notes.values())[:limit]
 
     # --- preferences -----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import Database, DatabaseError, Received, Store
+from storage import ActiveAdapter, Database, DatabaseError, Received, ReplyContext, Store
 from storage.database import migrations
 
 
@@ -89,36 +89,64 @@ async def test_identities_users_and_event_dedupe(store: Store) -> None:
     assert (await store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 2  # one per chat
 
 
+async def _context(
+    store: Store, user: str, chat: str, text: str = "", before: float | None = None, turns: int = 10, notes: int = 5
+) -> ReplyContext:
+    user_id = await store.resolve_user("test", user)
+    chat_id = await store.resolve_chat("test", chat)
+    return await store.reply_context(
+        user_id, chat_id, text, before=time.time() if before is None else before, turns=turns, notes=notes
+    )
+
+
 async def test_recent_turns_are_per_user_even_in_a_group(store: Store) -> None:
     await _receive(store, "ann", "group", "ann one", kind="group")
     await _receive(store, "bob", "group", "bob one", kind="group")
     await _receive(store, "ann", "group", "ann two", kind="group")
     cut = time.time()
     await _receive(store, "ann", "group", "ann three", kind="group")
-    ann = await store.resolve_user("test", "ann")
-    chat = await store.resolve_chat("test", "group")
-    assert await store.recent_turns(ann, chat, 10, before=cut) == [("user", "ann one"), ("user", "ann two")]
-    assert await store.recent_turns(ann, chat, 1, before=time.time()) == [("user", "ann three")]
+    assert (await _context(store, "ann", "group", before=cut)).turns == [("user", "ann one"), ("user", "ann two")]
+    assert (await _context(store, "ann", "group", turns=1)).turns == [("user", "ann three")]
+    assert (await _context(store, "bob", "group")).turns == [("user", "bob one")]
 
 
 async def test_memory_recall_is_per_user_relevant_first_then_newest(store: Store) -> None:
-    ann, bob = await store.resolve_user("t", "ann"), await store.resolve_user("t", "bob")
-    await store.add_memory(ann, "my cat is called Tom")
+    ann, bob = await store.resolve_user("test", "ann"), await store.resolve_user("test", "bob")
+    await store.resolve_chat("test", "c")
+    tom = await store.add_memory(ann, "my cat is called Tom")
     await store.add_memory(ann, "I live in Lyon")
     await store.add_memory(ann, "I work as a nurse")
     await store.add_memory(bob, "my cat is called Felix")
-    found = await store.recall_notes(ann, "What are my cats' names?", 5)  # "cats" matches "cat" (stemming)
-    assert [n.text for n in found] == ["my cat is called Tom", "I work as a nurse", "I live in Lyon"]
-    assert [n.text for n in await store.recall_notes(ann, "cat", 1)] == ["my cat is called Tom"]
-    assert [n.text for n in await store.recall_notes(ann, "!!! ???", 2)] == ["I work as a nurse", "I live in Lyon"]
-    assert len(await store.recall_notes(ann, 'cat" OR terms:* NEAR(', 5)) == 3  # quotes cannot break the query
-    assert [n.text for n in await store.recall_notes(bob, "cat", 5)] == ["my cat is called Felix"]
-    note = found[0].id
-    assert not await store.delete_memory(bob, note)  # not Bob's to delete
-    assert await store.delete_memory(ann, note)
-    assert "my cat is called Tom" not in [n.text for n in await store.recall_notes(ann, "cat", 5)]
+    found = (await _context(store, "ann", "c", "What are my cats' names?")).notes  # "cats" matches "cat"
+    assert found == ["my cat is called Tom", "I work as a nurse", "I live in Lyon"]
+    assert (await _context(store, "ann", "c", "cat", notes=1)).notes == ["my cat is called Tom"]
+    assert (await _context(store, "ann", "c", "!!! ???", notes=2)).notes == ["I work as a nurse", "I live in Lyon"]
+    assert len((await _context(store, "ann", "c", 'cat" OR terms:* NEAR(')).notes) == 3  # no query injection
+    assert (await _context(store, "bob", "c", "cat")).notes == ["my cat is called Felix"]
+    assert (await _context(store, "ann", "c", "cat", notes=0)).notes == []
+    assert not await store.delete_memory(bob, tom)  # not Bob's to delete
+    assert await store.delete_memory(ann, tom)
+    assert "my cat is called Tom" not in (await _context(store, "ann", "c", "cat")).notes
     hits = await store.db.fetchall("SELECT rowid FROM memories_fts WHERE memories_fts MATCH ?", (f'"u{ann}_cat"',))
     assert hits == []  # the index follows deletions
+
+
+async def test_reply_context_reads_preferences_and_the_serving_adapter(store: Store) -> None:
+    ann = await store.resolve_user("test", "ann")
+    await store.resolve_chat("test", "c")
+    await store.set_preference(ann, "tone", "formal")
+    context = await _context(store, "ann", "c")
+    assert context.preferences == {"tone": "formal"} and context.adapter is None
+    await store.db.execute(
+        "INSERT INTO adapters (user_id, version, path, status, created_at) VALUES (NULL, 1, '/a/pop', 'active', 0)"
+    )
+    assert (await _context(store, "ann", "c")).adapter == ActiveAdapter(1, "/a/pop", None)
+    await store.db.execute(
+        "INSERT INTO adapters (user_id, version, path, status, created_at) VALUES (?, 3, '/a/ann', 'active', 0)",
+        (ann,),
+    )
+    assert (await _context(store, "ann", "c")).adapter == ActiveAdapter(3, "/a/ann", ann)
+    assert await store.active_adapter(ann) == ActiveAdapter(3, "/a/ann", ann)
 
 
 async def test_reactions_add_remove_and_re_add(store: Store) -> None:
@@ -152,6 +180,6 @@ async def test_delete_user_removes_every_row_about_them(store: Store) -> None:
     assert (await store.db.fetchone("SELECT COUNT(*) FROM users WHERE id = ?", (ann,)))[0] == 0
     texts = [r[0] for r in await store.db.fetchall("SELECT text FROM messages")]
     assert texts == ["bob stays"]
-    assert await store.recall_notes(ann, "private note", 5) == []
+    assert (await _context(store, "ann", "c", "private note")).notes == []
     assert (await store.db.fetchone("SELECT COUNT(*) FROM memories_fts"))[0] == 0
     assert await store.resolve_user("test", "ann") != ann  # comes back as a new user
