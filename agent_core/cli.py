@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
     from bots import configured_adapters
+    from bots.runner import run_adapters
     from bots.terminal import TerminalAdapter
 
     agent = await Agent.open(config)
@@ -104,15 +105,7 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        for adapter in adapters:
-            await adapter.start()
-            log.info("%s adapter started", adapter.platform)
-        waiters = [asyncio.create_task(stop.wait())] + [asyncio.create_task(a.finished.wait()) for a in adapters]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for task in waiters:
-            task.cancel()
-        for adapter in adapters:
-            await adapter.stop()
+        await run_adapters(adapters, config.settings.run, stop)
         return 0
     finally:
         await agent.close()

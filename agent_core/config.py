@@ -105,6 +105,37 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class RunSettings(_Section):
+    default_front_end: bool = True
+    retry_initial_s: float = Field(default=5.0, gt=0)
+    retry_max_s: float = Field(default=300.0, gt=0)
+
+
+class TelegramSettings(_Section):
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    mode: Literal["polling", "webhook"] = "polling"
+    poll_timeout_s: int = Field(default=30, ge=0)
+    request_timeout_s: float = Field(default=20.0, gt=0)
+    webhook_url: str = ""
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = Field(default=8443, ge=1, le=65535)
+
+
+class DiscordSettings(_Section):
+    api_base: str = "https://discord.com/api/v10"
+    gateway_url: str = "wss://gateway.discord.gg/"
+    sync_commands: bool = True
+
+
+class SlackSettings(_Section):
+    api_url: str = "https://slack.com/api/"
+    mode: Literal["socket", "http"] = "socket"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=3000, ge=1, le=65535)
+    command: str = Field(default="/attune", pattern=r"^/[a-z0-9_-]{1,31}$")
+
+
 DEFAULT_REWARDS: dict[str, float] = {
     "👍": 1.0,
     "👎": -1.0,
@@ -140,6 +171,10 @@ class Settings(_Section):
     limits: LimitsSettings = LimitsSettings()
     rewards: dict[str, Reward] = Field(default_factory=lambda: dict(DEFAULT_REWARDS))
     logging: LoggingSettings = LoggingSettings()
+    run: RunSettings = RunSettings()
+    telegram: TelegramSettings = TelegramSettings()
+    discord: DiscordSettings = DiscordSettings()
+    slack: SlackSettings = SlackSettings()
 
 
 class Secrets(BaseModel):
@@ -147,6 +182,12 @@ class Secrets(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     openai_api_key: SecretStr | None = None
+    telegram_bot_token: SecretStr | None = None
+    telegram_webhook_secret: SecretStr | None = None
+    discord_bot_token: SecretStr | None = None
+    slack_bot_token: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Secrets:
@@ -156,10 +197,32 @@ class Secrets(BaseModel):
         """Every secret that is set, for log redaction."""
         return [s.get_secret_value() for s in (getattr(self, n) for n in SECRET_ENV) if s]
 
+    def get(self, name: str) -> str | None:
+        """The plain value of one secret, or None when its variable is not set."""
+        value: SecretStr | None = getattr(self, name)
+        return value.get_secret_value() if value else None
 
-# Secret name -> environment variable, and where someone might wrongly put it in the file.
-SECRET_ENV: dict[str, str] = {"openai_api_key": "OPENAI_API_KEY"}
-SECRET_FILE_KEYS: dict[str, str] = {"llm.openai.api_key": "OPENAI_API_KEY"}
+
+# Secret name -> its environment variable.
+SECRET_ENV: dict[str, str] = {
+    "openai_api_key": "OPENAI_API_KEY",
+    "telegram_bot_token": "TELEGRAM_BOT_TOKEN",
+    "telegram_webhook_secret": "TELEGRAM_WEBHOOK_SECRET",
+    "discord_bot_token": "DISCORD_BOT_TOKEN",
+    "slack_bot_token": "SLACK_BOT_TOKEN",
+    "slack_app_token": "SLACK_APP_TOKEN",
+    "slack_signing_secret": "SLACK_SIGNING_SECRET",
+}
+# Where someone might wrongly put a secret in the file -> the variable to use instead.
+SECRET_FILE_KEYS: dict[str, str] = {
+    "llm.openai.api_key": "OPENAI_API_KEY",
+    "telegram.token": "TELEGRAM_BOT_TOKEN",
+    "telegram.webhook_secret": "TELEGRAM_WEBHOOK_SECRET",
+    "discord.token": "DISCORD_BOT_TOKEN",
+    "slack.bot_token": "SLACK_BOT_TOKEN",
+    "slack.app_token": "SLACK_APP_TOKEN",
+    "slack.signing_secret": "SLACK_SIGNING_SECRET",
+}
 
 
 class Config(BaseModel):

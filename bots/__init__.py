@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from agent_core.config import Config
 from bots.base import Adapter
+from bots.telegram import TelegramAdapter
 from bots.terminal import TerminalAdapter
 
 # Every platform attune can talk on. A new platform: one module, one line here.
 ADAPTERS: dict[str, type[Adapter]] = {
     "terminal": TerminalAdapter,
+    "telegram": TelegramAdapter,
 }
 
 # What `attune run` starts when no platform is configured.
@@ -19,9 +21,13 @@ DEFAULT_FRONT_END: type[Adapter] = TerminalAdapter
 
 
 def configured_adapters(config: Config) -> list[type[Adapter]]:
-    """The adapters to start: every configured platform, else the default front end."""
-    chosen = [cls for cls in ADAPTERS.values() if cls.configured(config)]
-    return chosen or [DEFAULT_FRONT_END]
+    """The adapters `attune run` starts: every platform whose token is set, and the
+    default front end beside them (unless ``[run] default_front_end`` is false), or
+    alone when no platform is configured."""
+    chosen = [cls for cls in ADAPTERS.values() if cls is not DEFAULT_FRONT_END and cls.configured(config)]
+    if config.settings.run.default_front_end or not chosen:
+        chosen.append(DEFAULT_FRONT_END)
+    return chosen
 
 
 __all__ = ["ADAPTERS", "DEFAULT_FRONT_END", "Adapter", "configured_adapters"]

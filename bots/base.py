@@ -2,34 +2,50 @@
 
 An adapter knows its platform and nothing else; the core knows no platform. It:
 
-1. translates what its platform sends into :mod:`agent_core.events` (Message, Reaction,
-   Command) and hands them to the :class:`~agent_core.agent.Agent`;
-2. sends the :class:`~agent_core.events.Reply` it gets back, and reports the platform's
-   id of the sent message with :meth:`Adapter.deliver`, so a later reaction finds it.
+1. turns what its platform sends into :mod:`agent_core.events` (Message, Reaction,
+   Command), using the platform library's own handlers and command system, and hands
+   them to the :class:`~agent_core.agent.Agent`;
+2. sends the :class:`~agent_core.events.Reply` it gets back and reports the platform's
+   id of the sent message (:meth:`Adapter.deliver`), so a later reaction finds the reply.
 
-Required: :meth:`configured`, :meth:`start`, :meth:`stop`, :meth:`send`. Optional
-capabilities (a typing indicator, ...) have plain defaults here, so a platform that
-lacks them does without. Adding a platform is one module plus one line in
-``bots/__init__.py``.
+Required of every adapter: :meth:`configured`, :meth:`start`, :meth:`stop`, :meth:`send`.
+
+Optional capabilities have plain fallbacks here, so a platform without them does
+without: a typing indicator (:attr:`Adapter.has_typing`), private replies (``Reply.private``: an adapter
+that cannot answer ephemerally or in a direct message answers in the chat), long
+replies (:func:`split_text` at :attr:`Adapter.max_length`).
+
+Adding a platform is one module in ``bots/`` plus one line in ``bots/__init__.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar, ParamSpec
 
 from agent_core.agent import Agent
 from agent_core.config import Config
-from agent_core.events import Reply
+from agent_core.events import Message, Reply
 
 log = logging.getLogger(__name__)
+
+TYPING_REFRESH_S = 4.0  # platforms show "typing" for about 5 s after each call
+
+P = ParamSpec("P")
 
 
 class Adapter(ABC):
     #: The platform's name in events and the database ("telegram", "terminal", ...).
     platform: ClassVar[str]
+    #: The longest message the platform takes; longer replies are split (None: no limit).
+    max_length: ClassVar[int | None] = None
+    #: Whether the platform has a typing indicator (:meth:`show_typing`).
+    has_typing: ClassVar[bool] = False
 
     def __init__(self, agent: Agent, config: Config) -> None:
         self.agent = agent
@@ -44,7 +60,8 @@ class Adapter(ABC):
 
     @abstractmethod
     async def start(self) -> None:
-        """Connect and begin receiving events; return once running."""
+        """Connect and begin receiving events; return once running. Raises if it cannot
+        connect (the runner logs it and tries again later)."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -52,11 +69,13 @@ class Adapter(ABC):
 
     @abstractmethod
     async def send(self, reply: Reply) -> str | None:
-        """Send ``reply`` to its chat; the platform's id of the sent message, if it has one."""
+        """Send ``reply`` to its chat (split to :attr:`max_length`, privately if
+        ``reply.private`` and the platform can); the platform's id of the last message
+        sent, or None if the platform has no ids."""
 
     async def show_typing(self, chat_id: str) -> None:
-        """Show that a reply is being written; platforms without an indicator do nothing."""
-        log.debug("%s has no typing indicator (chat %s)", self.platform, chat_id)
+        """Show that a reply is being written. Only called when :attr:`has_typing` is true."""
+        raise NotImplementedError(f"{self.platform} has no typing indicator")
 
     async def deliver(self, reply: Reply | None) -> None:
         """Send a reply from the agent and report its platform id back to the core."""
@@ -65,3 +84,62 @@ class Adapter(ABC):
         platform_id = await self.send(reply)
         if platform_id is not None:
             await self.agent.delivered(reply, platform_id)
+
+    async def respond(self, message: Message) -> None:
+        """Hand a message to the agent with the typing indicator on, and deliver the reply."""
+        async with self.typing(message.chat_id):
+            reply = await self.agent.handle_message(message)
+        await self.deliver(reply)
+
+    @contextlib.asynccontextmanager
+    async def typing(self, chat_id: str) -> AsyncIterator[None]:
+        """Keep the typing indicator on while the block runs (where the platform has one)."""
+        if not self.has_typing:
+            yield
+            return
+
+        async def keep_typing() -> None:
+            while True:
+                with contextlib.suppress(Exception):  # a lost indicator is not worth a failure
+                    await self.show_typing(chat_id)
+                await asyncio.sleep(TYPING_REFRESH_S)
+
+        task = asyncio.create_task(keep_typing())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    def chunks(self, text: str) -> list[str]:
+        return split_text(text, self.max_length)
+
+
+def split_text(text: str, limit: int | None) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut at a paragraph, line or
+    word boundary where there is one in the second half of a piece."""
+    if limit is None or len(text) <= limit:
+        return [text]
+    pieces = []
+    while len(text) > limit:
+        window = text[:limit]
+        cut = max(window.rfind("\n\n"), window.rfind("\n"), window.rfind(" "))
+        cut = cut if cut >= limit // 2 else limit
+        pieces.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    if text:
+        pieces.append(text)
+    return pieces
+
+
+def skip_broken(handler: Callable[P, Awaitable[Any]]) -> Callable[P, Awaitable[None]]:
+    """Wrap a platform event handler: an event it cannot handle is logged and skipped,
+    and the adapter keeps running."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            await handler(*args, **kwargs)
+        except Exception:
+            log.exception("skipped an event that %s could not handle", handler.__qualname__)
+
+    return wrapper

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import ATTUNE, tiny_config_text, write_config
-from tests.fake_openai import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
 
 MESSAGE = "please keep this message safe"
 

@@ -12,7 +12,7 @@ from agent_core.config import Config
 from agent_core.events import Message
 from agent_core.llm import AdapterRef, GenerationRequest, LLMError, create_backend
 from agent_core.llm.openai_compat import OpenAIBackend
-from tests.fake_openai import FakeOpenAI
+from tests.fakes.openai import FakeOpenAI
 
 REQUEST = GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_new_tokens=20, temperature=0.0)
 

@@ -1,0 +1,221 @@
+"""Telegram end to end: python-telegram-bot polls a fake Bot API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from agent_core.agent import Agent
+from agent_core.config import Config
+from agent_core.testing import RecordingBackend
+from bots.telegram import ALLOWED_UPDATES, TelegramAdapter
+from tests.fakes.telegram import BOT, FakeTelegram, parsed
+
+ANN, BOB = 111, 222
+GROUP = -1001
+
+
+def _config(make_config: Callable[..., Config], fake: FakeTelegram, extra: str = "", **env: str) -> Config:
+    text = (
+        f'[telegram]\nbase_url = "{fake.base_url}"\nbase_file_url = "{fake.base_url}"\n'
+        "poll_timeout_s = 1\nrequest_timeout_s = 5.0\n" + extra
+    )
+    return make_config(text, environ={"TELEGRAM_BOT_TOKEN": fake.token, **env})
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeTelegram]:
+    async with FakeTelegram() as server:
+        yield server
+
+
+@pytest.fixture
+async def bot(fake: FakeTelegram, make_config: Callable[..., Config]) -> AsyncIterator[TelegramAdapter]:
+    config = _config(make_config, fake)
+    agent = await Agent.open(config, llm=RecordingBackend())
+    adapter = TelegramAdapter(agent, config)
+    await adapter.start()
+    yield adapter
+    await adapter.stop()
+    await agent.close()
+
+
+async def _rewards(agent: Agent, user_id: int) -> list[float]:
+    user = await agent.store.resolve_user("telegram", str(user_id))
+    return (await agent.store.stats(user))["rewards"]
+
+
+async def test_start_registers_commands_and_asks_for_reactions(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+    commands = parsed(fake.sent("setMyCommands")[0]["commands"])
+    assert {c["command"] for c in commands} == {"help", "prefs", "remember", "forget", "export", "stats"}
+    await asyncio.sleep(0.2)
+    polls = fake.sent("getUpdates")
+    assert polls and parsed(polls[-1]["allowed_updates"]) == ALLOWED_UPDATES
+    assert "message_reaction" in ALLOWED_UPDATES
+
+
+async def test_a_private_message_gets_a_reply_and_a_typing_indicator(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+    await fake.push_text(ANN, ANN, "hello bot")
+    sent = await fake.wait_sent(1)
+    assert sent[0]["chat_id"] == str(ANN) and sent[0]["text"] == "echo: hello bot"
+    assert "reply_parameters" not in sent[0]  # no quoting in a private chat
+    assert any(a["action"] == "typing" for a in fake.sent("sendChatAction"))
+    stored = await bot.agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
+    assert stored is not None and stored[0] is not None  # the platform id came back to the core
+
+
+async def test_in_a_group_only_mentions_and_replies_to_the_bot_are_answered(
+    bot: TelegramAdapter, fake: FakeTelegram
+) -> None:
+    await fake.push_text(GROUP, ANN, "just chatting among humans")
+    mention = "@attune_bot what time is it?"
+    await fake.push_text(GROUP, BOB, mention, entities=[{"type": "mention", "offset": 0, "length": 11}])
+    sent = await fake.wait_sent(1)
+    assert sent[0]["text"] == "echo: what time is it?"
+    assert json.loads(sent[0]["reply_parameters"])["message_id"] > 0  # quotes the question
+    bot_message = {"message_id": 5, "date": 0, "chat": {"id": GROUP, "type": "supergroup"}, "from": BOT, "text": "hi"}
+    await fake.push_text(GROUP, ANN, "thanks!", reply_to_message=bot_message)
+    sent = await fake.wait_sent(2)
+    assert sent[1]["text"] == "echo: thanks!"
+    await asyncio.sleep(0.3)
+    assert len(fake.sent()) == 2  # "just chatting" got nothing
+
+
+async def test_reactions_are_stored_undone_and_changed(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+    await fake.push_text(ANN, ANN, "rate me")
+    await fake.wait_sent(1)
+    reply_row = await bot.agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
+    reply_id = int(reply_row[0])
+    await fake.push_reaction(ANN, ANN, reply_id, old=[], new=["👍"])
+    await _wait_for(lambda: _rewards(bot.agent, ANN), [1.0])
+    await fake.push_reaction(ANN, ANN, reply_id, old=["👍"], new=["👎"])
+    await _wait_for(lambda: _rewards(bot.agent, ANN), [-1.0])
+    await fake.push_reaction(ANN, ANN, reply_id, old=["👎"], new=[])
+    await _wait_for(lambda: _rewards(bot.agent, ANN), [])
+    rows = await bot.agent.store.db.fetchall("SELECT emoji, removed_at IS NOT NULL FROM reactions ORDER BY id")
+    assert [tuple(r) for r in rows] == [("👍", 1), ("👎", 1)]
+
+
+async def test_commands_work_and_personal_answers_in_groups_go_private(
+    bot: TelegramAdapter, fake: FakeTelegram
+) -> None:
+    await fake.push_text(ANN, ANN, "/prefs tone formal")
+    assert (await fake.wait_sent(1))[0]["text"] == "Set tone to formal."
+    await fake.push_text(ANN, ANN, "/remember I like tea")
+    assert "I'll remember that" in (await fake.wait_sent(2))[1]["text"]
+    await fake.push_text(ANN, ANN, "/start")
+    assert "/prefs" in (await fake.wait_sent(3))[2]["text"]
+    await fake.push_text(ANN, ANN, "/export")
+    documents = await fake.wait_sent(1, "sendDocument")
+    assert json.loads(documents[0]["document"])["memories"][0]["text"] == "I like tea"
+    await fake.push_text(GROUP, ANN, "/stats@attune_bot")
+    sent = await fake.wait_sent(6)
+    private, note = sent[4], sent[5]
+    assert private["chat_id"] == str(ANN) and "Messages:" in private["text"]
+    assert note["chat_id"] == str(GROUP) and "private chat" in note["text"]
+    fake.forbidden_chats.add(BOB)
+    await fake.push_text(GROUP, BOB, "/prefs@attune_bot")
+    sent = await fake.wait_sent(7)
+    assert sent[-1]["chat_id"] == str(GROUP) and "can't write to you privately" in sent[-1]["text"]
+    assert "tone" not in sent[-1]["text"]  # Bob's preferences did not leak into the group
+
+
+async def test_a_duplicate_delivery_gets_one_reply(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+    message = fake.message(ANN, ANN, "only once")
+    await fake.push({"message": message})
+    await fake.wait_sent(1)
+    await fake.push({"message": message})  # the same message again, in a new update
+    await fake.push_text(ANN, ANN, "next")
+    sent = await fake.wait_sent(2)
+    await asyncio.sleep(0.3)
+    assert [m["text"] for m in fake.sent()] == ["echo: only once", "echo: next"]
+    assert len(sent) == 2
+
+
+async def test_a_malformed_update_is_skipped_and_the_next_message_answered(
+    bot: TelegramAdapter, fake: FakeTelegram
+) -> None:
+    await fake.push({"message": {"message_id": 1, "text": "no chat, no date"}})
+    await fake.push({"message": "not even an object"})
+    await fake.push_text(ANN, ANN, "still there?")
+    sent = await fake.wait_sent(1)
+    assert sent[0]["text"] == "echo: still there?"
+
+
+async def test_long_replies_are_split_at_4096(fake: FakeTelegram, make_config: Callable[..., Config]) -> None:
+    config = _config(make_config, fake)
+    agent = await Agent.open(config, llm=RecordingBackend(reply=lambda r: "word " * 1500))
+    adapter = TelegramAdapter(agent, config)
+    await adapter.start()
+    try:
+        await fake.push_text(ANN, ANN, "talk a lot")
+        sent = await fake.wait_sent(2)
+        assert all(len(m["text"]) <= 4096 for m in sent)
+        assert " ".join(m["text"] for m in sent).split() == ["word"] * 1500
+        stored = await agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
+        assert stored is not None and stored[0] is not None
+    finally:
+        await adapter.stop()
+        await agent.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_webhook_mode_checks_the_secret_token(fake: FakeTelegram, make_config: Callable[..., Config]) -> None:
+    port = _free_port()
+    extra = f'mode = "webhook"\nwebhook_url = "https://bot.example.invalid/telegram"\nwebhook_port = {port}\n'
+    config = _config(make_config, fake, extra, TELEGRAM_WEBHOOK_SECRET="s3cret-token")
+    agent = await Agent.open(config, llm=RecordingBackend())
+    adapter = TelegramAdapter(agent, config)
+    await adapter.start()
+    try:
+        webhook = fake.sent("setWebhook")[0]
+        assert webhook["url"] == "https://bot.example.invalid/telegram" and webhook["secret_token"] == "s3cret-token"
+        update = {"update_id": 1, "message": fake.message(ANN, ANN, "via webhook")}
+        url = f"http://127.0.0.1:{port}/telegram"
+        async with aiohttp.ClientSession() as http:
+            wrong = await http.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "guess"})
+            assert wrong.status == 403
+            right = await http.post(url, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-token"})
+            assert right.status == 200
+        sent = await fake.wait_sent(1)
+        assert [m["text"] for m in sent] == ["echo: via webhook"]
+    finally:
+        await adapter.stop()
+        await agent.close()
+
+
+async def test_a_wrong_token_fails_start_cleanly(fake: FakeTelegram, make_config: Callable[..., Config]) -> None:
+    config = make_config(
+        f'[telegram]\nbase_url = "{fake.base_url}"\nrequest_timeout_s = 5.0\n', environ={"TELEGRAM_BOT_TOKEN": "0:bad"}
+    )
+    agent = await Agent.open(config, llm=RecordingBackend())
+    try:
+        with pytest.raises(Exception, match="rejected"):
+            await TelegramAdapter(agent, config).start()
+    finally:
+        await agent.close()
+
+
+async def _wait_for(read: Callable[[], object], expected: object, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while (await read()) != expected:  # type: ignore[misc]
+            await asyncio.sleep(0.02)
+
+
+def test_the_token_comes_from_the_environment(tmp_path: Path) -> None:
+    from agent_core.config import load_config
+    from tests.conftest import write_config
+
+    assert not TelegramAdapter.configured(load_config(write_config(tmp_path), environ={}))
+    assert TelegramAdapter.configured(load_config(write_config(tmp_path), environ={"TELEGRAM_BOT_TOKEN": "1:x"}))
