@@ -14,11 +14,12 @@ _SLACK_SKIN_TONE = re.compile(r"::skin-tone-\d$")
 
 
 def normalize(emoji: str) -> str:
-    """One spelling per reaction: ``👍🏽`` -> ``👍``, ``❤️`` -> ``❤``, ``:+1::skin-tone-2:`` -> ``+1``."""
+    """One spelling per reaction: ``👍🏽`` -> ``👍``, ``❤️`` -> ``❤``, ``:+1::skin-tone-2:`` and
+    ``+1::skin-tone-2`` (Slack's names) -> ``+1``."""
     name = emoji.strip()
     if name.startswith(":") and name.endswith(":") and len(name) > 2:
-        name = _SLACK_SKIN_TONE.sub("", name[1:-1])
-    return _MODIFIERS.sub("", name)
+        name = name[1:-1]
+    return _MODIFIERS.sub("", _SLACK_SKIN_TONE.sub("", name))
 
 
 class RewardMap:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from agent_core.config import Config
 from bots.base import Adapter
+from bots.slack import SlackAdapter
 from bots.telegram import TelegramAdapter
 from bots.terminal import TerminalAdapter
 
@@ -14,6 +15,7 @@ from bots.terminal import TerminalAdapter
 ADAPTERS: dict[str, type[Adapter]] = {
     "terminal": TerminalAdapter,
     "telegram": TelegramAdapter,
+    "slack": SlackAdapter,
 }
 
 # What `attune run` starts when no platform is configured.

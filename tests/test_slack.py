@@ -1,0 +1,188 @@
+"""Slack end to end: slack-bolt against a fake Slack on 127.0.0.1, in Socket Mode and HTTP mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from slack_sdk.signature import SignatureVerifier
+
+from agent_core.agent import Agent
+from agent_core.config import Config
+from agent_core.testing import RecordingBackend
+from bots.slack import SlackAdapter
+from tests.fakes.slack import FakeSlack
+
+DM, CHANNEL = "D100", "C200"
+ANN, BOB = "UANN", "UBOB"
+SECRET = "signing-secret-for-tests"
+
+
+def _config(make_config: Callable[..., Config], fake: FakeSlack, extra: str = "") -> Config:
+    return make_config(
+        f'[slack]\napi_url = "{fake.api_url}"\n' + extra,
+        environ={"SLACK_BOT_TOKEN": "xoxb-test", "SLACK_APP_TOKEN": "xapp-test", "SLACK_SIGNING_SECRET": SECRET},
+    )
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeSlack]:
+    async with FakeSlack() as server:
+        yield server
+
+
+@pytest.fixture
+async def bot(fake: FakeSlack, make_config: Callable[..., Config]) -> AsyncIterator[SlackAdapter]:
+    config = _config(make_config, fake)
+    agent = await Agent.open(config, llm=RecordingBackend())
+    adapter = SlackAdapter(agent, config)
+    await adapter.start()
+    await fake.connected()
+    yield adapter
+    await adapter.stop()
+    await agent.close()
+
+
+async def _rewards(agent: Agent, user: str) -> list[float]:
+    return (await agent.store.stats(await agent.store.resolve_user("slack", user)))["rewards"]
+
+
+async def _eventually(read: Callable[[], object], expected: object, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while (await read()) != expected:  # type: ignore[misc]
+            await asyncio.sleep(0.02)
+
+
+async def test_a_direct_message_gets_a_reply(bot: SlackAdapter, fake: FakeSlack) -> None:
+    await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "hello slack")))
+    posted = await fake.wait_for("chat.postMessage", 1)
+    assert posted[0]["channel"] == DM and posted[0]["text"] == "echo: hello slack"
+    assert "thread_ts" not in posted[0]
+    row = await bot.agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
+    assert row is not None and row[0].startswith("17")  # Slack's ts of the reply came back to the core
+    assert fake.posted("auth.test") and fake.posted("apps.connections.open")
+
+
+async def test_in_a_channel_only_mentions_are_answered_in_their_thread(bot: SlackAdapter, fake: FakeSlack) -> None:
+    await fake.push("events_api", fake.event_body(fake.message(CHANNEL, ANN, "humans talking")))
+    await fake.push("events_api", fake.event_body(fake.mention(CHANNEL, BOB, "what is tea?", ts="1700.0001")))
+    posted = await fake.wait_for("chat.postMessage", 1)
+    assert posted[0]["channel"] == CHANNEL and posted[0]["text"] == "echo: what is tea?"
+    assert posted[0]["thread_ts"] == "1700.0001"
+    in_thread = fake.mention(CHANNEL, BOB, "and coffee?", ts="1700.0005")
+    in_thread["thread_ts"] = "1700.0001"
+    await fake.push("events_api", fake.event_body(in_thread))
+    posted = await fake.wait_for("chat.postMessage", 2)
+    assert posted[1]["thread_ts"] == "1700.0001"  # stays in the thread it came from
+    await asyncio.sleep(0.3)
+    assert len(fake.posted()) == 2
+
+
+async def test_reactions_by_slack_name_are_stored_and_undone(bot: SlackAdapter, fake: FakeSlack) -> None:
+    await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "rate this")))
+    await fake.wait_for("chat.postMessage", 1)
+    row = await bot.agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
+    ts = row[0]
+    await fake.push("events_api", fake.event_body(fake.reaction("reaction_added", ANN, DM, ts, "+1::skin-tone-3")))
+    await _eventually(lambda: _rewards(bot.agent, ANN), [1.0])
+    await fake.push("events_api", fake.event_body(fake.reaction("reaction_removed", ANN, DM, ts, "+1::skin-tone-3")))
+    await _eventually(lambda: _rewards(bot.agent, ANN), [])
+    await fake.push("events_api", fake.event_body(fake.reaction("reaction_added", ANN, DM, ts, "joy")))
+    await _eventually(lambda: _rewards(bot.agent, ANN), [0.5])
+    await fake.push("events_api", fake.event_body(fake.reaction("reaction_added", ANN, DM, ts, "thumbsdown")))
+    await _eventually(lambda: _rewards(bot.agent, ANN), [0.5, -1.0])
+
+
+async def test_the_slash_command_is_acknowledged_and_answered_ephemerally(bot: SlackAdapter, fake: FakeSlack) -> None:
+    envelope = await fake.push("slash_commands", fake.command(CHANNEL, ANN, "prefs tone formal"))
+    responses = await fake.wait_for("responses", 1)
+    assert responses[0] == {"text": "Set tone to formal.", "response_type": "ephemeral"}
+    assert any(ack["envelope_id"] == envelope for ack in fake.acks)
+    for n, text in enumerate(["", "remember I live in Oslo", "export", "dance"], start=2):
+        await fake.push("slash_commands", fake.command(CHANNEL, ANN, text))
+        responses = await fake.wait_for("responses", n)  # one at a time: each may depend on the last
+    texts = [r["text"] for r in responses]
+    assert any("/prefs" in t and "/export" in t for t in texts)  # empty text: help
+    assert any('"text": "I live in Oslo"' in t for t in texts)  # the export's JSON
+    assert any("Unknown command /dance" in t for t in texts)
+    assert all(r["response_type"] == "ephemeral" for r in responses)
+
+
+async def test_a_retried_event_gets_one_reply(bot: SlackAdapter, fake: FakeSlack) -> None:
+    body = fake.event_body(fake.message(DM, ANN, "are you there?", ts="1700.0100"))
+    await fake.push("events_api", body)
+    await fake.push("events_api", body, retry_attempt=1)
+    await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "next", ts="1700.0200")))
+    await fake.wait_for("chat.postMessage", 2)
+    await asyncio.sleep(0.3)
+    assert [p["text"] for p in fake.posted()] == ["echo: are you there?", "echo: next"]
+
+
+async def test_a_malformed_payload_is_skipped_and_the_next_message_answered(bot: SlackAdapter, fake: FakeSlack) -> None:
+    await fake.push_raw("{this is not json")
+    await fake.push("events_api", fake.event_body({"type": "message", "channel_type": "im", "user": ANN}))  # no ts
+    await fake.push("events_api", fake.event_body({"type": "reaction_added", "user": ANN, "item": "nonsense"}))
+    await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "still here?")))
+    posted = await fake.wait_for("chat.postMessage", 1)
+    assert posted[0]["text"] == "echo: still here?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _signed(body: str, timestamp: int | None = None) -> dict[str, str]:
+    stamp = str(timestamp or int(time.time()))
+    return {"X-Slack-Request-Timestamp": stamp,
+            "X-Slack-Signature": SignatureVerifier(SECRET).generate_signature(timestamp=stamp, body=body)}  # fmt: skip
+
+
+async def test_http_mode_verifies_signatures_and_ignores_retries(
+    fake: FakeSlack, make_config: Callable[..., Config]
+) -> None:
+    port = _free_port()
+    config = _config(make_config, fake, f'mode = "http"\nhttp_port = {port}\n')
+    agent = await Agent.open(config, llm=RecordingBackend())
+    adapter = SlackAdapter(agent, config)
+    await adapter.start()
+    url = f"http://127.0.0.1:{port}/slack/events"
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = json.dumps(fake.event_body(fake.message(DM, ANN, "over http", ts="1700.0300")))
+            json_type = {"Content-Type": "application/json"}
+            unsigned = await http.post(url, data=body, headers=json_type)
+            assert unsigned.status == 401
+            forged = await http.post(url, data=body, headers=json_type | _signed(body + " "))
+            assert forged.status == 401
+            first = await http.post(url, data=body, headers=json_type | _signed(body))
+            assert first.status == 200
+            retry = {"X-Slack-Retry-Num": "1", "X-Slack-Retry-Reason": "http_timeout"}
+            again = await http.post(url, data=body, headers=json_type | _signed(body) | retry)
+            assert again.status == 200
+            await fake.wait_for("chat.postMessage", 1)
+            form = urllib.parse.urlencode(fake.command(DM, ANN, "stats"))
+            command = await http.post(
+                url, data=form, headers={"Content-Type": "application/x-www-form-urlencoded"} | _signed(form)
+            )
+            assert command.status == 200
+        responses = await fake.wait_for("responses", 1)
+        assert "Messages: 1 from you" in responses[0]["text"]
+        await asyncio.sleep(0.3)
+        assert [p["text"] for p in fake.posted()] == ["echo: over http"]
+    finally:
+        await adapter.stop()
+        await agent.close()
+
+
+def test_socket_mode_needs_the_app_token(fake: FakeSlack, make_config: Callable[..., Config]) -> None:
+    config = make_config(f'[slack]\napi_url = "{fake.api_url}"\n', environ={"SLACK_BOT_TOKEN": "xoxb-test"})
+    with pytest.raises(ValueError, match="SLACK_APP_TOKEN"):
+        SlackAdapter(None, config)  # type: ignore[arg-type]
