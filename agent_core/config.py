@@ -126,6 +126,7 @@ class DiscordSettings(_Section):
     api_base: str = "https://discord.com/api/v10"
     gateway_url: str = "wss://gateway.discord.gg/"
     sync_commands: bool = True
+    guild_ready_timeout_s: float = Field(default=2.0, ge=0)
 
 
 class SlackSettings(_Section):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from agent_core.config import Config
 from bots.base import Adapter
+from bots.discord import DiscordAdapter
 from bots.slack import SlackAdapter
 from bots.telegram import TelegramAdapter
 from bots.terminal import TerminalAdapter
@@ -16,6 +17,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "terminal": TerminalAdapter,
     "telegram": TelegramAdapter,
     "slack": SlackAdapter,
+    "discord": DiscordAdapter,
 }
 
 # What `attune run` starts when no platform is configured.
