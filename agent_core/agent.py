@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from agent_core.commands import Commands, parse_command
+from agent_core.commands import Caller, Commands, parse_command
 from agent_core.config import Config, Settings
 from agent_core.events import Command, Event, Message, Reaction, Reply
 from agent_core.llm import AdapterRef, ChatMessage, GenerationRequest, LLMBackend, LLMError, create_backend
@@ -179,7 +179,7 @@ class Agent:
         if command.event_id is not None and not await self.store.claim_event(command.platform, command.event_id):
             return None
         user_id = await self.store.resolve_user(command.platform, command.sender_id, command.sender_name)
-        result = await self.commands.run(user_id, command.name, command.args)
+        result = await self.commands.run(Caller(user_id, command.platform), command.name, command.args)
         return Reply(
             text=result.text,
             chat_id=command.chat_id,

@@ -7,7 +7,9 @@ through :func:`parse_command`. A wrong use gets the usage back, never a trace.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,7 +36,15 @@ class CommandResult:
     attachment: Attachment | None = None
 
 
-Handler = Callable[["Commands", int, str], Awaitable[CommandResult]]
+@dataclass(frozen=True)
+class Caller:
+    """Who runs a command: the core's user, on which platform."""
+
+    user_id: int
+    platform: str
+
+
+Handler = Callable[["Commands", Caller, str], Awaitable[CommandResult]]
 
 
 @dataclass(frozen=True)
@@ -62,19 +72,20 @@ class Commands:
         self.store = store
         self.describe_model = describe_model
         self._forget_pending: dict[int, float] = {}  # user id -> deadline of "/forget all"
+        self._link_failures: dict[int, list[float]] = {}  # user id -> times of wrong /link codes
         self.specs: dict[str, CommandSpec] = {s.name: s for s in SPECS}
 
-    async def run(self, user_id: int, name: str, args: str) -> CommandResult:
+    async def run(self, caller: Caller, name: str, args: str) -> CommandResult:
         spec = self.specs.get(name)
         if spec is None:
             return CommandResult(f"Unknown command /{name}. Type /help for the list.")
         try:
-            return await spec.handler(self, user_id, args)
+            return await spec.handler(self, caller, args)
         except UsageError as exc:
             return CommandResult(f"{exc}\nUsage: {spec.usage}", private=spec.private)
 
 
-async def _help(cmds: Commands, user_id: int, args: str) -> CommandResult:
+async def _help(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     if args:
         spec = cmds.specs.get(args.lstrip("/").lower())
         if spec is None:
@@ -92,18 +103,18 @@ def _show_prefs(prefs: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-async def _prefs(cmds: Commands, user_id: int, args: str) -> CommandResult:
+async def _prefs(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     words = args.split()
     if not words:
-        return CommandResult(_show_prefs(await cmds.store.preferences(user_id)), private=True)
+        return CommandResult(_show_prefs(await cmds.store.preferences(caller.user_id)), private=True)
     key = words[0].lower().rstrip(":=")
     if key == "reset":
         keys = [k.lower() for k in words[1:]]
         unknown = [k for k in keys if k not in DIMENSIONS and k not in FREE_TEXT_PREFS]
         if unknown:
             raise UsageError(f"Unknown preference {unknown[0]!r}.")
-        await cmds.store.clear_preferences(user_id, keys or None)
-        return CommandResult("Preferences reset.\n" + _show_prefs(await cmds.store.preferences(user_id)), True)
+        await cmds.store.clear_preferences(caller.user_id, keys or None)
+        return CommandResult("Preferences reset.\n" + _show_prefs(await cmds.store.preferences(caller.user_id)), True)
     if "=" in words[0]:  # "/prefs tone=formal"
         key, _, first = words[0].partition("=")
         words = [key, first, *words[1:]]
@@ -112,7 +123,7 @@ async def _prefs(cmds: Commands, user_id: int, args: str) -> CommandResult:
     if key in DIMENSIONS:
         value = value.lower()
         if value in UNSET:
-            await cmds.store.clear_preferences(user_id, [key])
+            await cmds.store.clear_preferences(caller.user_id, [key])
             return CommandResult(f"{key} is back to auto: I'll learn it from your reactions.", True)
         if not is_valid(key, value):
             raise UsageError(f"{key} must be one of: {', '.join(DIMENSIONS[key])} (or auto).")
@@ -120,55 +131,55 @@ async def _prefs(cmds: Commands, user_id: int, args: str) -> CommandResult:
         if not value:
             raise UsageError(f"Give a value for {key}.")
         if value.lower() in UNSET:
-            await cmds.store.clear_preferences(user_id, [key])
+            await cmds.store.clear_preferences(caller.user_id, [key])
             return CommandResult(f"{key} cleared.", True)
         if len(value) > FREE_TEXT_PREFS[key]:
             raise UsageError(f"{key} can be at most {FREE_TEXT_PREFS[key]} characters.")
     else:
         raise UsageError(f"Unknown preference {key!r}.")
-    await cmds.store.set_preference(user_id, key, value)
+    await cmds.store.set_preference(caller.user_id, key, value)
     return CommandResult(f"Set {key} to {value}.", private=True)
 
 
-async def _remember(cmds: Commands, user_id: int, args: str) -> CommandResult:
+async def _remember(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     if not args:
         raise UsageError("Tell me what to remember.")
     if len(args) > MAX_NOTE_CHARS:
         raise UsageError(f"A note can be at most {MAX_NOTE_CHARS} characters.")
-    note_id = await cmds.store.add_memory(user_id, args)
+    note_id = await cmds.store.add_memory(caller.user_id, args)
     return CommandResult(f"I'll remember that (note #{note_id}).", private=True)
 
 
-async def _forget(cmds: Commands, user_id: int, args: str) -> CommandResult:
+async def _forget(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     words = args.lower().split()
     if not words:
-        notes = await cmds.store.list_memories(user_id, 50)
+        notes = await cmds.store.list_memories(caller.user_id, 50)
         if not notes:
             return CommandResult("You have no notes. /forget all deletes everything I store about you.", True)
         lines = ["Your notes (/forget <number> deletes one):"] + [f"  #{n.id}: {n.text}" for n in notes]
         return CommandResult("\n".join(lines), private=True)
     if words == ["all"]:
-        cmds._forget_pending[user_id] = time.monotonic() + FORGET_CONFIRM_SECONDS
+        cmds._forget_pending[caller.user_id] = time.monotonic() + FORGET_CONFIRM_SECONDS
         return CommandResult(
             "This deletes everything I store about you: messages, notes, preferences, reactions "
             f"and what I learned. Send /forget all confirm within {FORGET_CONFIRM_SECONDS:.0f} s to go on.",
             private=True,
         )
     if words == ["all", "confirm"]:
-        deadline = cmds._forget_pending.pop(user_id, 0.0)
+        deadline = cmds._forget_pending.pop(caller.user_id, 0.0)
         if time.monotonic() > deadline:
             return CommandResult("Nothing to confirm: send /forget all first.", private=True)
-        await cmds.store.delete_user(user_id)
+        await cmds.store.delete_user(caller.user_id)
         return CommandResult("Done: everything I stored about you is deleted.", private=True)
     if len(words) == 1 and words[0].lstrip("#").isdigit():
-        if await cmds.store.delete_memory(user_id, int(words[0].lstrip("#"))):
+        if await cmds.store.delete_memory(caller.user_id, int(words[0].lstrip("#"))):
             return CommandResult(f"Forgot note {words[0]}.", private=True)
         raise UsageError(f"You have no note {words[0]}; /forget lists yours.")
     raise UsageError("Say which note to forget.")
 
 
-async def _export(cmds: Commands, user_id: int, args: str) -> CommandResult:
-    data = await cmds.store.export_user(user_id)
+async def _export(cmds: Commands, caller: Caller, args: str) -> CommandResult:
+    data = await cmds.store.export_user(caller.user_id)
     data["exported_at"] = time.time()
     content = json.dumps(data, ensure_ascii=False, indent=2).encode()
     return CommandResult(
@@ -192,9 +203,9 @@ def reward_trend(rewards: list[float], window: int = 10) -> str:
     return text
 
 
-async def _stats(cmds: Commands, user_id: int, args: str) -> CommandResult:
-    stats = await cmds.store.stats(user_id)
-    adapter = await cmds.store.active_adapter(user_id)
+async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
+    stats = await cmds.store.stats(caller.user_id)
+    adapter = await cmds.store.active_adapter(caller.user_id)
     if adapter is None:
         adapter_line = "none yet: answers come from the base model"
     elif adapter.user_id is None:
@@ -209,6 +220,50 @@ async def _stats(cmds: Commands, user_id: int, args: str) -> CommandResult:
         f"Model: {cmds.describe_model()}.",
     ]
     return CommandResult("\n".join(lines), private=True)
+
+
+LINK_CODE_SECONDS = 600.0
+LINK_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: easy to copy by hand
+LINK_ATTEMPTS = 5  # wrong codes a user may enter per LINK_CODE_SECONDS
+
+
+def _code_hash(code: str) -> str:
+    cleaned = "".join(c for c in code.upper() if c.isalnum())
+    return hashlib.sha256(cleaned.encode()).hexdigest()
+
+
+async def _link(cmds: Commands, caller: Caller, args: str) -> CommandResult:
+    code = args.strip()
+    if not code:
+        new = "".join(secrets.choice(LINK_ALPHABET) for _ in range(8))
+        await cmds.store.add_link_code(
+            caller.user_id, caller.platform, _code_hash(new), time.time() + LINK_CODE_SECONDS
+        )
+        return CommandResult(
+            f"Your link code: {new[:4]}-{new[4:]}\nOn your other platform, send /link {new[:4]}-{new[4:]} within "
+            f"{LINK_CODE_SECONDS / 60:.0f} minutes: that account then shares this one's memory, preferences and "
+            "learning. Keep the code to yourself; it works once.",
+            private=True,
+        )
+    now = time.monotonic()
+    recent = [t for t in cmds._link_failures.get(caller.user_id, []) if now - t < LINK_CODE_SECONDS]
+    if len(recent) >= LINK_ATTEMPTS:
+        return CommandResult("Too many wrong codes; wait a few minutes and ask for a new one.", private=True)
+    taken = await cmds.store.take_link_code(_code_hash(code), time.time())
+    if taken is None:
+        cmds._link_failures[caller.user_id] = [*recent, now]
+        raise UsageError("That code is unknown, used or expired: send /link on your other platform for a new one.")
+    target, issued_on = taken
+    if target == caller.user_id:
+        return CommandResult("These accounts are already linked.", private=True)
+    if issued_on == caller.platform:
+        raise UsageError(f"That code was made on {issued_on}: enter it on your other platform.")
+    await cmds.store.merge_users(caller.user_id, target)
+    return CommandResult(
+        f"Linked: this {caller.platform} account now shares memory, preferences and learning with your "
+        f"{issued_on} account.",
+        private=True,
+    )
 
 
 SPECS: list[CommandSpec] = [
@@ -230,4 +285,11 @@ SPECS: list[CommandSpec] = [
     ),
     CommandSpec("export", "/export", "everything I store about you, as JSON", _export, private=True),
     CommandSpec("stats", "/stats", "your messages, reactions, reward trend and adapter", _stats, private=True),
+    CommandSpec(
+        "link",
+        "/link [code]",
+        "join your accounts on two platforms: get a code here, enter it there",
+        _link,
+        private=True,
+    ),
 ]

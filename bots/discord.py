@@ -202,6 +202,11 @@ class DiscordAdapter(Adapter):
         async def stats(interaction: discord.Interaction) -> None:
             await run(interaction, "stats", "")
 
+        @tree.command(name="link", description=specs["link"].summary)
+        @app_commands.describe(code="the code from your other platform (leave out to get one)")
+        async def link(interaction: discord.Interaction, code: str | None = None) -> None:
+            await run(interaction, "link", code or "")
+
         @tree.error
         async def on_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
             log.error("discord: the command %s failed: %s", interaction.command and interaction.command.name, error)

@@ -503,6 +503,58 @@ class Store:
             ),
         }
 
+    # --- linking accounts --------------------------------------------------------------
+
+    async def add_link_code(self, user_id: int, platform: str, code_hash: str, expires_at: float) -> None:
+        """Keep a new code for this user (their older codes stop working)."""
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM link_codes WHERE user_id = ? OR expires_at < ?", (user_id, time.time()))
+            await conn.execute(
+                "INSERT INTO link_codes (code_hash, user_id, platform, expires_at) VALUES (?, ?, ?, ?)",
+                (code_hash, user_id, platform, expires_at),
+            )
+
+    async def take_link_code(self, code_hash: str, now: float) -> tuple[int, str] | None:
+        """Use up a code: (its user, the platform it was issued on), or None if unknown or expired."""
+        async with self.db.transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT user_id, platform, expires_at FROM link_codes WHERE code_hash = ?", (code_hash,)
+            )
+            row = next(iter(rows), None)
+            if row is None:
+                return None
+            await conn.execute("DELETE FROM link_codes WHERE code_hash = ?", (code_hash,))
+        return (int(row[0]), str(row[1])) if row[2] >= now else None
+
+    async def merge_users(self, source: int, target: int) -> None:
+        """Make ``source``'s accounts and data ``target``'s, then delete ``source``. On a
+        clash (the same setting, the same reaction) ``target``'s own stays."""
+        async with self.db.transaction() as conn:
+            for table in ("identities", "messages", "training_runs"):
+                await conn.execute(f"UPDATE {table} SET user_id = ? WHERE user_id = ?", (target, source))
+            await conn.execute("UPDATE OR IGNORE reactions SET user_id = ? WHERE user_id = ?", (target, source))
+            await conn.execute(
+                "INSERT OR IGNORE INTO preferences (user_id, key, value)"
+                " SELECT ?, key, value FROM preferences WHERE user_id = ?",
+                (target, source),
+            )
+            notes = await conn.execute_fetchall("SELECT id, text FROM memories WHERE user_id = ?", (source,))
+            await conn.execute("UPDATE memories SET user_id = ? WHERE user_id = ?", (target, source))
+            for note_id, text in notes:  # the search index carries the owner in every word
+                await conn.execute(
+                    "UPDATE memories_fts SET terms = ? WHERE rowid = ?", (note_terms(target, text), note_id)
+                )
+            # The source's adapters were trained for the source alone: kept as history, retired.
+            top = next(iter(await conn.execute_fetchall(
+                "SELECT COALESCE(MAX(version), 0) FROM adapters WHERE user_id = ?", (target,))))[0]  # fmt: skip
+            await conn.execute(
+                "UPDATE adapters SET user_id = ?, status = 'retired', version = version + ? WHERE user_id = ?",
+                (target, top, source),
+            )
+            await conn.execute("DELETE FROM users WHERE id = ?", (source,))  # cascades what is left
+        for key in [k for k, v in self._users.items() if v == source]:
+            self._users[key] = target
+
     async def delete_user(self, user_id: int) -> None:
         """Delete the user and every row about them (cascades), then reclaim the space."""
         async with self.db.transaction() as conn:

@@ -64,7 +64,7 @@ async def _eventually(read: Callable[[], object], expected: object, timeout: flo
 
 async def test_start_syncs_typed_application_commands(bot: DiscordAdapter, fake: FakeDiscord) -> None:
     synced = fake.requests("PUT", "/commands")[0]
-    assert {c["name"] for c in synced} == {"help", "prefs", "remember", "forget", "export", "stats"}
+    assert {c["name"] for c in synced} == {"help", "prefs", "remember", "forget", "export", "stats", "link"}
     prefs = next(c for c in synced if c["name"] == "prefs")
     setting = next(o for o in prefs["options"] if o["name"] == "setting")
     assert {c["value"] for c in setting["choices"]} >= {"length", "tone", "emoji", "format", "reset"}
