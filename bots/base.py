@@ -11,7 +11,8 @@ An adapter knows its platform and nothing else; the core knows no platform. It:
 Required of every adapter: :meth:`configured`, :meth:`start`, :meth:`stop`, :meth:`send`.
 
 Optional capabilities have plain fallbacks here, so a platform without them does
-without: a typing indicator (:attr:`Adapter.has_typing`), private replies (``Reply.private``: an adapter
+without: a typing indicator (:attr:`Adapter.has_typing`), message edits
+(:attr:`Adapter.can_edit`), private replies (``Reply.private``: an adapter
 that cannot answer ephemerally or in a direct message answers in the chat), long
 replies (:func:`split_text` at :attr:`Adapter.max_length`).
 
@@ -46,6 +47,8 @@ class Adapter(ABC):
     max_length: ClassVar[int | None] = None
     #: Whether the platform has a typing indicator (:meth:`show_typing`).
     has_typing: ClassVar[bool] = False
+    #: Whether sent messages can be edited (:meth:`edit`), e.g. to stream a reply.
+    can_edit: ClassVar[bool] = False
 
     def __init__(self, agent: Agent, config: Config) -> None:
         self.agent = agent
@@ -76,6 +79,11 @@ class Adapter(ABC):
     async def show_typing(self, chat_id: str) -> None:
         """Show that a reply is being written. Only called when :attr:`has_typing` is true."""
         raise NotImplementedError(f"{self.platform} has no typing indicator")
+
+    async def edit(self, chat_id: str, platform_message_id: str, text: str) -> None:
+        """Replace the text of a message the bot sent. Only called when :attr:`can_edit`
+        is true; elsewhere a reply is sent once, whole."""
+        raise NotImplementedError(f"{self.platform} cannot edit messages")
 
     async def deliver(self, reply: Reply | None) -> None:
         """Send a reply from the agent and report its platform id back to the core."""

@@ -87,6 +87,7 @@ class DiscordAdapter(Adapter):
     platform = "discord"
     max_length = 2000
     has_typing = True
+    can_edit = True
 
     def __init__(self, agent: Agent, config: Config) -> None:
         super().__init__(agent, config)
@@ -252,3 +253,8 @@ class DiscordAdapter(Adapter):
     async def show_typing(self, chat_id: str) -> None:
         assert self.client is not None
         await self.client.get_partial_messageable(int(chat_id)).typing()
+
+    async def edit(self, chat_id: str, platform_message_id: str, text: str) -> None:
+        assert self.client is not None
+        message = self.client.get_partial_messageable(int(chat_id)).get_partial_message(int(platform_message_id))
+        await message.edit(content=text[: self.max_length])

@@ -37,6 +37,7 @@ IGNORED_SUBTYPES = {"bot_message", "message_changed", "message_deleted", "channe
 class SlackAdapter(Adapter):
     platform = "slack"
     max_length = 4000  # Slack shows up to 40,000 characters, but advises 4,000
+    can_edit = True
 
     def __init__(self, agent: Agent, config: Config) -> None:
         super().__init__(agent, config)
@@ -172,6 +173,9 @@ class SlackAdapter(Adapter):
             response = await self.app.client.chat_postMessage(channel=reply.chat_id, text=chunk, thread_ts=thread)
             ts = str(response["ts"])
         return ts
+
+    async def edit(self, chat_id: str, platform_message_id: str, text: str) -> None:
+        await self.app.client.chat_update(channel=chat_id, ts=platform_message_id, text=text[: self.max_length])
 
 
 def _with_attachment(reply: Reply) -> str:

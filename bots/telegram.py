@@ -71,6 +71,7 @@ class TelegramAdapter(Adapter):
     platform = "telegram"
     max_length = 4096
     has_typing = True
+    can_edit = True
 
     def __init__(self, agent: Agent, config: Config) -> None:
         super().__init__(agent, config)
@@ -241,6 +242,10 @@ class TelegramAdapter(Adapter):
 
     async def show_typing(self, chat_id: str) -> None:
         await self.app.bot.send_chat_action(int(chat_id), ChatAction.TYPING)
+
+    async def edit(self, chat_id: str, platform_message_id: str, text: str) -> None:
+        await self.app.bot.edit_message_text(text[: self.max_length], chat_id=int(chat_id),
+                                             message_id=int(platform_message_id))  # fmt: skip
 
 
 def _emoji(reaction: object) -> str | None:

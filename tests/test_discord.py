@@ -133,6 +133,12 @@ async def test_every_application_command_answers(bot: DiscordAdapter, fake: Fake
     assert document["memories"][0]["text"] == "I live in Oslo"
 
 
+async def test_a_sent_message_can_be_edited(bot: DiscordAdapter, fake: FakeDiscord) -> None:
+    assert bot.can_edit
+    await bot.edit(DM_CHANNEL, "4242", "better text")
+    assert [e["content"] for e in fake.requests("PATCH", f"channels/{DM_CHANNEL}/messages/4242")] == ["better text"]
+
+
 async def test_a_duplicate_delivery_gets_one_reply(bot: DiscordAdapter, fake: FakeDiscord) -> None:
     message = fake.message(DM_CHANNEL, ANN, "once")
     await fake.dispatch("MESSAGE_CREATE", message)

@@ -114,6 +114,13 @@ async def test_the_slash_command_is_acknowledged_and_answered_ephemerally(bot: S
     assert all(r["response_type"] == "ephemeral" for r in responses)
 
 
+async def test_a_sent_message_can_be_edited(bot: SlackAdapter, fake: FakeSlack) -> None:
+    assert bot.can_edit
+    await bot.edit(DM, "1700000001.000100", "better text")
+    update = fake.posted("chat.update")[0]
+    assert (update["channel"], update["ts"], update["text"]) == (DM, "1700000001.000100", "better text")
+
+
 async def test_a_retried_event_gets_one_reply(bot: SlackAdapter, fake: FakeSlack) -> None:
     body = fake.event_body(fake.message(DM, ANN, "are you there?", ts="1700.0100"))
     await fake.push("events_api", body)

@@ -126,6 +126,13 @@ async def test_commands_work_and_personal_answers_in_groups_go_private(
     assert "tone" not in sent[-1]["text"]  # Bob's preferences did not leak into the group
 
 
+async def test_a_sent_message_can_be_edited(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+    assert bot.can_edit
+    await bot.edit(str(ANN), "10123", "better text")
+    edits = fake.sent("editMessageText")
+    assert edits == [{"chat_id": str(ANN), "message_id": "10123", "text": "better text"}]
+
+
 async def test_a_duplicate_delivery_gets_one_reply(bot: TelegramAdapter, fake: FakeTelegram) -> None:
     message = fake.message(ANN, ANN, "only once")
     await fake.push({"message": message})

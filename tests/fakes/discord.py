@@ -215,6 +215,11 @@ class FakeDiscord:
             channel = path.split("/")[1]
             content = body.get("payload_json", body).get("content") if isinstance(body, dict) else None
             return _json(self.message(channel, BOT_ID, content or "") | {"author": BOT_USER})
+        if request.method == "PATCH" and path.startswith("channels/") and "/messages/" in path:
+            _, channel, _, message_id = path.split("/")
+            return _json(
+                self.message(channel, BOT_ID, body.get("content", "")) | {"id": message_id, "author": BOT_USER}
+            )
         if request.method == "POST" and path.endswith("/callback"):
             interaction_id = path.split("/")[1]
             return _json({"interaction": {"id": interaction_id, "type": 2}})

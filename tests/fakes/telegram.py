@@ -143,6 +143,9 @@ class FakeTelegram:
             )
         return _ok(self._message(params, text=params["text"]))
 
+    async def _api_editMessageText(self, params: dict[str, Any]) -> web.Response:
+        return _ok(self._message(params, text=params["text"]) | {"message_id": int(params["message_id"])})
+
     async def _api_sendDocument(self, params: dict[str, Any]) -> web.Response:
         return _ok(self._message(params, document={"file_id": "f1", "file_unique_id": "u1"}))
 

@@ -1,0 +1,58 @@
+"""`attune run` as a user starts it: every platform with a token, one failing without harm."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from pathlib import Path
+
+from tests.conftest import ATTUNE, tiny_config_text, write_config
+from tests.fakes.telegram import FakeTelegram
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again: connections are refused
+
+
+async def test_run_serves_telegram_while_slack_keeps_failing(tmp_path: Path, tiny_model_dir: Path) -> None:
+    async with FakeTelegram() as telegram:
+        config = write_config(
+            tmp_path,
+            tiny_config_text(tiny_model_dir)
+            + f'[telegram]\nbase_url = "{telegram.base_url}"\npoll_timeout_s = 1\n'
+            + f'[slack]\napi_url = "http://127.0.0.1:{_dead_port()}/api/"\n'
+            + "[run]\ndefault_front_end = false\nretry_initial_s = 0.2\nretry_max_s = 0.5\n",
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTUNE_", "SLACK_", "TELEGRAM_", "DISCORD_"))}
+        env |= {"TELEGRAM_BOT_TOKEN": telegram.token, "SLACK_BOT_TOKEN": "xoxb-t", "SLACK_APP_TOKEN": "xapp-t"}
+        proc = await asyncio.create_subprocess_exec(
+            ATTUNE, "--config", str(config), "run", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.stderr is not None
+        lines: list[str] = []
+
+        async def read_log() -> None:
+            async for line in proc.stderr:  # type: ignore[union-attr]
+                lines.append(line.decode())
+
+        reader = asyncio.create_task(read_log())
+        try:
+            await telegram.push_text(111, 111, "hello from telegram")
+            sent = await telegram.wait_sent(1, timeout=120)
+            assert sent[0]["chat_id"] == "111" and sent[0]["text"]
+            async with asyncio.timeout(60):  # Slack keeps being retried meanwhile
+                while sum("slack could not start" in line for line in lines) < 2:
+                    await asyncio.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), timeout=60)
+            await reader
+    log = "".join(lines)
+    assert proc.returncode == 0, log
+    assert "telegram adapter started" in log
+    assert "123:TEST" not in log and "xoxb-t" not in log  # tokens never reach the log
