@@ -119,6 +119,7 @@ async def test_every_application_command_answers(bot: DiscordAdapter, fake: Fake
         ("stats", [], "Messages: 0 from you"),
         ("forget", [], "I live in Oslo"),
         ("prefs", [], "tone: formal"),
+        ("link", [], "Your link code"),
     ]
     for n, (name, options, expected) in enumerate(commands, start=2):
         await fake.dispatch("INTERACTION_CREATE", fake.interaction(name, ANN, options, guild=name == "stats"))

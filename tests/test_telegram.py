@@ -111,17 +111,21 @@ async def test_commands_work_and_personal_answers_in_groups_go_private(
     assert "I'll remember that" in (await fake.wait_sent(2))[1]["text"]
     await fake.push_text(ANN, ANN, "/start")
     assert "/prefs" in (await fake.wait_sent(3))[2]["text"]
+    await fake.push_text(ANN, ANN, "/forget")
+    assert "I like tea" in (await fake.wait_sent(4))[3]["text"]
+    await fake.push_text(ANN, ANN, "/link")
+    assert "Your link code" in (await fake.wait_sent(5))[4]["text"]
     await fake.push_text(ANN, ANN, "/export")
     documents = await fake.wait_sent(1, "sendDocument")
     assert json.loads(documents[0]["document"])["memories"][0]["text"] == "I like tea"
     await fake.push_text(GROUP, ANN, "/stats@attune_bot")
-    sent = await fake.wait_sent(6)
-    private, note = sent[4], sent[5]
+    sent = await fake.wait_sent(8)  # the export's text went before its document
+    private, note = sent[-2], sent[-1]
     assert private["chat_id"] == str(ANN) and "Messages:" in private["text"]
     assert note["chat_id"] == str(GROUP) and "private chat" in note["text"]
     fake.forbidden_chats.add(BOB)
     await fake.push_text(GROUP, BOB, "/prefs@attune_bot")
-    sent = await fake.wait_sent(7)
+    sent = await fake.wait_sent(9)
     assert sent[-1]["chat_id"] == str(GROUP) and "can't write to you privately" in sent[-1]["text"]
     assert "tone" not in sent[-1]["text"]  # Bob's preferences did not leak into the group
 
