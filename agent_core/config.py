@@ -111,6 +111,13 @@ class RunSettings(_Section):
     retry_max_s: float = Field(default=300.0, gt=0)
 
 
+class WebSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=65536, ge=1024)
+    secure_cookies: bool = False
+
+
 class TelegramSettings(_Section):
     base_url: str = "https://api.telegram.org/bot"
     base_file_url: str = "https://api.telegram.org/file/bot"
@@ -173,6 +180,7 @@ class Settings(_Section):
     rewards: dict[str, Reward] = Field(default_factory=lambda: dict(DEFAULT_REWARDS))
     logging: LoggingSettings = LoggingSettings()
     run: RunSettings = RunSettings()
+    web: WebSettings = WebSettings()
     telegram: TelegramSettings = TelegramSettings()
     discord: DiscordSettings = DiscordSettings()
     slack: SlackSettings = SlackSettings()
@@ -189,6 +197,7 @@ class Secrets(BaseModel):
     slack_bot_token: SecretStr | None = None
     slack_app_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
+    admin_token: SecretStr | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Secrets:
@@ -213,6 +222,7 @@ SECRET_ENV: dict[str, str] = {
     "slack_bot_token": "SLACK_BOT_TOKEN",
     "slack_app_token": "SLACK_APP_TOKEN",
     "slack_signing_secret": "SLACK_SIGNING_SECRET",
+    "admin_token": "ATTUNE_ADMIN_TOKEN",
 }
 # Where someone might wrongly put a secret in the file -> the variable to use instead.
 SECRET_FILE_KEYS: dict[str, str] = {
@@ -223,6 +233,7 @@ SECRET_FILE_KEYS: dict[str, str] = {
     "slack.bot_token": "SLACK_BOT_TOKEN",
     "slack.app_token": "SLACK_APP_TOKEN",
     "slack.signing_secret": "SLACK_SIGNING_SECRET",
+    "web.admin_token": "ATTUNE_ADMIN_TOKEN",
 }
 
 

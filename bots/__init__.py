@@ -11,9 +11,11 @@ from bots.discord import DiscordAdapter
 from bots.slack import SlackAdapter
 from bots.telegram import TelegramAdapter
 from bots.terminal import TerminalAdapter
+from bots.web import WebAdapter
 
 # Every platform attune can talk on. A new platform: one module, one line here.
 ADAPTERS: dict[str, type[Adapter]] = {
+    "web": WebAdapter,
     "terminal": TerminalAdapter,
     "telegram": TelegramAdapter,
     "slack": SlackAdapter,
@@ -21,7 +23,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
 }
 
 # What `attune run` starts when no platform is configured.
-DEFAULT_FRONT_END: type[Adapter] = TerminalAdapter
+DEFAULT_FRONT_END: type[Adapter] = WebAdapter
 
 
 def configured_adapters(config: Config) -> list[type[Adapter]]:

@@ -256,6 +256,16 @@ class Store:
         self._chats.put(key, chat_id)
         return chat_id
 
+    async def set_display_name(self, platform: str, platform_user_id: str, name: str) -> None:
+        """The name a person chose (web chat): on their identity and their user."""
+        user_id = await self.resolve_user(platform, platform_user_id, name)
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE identities SET display_name = ? WHERE platform = ? AND platform_user_id = ?",
+                (name, platform, platform_user_id),
+            )
+            await conn.execute("UPDATE users SET name = ? WHERE id = ?", (name, user_id))
+
     # --- messages ------------------------------------------------------------------
 
     async def claim_event(self, platform: str, event_id: str) -> bool:
@@ -360,6 +370,20 @@ class Store:
             notes=list(recalled.values())[:notes] if notes > 0 else [],
             turns=[(str(r[1]), str(r[2])) for r in reversed(by_kind["turn"])],
         )
+
+    async def history(self, user_id: int, chat_id: int, limit: int = 100) -> list[dict[str, Any]]:
+        """This user's last messages in this chat, oldest first, each reply with the emoji
+        they have on it."""
+        rows = await self.db.fetchall(
+            "SELECT * FROM (SELECT m.id, m.role, m.text, m.platform_message_id,"
+            " (SELECT GROUP_CONCAT(r.emoji) FROM reactions r WHERE r.message_id = m.id AND r.user_id = m.user_id"
+            "  AND r.removed_at IS NULL) AS reactions"
+            " FROM messages m WHERE m.user_id = ? AND m.chat_id = ? ORDER BY m.id DESC LIMIT ?) ORDER BY id",
+            (user_id, chat_id, limit),
+        )
+        return [
+            {"role": r[1], "text": r[2], "id": r[3], "reactions": str(r[4]).split(",") if r[4] else []} for r in rows
+        ]
 
     # --- long-term memory ------------------------------------------------------------
 

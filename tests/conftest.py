@@ -22,6 +22,7 @@ from agent_core.testing import RecordingBackend
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CACHE = ROOT / ".test-cache"
 MODEL_CACHE = TEST_CACHE / "models"
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 ATTUNE = str(Path(sys.executable).parent / "attune")
 
 
@@ -102,3 +103,9 @@ def tiny_config_text(model_dir: Path, extra: str = "", max_new_tokens: int = 12)
         f'[llm]\nmax_new_tokens = {max_new_tokens}\ntemperature = 0.0\n[llm.local]\nmodel = "{model_dir}"\n'
         f'cache_dir = "{MODEL_CACHE}"\nthreads = 1\n' + extra
     )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    shots = sorted(SCREENSHOTS.glob("*.png")) if SCREENSHOTS.is_dir() else []
+    if shots:
+        terminalreporter.write_line(f"screenshots of the web chat and dashboard: {SCREENSHOTS}")

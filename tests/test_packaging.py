@@ -24,8 +24,9 @@ def test_readme_opens_with_run_and_test_and_ci_runs_the_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert commands[1] in ci.splitlines()
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    for target in ("run", "test"):
-        assert re.search(rf"^{target}: \$\(STAMP\)$", makefile, re.M), f"make {target} must install first"
+    assert re.search(r"^run: \$\(STAMP\)$", makefile, re.M), "make run must install first"
+    assert re.search(r"^test: \$\(STAMP\) \$\(CHROMIUM\)$", makefile, re.M), "make test must install chromium too"
+    assert "apt-get install -y -qq chromium" in makefile
 
 
 def test_torch_is_pinned_through_the_constraints_file() -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 from pathlib import Path
+
+import aiohttp
 
 from tests.conftest import ATTUNE, tiny_config_text, write_config
 from tests.fakes.telegram import FakeTelegram
@@ -56,3 +59,32 @@ async def test_run_serves_telegram_while_slack_keeps_failing(tmp_path: Path, tin
     assert proc.returncode == 0, log
     assert "telegram adapter started" in log
     assert "123:TEST" not in log and "xoxb-t" not in log  # tokens never reach the log
+
+
+async def test_run_with_no_platform_serves_the_web_chat(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = write_config(tmp_path, tiny_config_text(tiny_model_dir) + "[web]\nport = 0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTUNE_", "SLACK_", "TELEGRAM_", "DISCORD_"))}
+    proc = await asyncio.create_subprocess_exec(
+        ATTUNE, "--config", str(config), "run", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        url = None
+        async with asyncio.timeout(120):
+            while url is None:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "attune run ended before serving"
+                if found := re.search(r"web chat on (http://127\.0\.0\.1:\d+)", line):
+                    url = found.group(1)
+        jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
+        async with aiohttp.ClientSession(cookie_jar=jar) as http:
+            session = await (await http.get(f"{url}/api/session")).json()
+            answer = await http.post(f"{url}/api/messages", json={"text": "hello"},
+                                     headers={"X-CSRF-Token": session["csrf"]})  # fmt: skip
+            reply = (await answer.json())["reply"]
+            assert reply["kind"] == "answer" and reply["id"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), timeout=60)
+    assert proc.returncode == 0

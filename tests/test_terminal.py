@@ -76,11 +76,10 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("ATTUNE_")}
 
 
-@pytest.mark.parametrize("command", [["chat", "--user", "alice"], ["run"]])
-def test_attune_chat_and_run_read_a_script_from_stdin(tmp_path: Path, tiny_model_dir: Path, command: list[str]) -> None:
+def test_attune_chat_reads_a_script_from_stdin(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = write_config(tmp_path, tiny_config_text(tiny_model_dir))
     result = subprocess.run(
-        [ATTUNE, "--config", str(config), *command],
+        [ATTUNE, "--config", str(config), "chat", "--user", "alice"],
         input="hello\n+1\n/remember I like tea\n/stats\n",
         capture_output=True,
         text=True,
@@ -97,7 +96,5 @@ def test_attune_chat_and_run_read_a_script_from_stdin(tmp_path: Path, tiny_model
     assert "Reactions: 1; reward +1.00" in result.stdout
     with sqlite3.connect(tmp_path / "data" / "attune.db") as db:
         names = [r[0] for r in db.execute("SELECT platform_user_id FROM identities")]
-        assert len(names) == 1
-        if "--user" in command:
-            assert names == ["alice"]
+        assert names == ["alice"]
         assert db.execute("SELECT text FROM memories").fetchall() == [("I like tea",)]
