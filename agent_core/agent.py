@@ -20,7 +20,7 @@ from agent_core.config import Config, Settings
 from agent_core.events import Command, Event, Message, Reaction, Reply
 from agent_core.llm import AdapterRef, ChatMessage, GenerationRequest, LLMBackend, LLMError, create_backend
 from agent_core.memory import note_to_remember
-from agent_core.policy import DefaultsPolicy, StylePolicy
+from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
 from agent_core.prompts import PromptParts, build_prompt
 from agent_core.ratelimit import RateLimiter
 from agent_core.rewards import RewardMap, normalize
@@ -47,8 +47,12 @@ class Agent:
         self.settings = settings
         self.store = store
         self.llm = llm
-        self.policy = policy or DefaultsPolicy(settings.style)
-        self.commands = Commands(store, describe_model=llm.describe)
+        self.policy = policy or (
+            LearningPolicy(store, settings.policy, settings.style)
+            if settings.policy.learn
+            else DefaultsPolicy(settings.style)
+        )
+        self.commands = Commands(store, self.policy, describe_model=llm.describe)
         self.rewards = RewardMap(settings.rewards)
         self.limiter = RateLimiter(settings.limits.messages_per_minute)
 
@@ -87,13 +91,19 @@ class Agent:
             return None
         if note := note_to_remember(msg.text):
             await self.store.add_memory(user, note)
-        style = await self.policy.choose(user, msg.text, context.preferences)
+        choice = await self.policy.choose(user, msg.text, context.preferences, key=received.message_id)
+        style = choice.style
         prompt = self._prompt(msg, style, context)
         text = await self._generate(prompt, context.adapter, on_text)
         if text is None:
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         reply_id = await self.store.add_reply(
-            received, text=text, style=style.as_dict(), adapter_version=_adapter_name(context.adapter), prompt=prompt
+            received,
+            text=text,
+            style=style.as_dict(),
+            adapter_version=_adapter_name(context.adapter),
+            prompt=prompt,
+            policy=choice.log,
         )
         return Reply(
             text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id, style=style.as_dict()
@@ -172,7 +182,10 @@ class Agent:
         else:
             taken_back = await self.store.remove_reaction(reply.message_id, user_id, emoji)
             stored, reward = taken_back is not None, -(taken_back or 0.0)
-        return ReactionOutcome(stored=stored, reward=reward, trains=stored and user_id == reply.user_id)
+        trains = stored and user_id == reply.user_id
+        if trains:
+            await self.policy.learn(user_id)  # from the very next reply on
+        return ReactionOutcome(stored=stored, reward=reward, trains=trains)
 
     async def handle_command(self, command: Command) -> Reply | None:
         """Run a slash command; None if this event was already handled."""

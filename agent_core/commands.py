@@ -17,6 +17,7 @@ from statistics import fmean
 
 from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
+from agent_core.policy import StylePolicy
 from agent_core.style import DIMENSIONS, is_valid
 from storage import Store
 
@@ -68,8 +69,9 @@ def parse_command(text: str) -> tuple[str, str] | None:
 class Commands:
     """The command table and the state some commands keep (pending confirmations)."""
 
-    def __init__(self, store: Store, *, describe_model: Callable[[], str]) -> None:
+    def __init__(self, store: Store, policy: StylePolicy, *, describe_model: Callable[[], str]) -> None:
         self.store = store
+        self.policy = policy
         self.describe_model = describe_model
         self._forget_pending: dict[int, float] = {}  # user id -> deadline of "/forget all"
         self._link_failures: dict[int, list[float]] = {}  # user id -> times of wrong /link codes
@@ -108,6 +110,11 @@ async def _prefs(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     if not words:
         return CommandResult(_show_prefs(await cmds.store.preferences(caller.user_id)), private=True)
     key = words[0].lower().rstrip(":=")
+    if key == "reset" and [w.lower() for w in words[1:]] == ["learning"]:
+        await cmds.policy.reset(caller.user_id)
+        return CommandResult(
+            "I forgot what I had learned about your style; I'll learn it again from your reactions.", True
+        )
     if key == "reset":
         keys = [k.lower() for k in words[1:]]
         unknown = [k for k in keys if k not in DIMENSIONS and k not in FREE_TEXT_PREFS]
@@ -180,6 +187,7 @@ async def _forget(cmds: Commands, caller: Caller, args: str) -> CommandResult:
 
 async def _export(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     data = await cmds.store.export_user(caller.user_id)
+    data["learned_style"] = await cmds.policy.beliefs(caller.user_id)
     data["exported_at"] = time.time()
     content = json.dumps(data, ensure_ascii=False, indent=2).encode()
     return CommandResult(
@@ -216,6 +224,7 @@ async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         f"Messages: {stats['messages']} from you, {stats['replies']} replies from me.",
         f"Reactions: {len(stats['rewards'])}; reward {reward_trend(stats['rewards'])}.",
         f"Notes: {stats['memories']}.",
+        await cmds.policy.describe(caller.user_id, await cmds.store.preferences(caller.user_id)),
         f"Adapter: {adapter_line}.",
         f"Model: {cmds.describe_model()}.",
     ]
@@ -259,6 +268,7 @@ async def _link(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     if issued_on == caller.platform:
         raise UsageError(f"That code was made on {issued_on}: enter it on your other platform.")
     await cmds.store.merge_users(caller.user_id, target)
+    await cmds.policy.learn(target)  # from both accounts' reactions now
     return CommandResult(
         f"Linked: this {caller.platform} account now shares memory, preferences and learning with your "
         f"{issued_on} account.",
@@ -270,7 +280,7 @@ SPECS: list[CommandSpec] = [
     CommandSpec("help", "/help [command]", "show the commands, or how to use one", _help),
     CommandSpec(
         "prefs",
-        "/prefs [length|tone|emoji|format|language|persona <value|auto>] | /prefs reset [key]",
+        "/prefs [length|tone|emoji|format|language|persona <value|auto>] | /prefs reset [key|learning]",
         "show or set how I answer you",
         _prefs,
         private=True,

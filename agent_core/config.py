@@ -96,6 +96,13 @@ class StyleDefaults(_Section):
     format: Format = "prose"
 
 
+class PolicySettings(_Section):
+    learn: bool = True
+    seed: int = 0
+    discount: float = Field(default=0.96, gt=0.5, le=1.0)
+    refit_every: int = Field(default=20, ge=1)
+
+
 class LimitsSettings(_Section):
     messages_per_minute: int = Field(default=20, ge=1)
     max_message_chars: int = Field(default=4000, ge=1)
@@ -176,6 +183,7 @@ class Settings(_Section):
     llm: LLMSettings = LLMSettings()
     agent: AgentSettings = AgentSettings()
     style: StyleDefaults = StyleDefaults()
+    policy: PolicySettings = PolicySettings()
     limits: LimitsSettings = LimitsSettings()
     rewards: dict[str, Reward] = Field(default_factory=lambda: dict(DEFAULT_REWARDS))
     logging: LoggingSettings = LoggingSettings()

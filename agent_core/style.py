@@ -8,6 +8,7 @@ A reply's style is one value for each of four dimensions (see DESIGN.md):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -58,3 +59,35 @@ class Style:
 
 def is_valid(dimension: str, value: str) -> bool:
     return value in DIMENSIONS.get(dimension, ())
+
+
+# --- what a reply actually looks like ------------------------------------------------------
+
+BRIEF_MAX_WORDS = 60
+_EMOJI = re.compile("[\U0001f300-\U0001faff\u2600-\u27bf\U0001f000-\U0001f2ff]")
+_BULLET = re.compile(r"^\s*(?:[-*•·]|\d+[.)])\s+\S", re.M)
+_CONTRACTION = re.compile(r"\b\w+'(?:s|re|ve|ll|d|m|t)\b|\b(?:gonna|wanna|gotta|yeah|yep|nope|hey|hi|cool|awesome|lol"
+                          r"|btw|ok|okay|kinda|sorta|stuff|guys)\b", re.I)  # fmt: skip
+_FORMAL = re.compile(r"\b(?:furthermore|moreover|therefore|however|additionally|consequently|regards|sincerely"
+                     r"|kindly|please note|it is|one should|we recommend|in conclusion|certainly|indeed|shall"
+                     r"|regarding|thus|hence)\b", re.I)  # fmt: skip
+
+
+def measure_style(text: str) -> Style:
+    """The style a reply actually has, observed in its text:
+
+    - length: ``brief`` up to ``BRIEF_MAX_WORDS`` words, else ``detailed``;
+    - emoji: ``some`` if any emoji character appears;
+    - format: ``bullets`` if at least two lines start like list items (``-``, ``*``, ``1.``);
+    - tone: ``casual`` if informal markers (contractions, "hey", "cool", "!") outweigh formal
+      ones ("furthermore", "therefore", "please note", ...), else ``formal``.
+    """
+    words = len(text.split())
+    casual = len(_CONTRACTION.findall(text)) + text.count("!") + len(_EMOJI.findall(text))
+    formal = 2 * len(_FORMAL.findall(text))
+    return Style(
+        length="brief" if words <= BRIEF_MAX_WORDS else "detailed",
+        tone="casual" if casual > formal else "formal",
+        emoji="some" if _EMOJI.search(text) else "none",
+        format="bullets" if len(_BULLET.findall(text)) >= 2 else "prose",
+    )

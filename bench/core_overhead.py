@@ -16,16 +16,19 @@ import argparse
 import asyncio
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import report
+if __package__ in (None, ""):  # run as a file: python bench/core_overhead.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent_core.agent import Agent
 from agent_core.config import load_config
 from agent_core.events import Message
 from agent_core.testing import RecordingBackend
+from bench import report
 from storage import Database
 
 # fmt: off

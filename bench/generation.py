@@ -13,14 +13,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import report
 import torch
+
+if __package__ in (None, ""):  # run as a file: python bench/generation.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent_core.llm import GenerationRequest
 from agent_core.llm.local import LocalBackend
+from bench import report
 
 PROMPT = [
     {"role": "system", "content": "You are a helpful assistant."},

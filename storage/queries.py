@@ -297,11 +297,13 @@ class Store:
         style: dict[str, str],
         adapter_version: str | None,
         prompt: Sequence[Mapping[str, str]],
+        policy: Mapping[str, Any] | None = None,
     ) -> int:
-        """Store the bot's answer to ``received``, with the exact prompt it came from."""
+        """Store the bot's answer to ``received``, with the exact prompt it came from and
+        how its style was decided."""
         cur = await self.db.execute(
             "INSERT INTO messages (chat_id, user_id, role, text, reply_to, style, adapter_version,"
-            " prompt, created_at) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?)",
+            " prompt, policy, created_at) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?)",
             (
                 received.chat_id,
                 received.user_id,
@@ -310,6 +312,7 @@ class Store:
                 json.dumps(style),
                 adapter_version,
                 json.dumps(list(prompt), ensure_ascii=False),
+                json.dumps(policy) if policy is not None else None,
                 time.time(),
             ),
         )
@@ -503,11 +506,12 @@ class Store:
         user = await rows("SELECT id, name, created_at FROM users WHERE id = ?")
         messages = await rows(
             "SELECT m.id, c.platform, c.platform_chat_id AS chat, m.role, m.text, m.platform_message_id,"
-            " m.reply_to, m.style, m.adapter_version, m.created_at FROM messages m"
+            " m.reply_to, m.style, m.policy, m.adapter_version, m.created_at FROM messages m"
             " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ? ORDER BY m.id"
         )
         for message in messages:
-            message["style"] = json.loads(message["style"]) if message["style"] else None
+            for key in ("style", "policy"):
+                message[key] = json.loads(message[key]) if message[key] else None
         return {
             "user": user[0] if user else None,
             "identities": await rows(
@@ -526,6 +530,49 @@ class Store:
                 "SELECT id, status, started_at, finished_at, metrics FROM training_runs WHERE user_id = ? ORDER BY id"
             ),
         }
+
+    # --- the style policy ----------------------------------------------------------------
+
+    async def rated_replies(self, user_id: int, since: float, limit: int) -> list[tuple[str, str | None, float]]:
+        """The last ``limit`` replies this user rated (reactions given at or after
+        ``since``), oldest first: (style JSON, policy log JSON, mean standing reward)."""
+        rows = await self.db.fetchall(
+            "SELECT * FROM (SELECT m.id, m.style, m.policy, AVG(r.reward) FROM messages m"
+            " JOIN reactions r ON r.message_id = m.id AND r.user_id = m.user_id AND r.removed_at IS NULL"
+            " WHERE m.user_id = ? AND m.role = 'assistant' AND m.style IS NOT NULL AND r.created_at >= ?"
+            " GROUP BY m.id ORDER BY m.id DESC LIMIT ?) ORDER BY id",
+            (user_id, since, limit),
+        )
+        return [(str(r[1]), r[2], float(r[3])) for r in rows]
+
+    async def policy_user(self, user_id: int) -> tuple[bytes, float] | None:
+        """What the policy learned about this user, and when they last reset it."""
+        row = await self.db.fetchone("SELECT stats, reset_at FROM policy_users WHERE user_id = ?", (user_id,))
+        return (bytes(row[0]), float(row[1])) if row else None
+
+    async def save_policy_user(self, user_id: int, stats: bytes, reset_at: float | None = None) -> None:
+        await self.db.execute(
+            "INSERT INTO policy_users (user_id, stats, reset_at, updated_at) VALUES (?, ?, COALESCE(?, 0), ?)"
+            " ON CONFLICT (user_id) DO UPDATE SET stats = excluded.stats, updated_at = excluded.updated_at,"
+            " reset_at = COALESCE(?, reset_at)",
+            (user_id, stats, reset_at, time.time(), reset_at),
+        )
+
+    async def all_policy_users(self) -> list[tuple[int, bytes]]:
+        rows = await self.db.fetchall("SELECT user_id, stats FROM policy_users")
+        return [(int(r[0]), bytes(r[1])) for r in rows]
+
+    async def policy_population(self) -> bytes | None:
+        row = await self.db.fetchone("SELECT model FROM policy_population WHERE id = 1")
+        return bytes(row[0]) if row else None
+
+    async def save_policy_population(self, model: bytes, users: int) -> None:
+        await self.db.execute(
+            "INSERT INTO policy_population (id, model, users, updated_at) VALUES (1, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET model = excluded.model, users = excluded.users,"
+            " updated_at = excluded.updated_at",
+            (model, users, time.time()),
+        )
 
     # --- linking accounts --------------------------------------------------------------
 

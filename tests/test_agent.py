@@ -8,6 +8,7 @@ from collections.abc import Callable
 from agent_core.agent import APOLOGY, Agent
 from agent_core.config import Config
 from agent_core.events import Message, Reaction, Reply
+from agent_core.style import Style
 from agent_core.testing import RecordingBackend
 
 
@@ -37,11 +38,15 @@ async def send(agent: Agent, message: Message, platform_id: str | None = None) -
 async def test_a_message_is_stored_answered_and_the_reply_recorded(agent: Agent) -> None:
     reply = await send(agent, msg("hello there"), platform_id="p1")
     assert reply.kind == "answer" and reply.text == "echo: hello there"
-    assert reply.style == {"length": "brief", "tone": "casual", "emoji": "none", "format": "prose"}
-    rows = await agent.store.db.fetchall("SELECT role, text, platform_message_id, style, prompt FROM messages")
+    assert set(reply.style) == {"length", "tone", "emoji", "format"}
+    rows = await agent.store.db.fetchall("SELECT role, text, platform_message_id, style, prompt, policy FROM messages")
     assert [(r[0], r[1]) for r in rows] == [("user", "hello there"), ("assistant", "echo: hello there")]
     assert rows[1][2] == "p1"
-    assert json.loads(rows[1][3])["tone"] == "casual"
+    assert json.loads(rows[1][3]) == reply.style  # the style chosen is stored with the reply
+    decision = json.loads(rows[1][5])
+    assert decision["context"] == "chat" and 0 < decision["propensity"] <= 1
+    assert set(decision["marginals"]) == {"length", "tone", "emoji", "format"}
+    assert Style.from_dict(reply.style).instructions() in json.loads(rows[1][4])[0]["content"]
     prompt = json.loads(rows[1][4])
     assert prompt == list(backend(agent).requests[0].messages)  # exactly what the model got
 
@@ -79,7 +84,7 @@ async def test_the_prompt_holds_style_preferences_memory_and_recent_turns(agent:
     messages = backend(agent).requests[-1].messages
     system = messages[0]["content"]
     assert "polite, formal" in system  # the explicit setting
-    assert "Answer in one to three short sentences." in system  # the default for the rest
+    assert "Answer in one to three short sentences." in system or "Answer thoroughly" in system  # learned
     assert "Always reply in French." in system and "Persona: a patient teacher" in system
     assert "- my cat is called Tom" in system  # recalled by "remember that ..."
     assert "You are talking with Ann." in system

@@ -1,0 +1,344 @@
+"""The style bandit's arithmetic: Bayesian linear Thompson sampling over reply styles.
+
+No I/O here: :mod:`agent_core.policy` feeds it from the database, ``bench/learning.py``
+from simulated users.
+
+Model. A reply's reward ``y`` in [-1, 1] is ``x(style, context) · w + noise``. The features
+``x`` are an intercept, one ±1 entry per style dimension (+1 for the first value:
+brief, casual, none, prose), and the same four entries again for the message's context
+(question, task, chat), so a context may pull a dimension its own way. Each user has
+their own ``w``.
+
+Sharing. The population mean is a ridge fit over everyone's data, so a new user starts
+from what people like; the broad prior ``N(population mean, S0)`` lets them differ (less
+for the context terms, which need evidence to matter).
+
+Drift. A user's data statistics are discounted by ``gamma`` per new observation, so old
+reactions fade and the prior (weight 1, never discounted) fills in: a user whose taste
+changes is followed within a few dozen reactions.
+
+Groups. Beyond the average, the population holds prototypes: the tastes of groups of
+similar users, fitted as a mixture of regressions over everyone's reactions. A user's
+prior is a mixture: one narrow component per prototype, and a broad one for tastes
+nobody has shown yet; their reactions shift the weight to the groups they resemble.
+
+Choice. See :meth:`StyleBandit.choose`: explore (a tempered Thompson draw) with the
+probability that the user is like nobody known, else take the best style for the groups
+they resemble. The probability of the choice is estimated and logged, so later policies
+can be evaluated offline on real logs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent_core.style import DIMENSIONS, Style
+
+CONTEXTS = ("question", "task", "chat")
+DIMS = tuple(DIMENSIONS)
+N_FEATURES = 1 + len(DIMS) * (1 + len(CONTEXTS))
+ALL_STYLES: tuple[Style, ...] = tuple(
+    Style.from_dict(dict(zip(DIMS, values, strict=True))) for values in itertools.product(*DIMENSIONS.values())
+)
+
+
+@dataclass(frozen=True)
+class BanditConfig:
+    noise_var: float = 1.0  # variance of a reward around its mean
+    prior_sd_intercept: float = 1.0
+    prior_sd_main: float = 0.5  # the broad prior: how far a taste may be from the population's
+    prior_sd_context: float = 0.2  # ...and how far a context may move it
+    near_sd_intercept: float = 0.25  # a prototype's spread: how far a user may be from people like them
+    near_sd_main: float = 0.15
+    near_sd_context: float = 0.08
+    broad_weight: float = 0.05  # prior weight of "unlike anyone seen so far" once there are prototypes
+    explore_scale: float = 0.05  # posterior variance scale of the draws that explore an unknown taste
+    population_ridge: float = 5.0  # shrinks the population fit toward "no preference" when data is scarce
+    prototype_min_obs: int = 15  # reactions a user needs before their taste counts in the population
+    max_prototypes: int = 512  # the best-known users' tastes that are grouped into prototypes
+    clusters: int = 8  # at most this many prototypes: groups of users with similar tastes
+    em_sharpness: float = 1.0  # >1 assigns users to groups more decisively when fitting them
+    gamma: float = 0.96  # per-observation discount of a user's data (drift)
+    evidence_gamma: float = 0.98  # the same, when telling which group a user resembles
+    samples: int = 128  # posterior draws per choice (the first decides; all estimate its probability)
+
+    def precision(self, sd_intercept: float, sd_main: float, sd_context: float) -> np.ndarray:
+        sds = [sd_intercept] + [sd_main] * len(DIMS) + [sd_context] * (len(DIMS) * len(CONTEXTS))
+        return np.diag(1.0 / np.square(sds))
+
+
+def features(style: Style, context: str) -> np.ndarray:
+    signs = np.array([1.0 if getattr(style, d) == DIMENSIONS[d][0] else -1.0 for d in DIMS])
+    x = np.zeros(N_FEATURES)
+    x[0] = 1.0
+    x[1 : 1 + len(DIMS)] = signs
+    c = CONTEXTS.index(context) if context in CONTEXTS else CONTEXTS.index("chat")
+    start = 1 + len(DIMS) * (1 + c)
+    x[start : start + len(DIMS)] = signs
+    return x
+
+
+RECENT = 100  # observations kept as they were, for telling groups apart exactly
+_STYLE_SIGNS = np.array([features(s, "chat")[1 : 1 + len(DIMS)] for s in ALL_STYLES])
+
+
+@dataclass
+class UserStats:
+    """A user's discounted sufficient statistics, ``D = Σ gamma^k x xᵀ / σ²`` and
+    ``d = Σ gamma^k x y / σ²``, and their last ``RECENT`` observations themselves."""
+
+    D: np.ndarray = field(default_factory=lambda: np.zeros((N_FEATURES, N_FEATURES)))
+    d: np.ndarray = field(default_factory=lambda: np.zeros(N_FEATURES))
+    n: int = 0  # observations seen (undiscounted count)
+    X: np.ndarray = field(default_factory=lambda: np.zeros((0, N_FEATURES)))  # recent features, oldest first
+    y: np.ndarray = field(default_factory=lambda: np.zeros(0))  # their rewards
+
+    def observe(self, x: np.ndarray, y: float, config: BanditConfig) -> None:
+        self.D = config.gamma * self.D + np.outer(x, x) / config.noise_var
+        self.d = config.gamma * self.d + x * y / config.noise_var
+        self.n += 1
+        self.X = np.vstack([self.X, x])[-RECENT:]
+        self.y = np.append(self.y, y)[-RECENT:]
+
+    def to_bytes(self) -> bytes:
+        parts = [[self.n, len(self.y)], self.D.ravel(), self.d, self.X.ravel(), self.y]
+        return np.concatenate([np.asarray(p, dtype="<f8") for p in parts]).tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> UserStats:
+        v = np.frombuffer(blob, dtype="<f8")
+        k, n, m = N_FEATURES, int(v[0]), int(v[1])
+        D, d = v[2 : 2 + k * k].reshape(k, k).copy(), v[2 + k * k : 2 + k * k + k].copy()
+        rest = v[2 + k * k + k :]
+        return cls(D, d, n, rest[: m * k].reshape(m, k).copy(), rest[m * k :].copy())
+
+
+@dataclass(frozen=True)
+class Decision:
+    style: Style
+    context: str
+    propensity: float  # estimated probability that the policy makes this choice
+    marginals: dict[str, dict[str, float]]  # per dimension, the probability of each value
+
+
+@dataclass(frozen=True)
+class Population:
+    """What the bot knows about people in general: the average taste, and the tastes of
+    well-known users (prototypes) that a new user may turn out to be like."""
+
+    mean: np.ndarray  # (F,) a ridge fit of everyone's data
+    prototypes: np.ndarray  # (M, F) centres of groups of users with similar tastes
+    owners: tuple[int, ...] = ()  # a prototype made of one user's taste: that user (else -1)
+    sizes: tuple[int, ...] = ()  # users in each group: the prototypes' prior weights
+
+    @classmethod
+    def empty(cls) -> Population:
+        return cls(np.zeros(N_FEATURES), np.zeros((0, N_FEATURES)))
+
+    def to_bytes(self) -> bytes:
+        m = len(self.prototypes)
+        parts = [[m], self.mean, self.prototypes.ravel(), self.owners or [-1] * m, self.sizes or [1] * m]
+        return np.concatenate([np.asarray(p, dtype="<f8") for p in parts]).tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Population:
+        values = np.frombuffer(blob, dtype="<f8")
+        m, f = int(values[0]), N_FEATURES
+        rest = values[1 + f + m * f :]
+        return cls(values[1 : 1 + f].copy(), values[1 + f : 1 + f + m * f].reshape(m, f).copy(),
+                   tuple(int(o) for o in rest[:m]), tuple(int(n) for n in rest[m:]))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """A mixture of Gaussians over a user's ``w``: one component per prior component."""
+
+    means: np.ndarray  # (K, F)
+    covs: np.ndarray  # (K, F, F)
+    weights: np.ndarray  # (K,) posterior probability of each component
+
+    def mean(self) -> np.ndarray:
+        return self.weights @ self.means
+
+
+class StyleBandit:
+    def __init__(self, config: BanditConfig | None = None) -> None:
+        self.config = config or BanditConfig()
+        c = self.config
+        self.P_broad = c.precision(c.prior_sd_intercept, c.prior_sd_main, c.prior_sd_context)
+        self.P_near = c.precision(c.near_sd_intercept, c.near_sd_main, c.near_sd_context)
+
+    # --- what the population likes -----------------------------------------------------------
+
+    def population(self, users: dict[int, UserStats], prior_mean: np.ndarray | None = None) -> Population:
+        """Refit the population from every user's statistics: the average taste, and
+        prototypes, the tastes of groups of similar users, fitted as a mixture of linear
+        regressions over all their reactions (EM). Pooling a group's reactions pins down
+        each dimension even when each member saw only a few styles."""
+        c = self.config
+        D = sum((s.D for s in users.values()), np.zeros((N_FEATURES, N_FEATURES)))
+        d = sum((s.d for s in users.values()), np.zeros(N_FEATURES))
+        m0 = np.zeros(N_FEATURES) if prior_mean is None else prior_mean
+        mean = np.linalg.solve(c.population_ridge * np.eye(N_FEATURES) + D, c.population_ridge * m0 + d)
+        known = sorted((s.n, u) for u, s in users.items() if s.n >= c.prototype_min_obs)[-c.max_prototypes :]
+        if len(known) < 4:
+            return Population(mean, np.zeros((0, N_FEATURES)))
+        group = [users[u] for _, u in known]
+        prototypes, weights = mixture_of_regressions(
+            np.array([s.D for s in group]), np.array([s.d for s in group]), mean, self.P_broad,
+            min(c.clusters, len(group) // 4), sharpness=c.em_sharpness,
+        )  # fmt: skip
+        sizes = tuple(max(1, round(w * len(group))) for w in weights)
+        return Population(mean, prototypes, tuple(-1 for _ in sizes), sizes)
+
+    @staticmethod
+    def _single(stats: UserStats, m: np.ndarray, P0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cov = np.linalg.inv(P0 + stats.D)
+        return cov @ (P0 @ m + stats.d), (cov + cov.T) / 2
+
+    # --- what this user likes -------------------------------------------------------------
+
+    def posterior(self, stats: UserStats, population: Population, user: int | None = None) -> Posterior:
+        """The user's posterior under the mixture prior: the broad component around the
+        population mean, plus one narrow component around each other user's taste."""
+        c = self.config
+        keep = [i for i, owner in enumerate(population.owners) if owner != user or user is None]
+        prototypes = population.prototypes[keep]
+        sizes = np.array([population.sizes[i] if population.sizes else 1 for i in keep], dtype=float)
+        broad_mean, broad_cov = self._single(stats, population.mean, self.P_broad)
+        if not len(prototypes):
+            return Posterior(broad_mean[None], broad_cov[None], np.ones(1))
+        P = self.P_near + stats.D
+        near_cov = np.linalg.inv(P)
+        near_cov = (near_cov + near_cov.T) / 2
+        H = prototypes @ self.P_near + stats.d  # (M, F): P0 m + d for each prototype m
+        near_means = H @ near_cov
+        # log evidence of the user's data under each component (terms shared by all dropped)
+        near_ev = 0.5 * np.einsum("mf,mf->m", H, near_means) - 0.5 * np.einsum(
+            "mf,fg,mg->m", prototypes, self.P_near, prototypes
+        )
+        near_ev += 0.5 * (np.linalg.slogdet(self.P_near)[1] - np.linalg.slogdet(P)[1])
+        hb = self.P_broad @ population.mean + stats.d
+        broad_ev = 0.5 * hb @ broad_mean - 0.5 * population.mean @ self.P_broad @ population.mean
+        broad_ev += 0.5 * (np.linalg.slogdet(self.P_broad)[1] - np.linalg.slogdet(self.P_broad + stats.D)[1])
+        # Broad against the groups as a whole: the Gaussian evidence. Among the groups: the
+        # reactions' own (Bernoulli) likelihood under each group's taste, which tells
+        # groups apart sooner than the Gaussian approximation does.
+        log_prior = np.log(sizes / sizes.sum())
+        log_groups = _logsumexp(log_prior + near_ev)
+        log_w_broad = math.log(c.broad_weight) + broad_ev
+        log_w_near = math.log(1 - c.broad_weight) + log_groups
+        within = log_prior + self._bernoulli_evidence(stats, prototypes)
+        log_w = np.concatenate([[log_w_broad], log_w_near + within - _logsumexp(within)])
+        weights = np.exp(log_w - log_w.max())
+        means = np.vstack([broad_mean[None], near_means])
+        covs = np.concatenate([broad_cov[None], np.broadcast_to(near_cov, (len(prototypes), *near_cov.shape))])
+        return Posterior(means, covs, weights / weights.sum())
+
+    def _bernoulli_evidence(self, stats: UserStats, prototypes: np.ndarray) -> np.ndarray:
+        """Discounted log likelihood of the user's recent rewards under each prototype,
+        reading a reward ``y`` in [-1, 1] as a like with probability ``(1 + y) / 2``."""
+        if not len(stats.y):
+            return np.zeros(len(prototypes))
+        p = np.clip((1 + stats.X @ prototypes.T) / 2, 0.02, 0.98)  # (T, M)
+        liked = ((1 + stats.y) / 2)[:, None]
+        ages = np.arange(len(stats.y))[::-1]
+        decay = (self.config.evidence_gamma**ages)[:, None]
+        return np.sum(decay * (liked * np.log(p) + (1 - liked) * np.log(1 - p)), axis=0)
+
+    def choose(self, posterior: Posterior, context: str, fixed: dict[str, str], rng: np.random.Generator) -> Decision:
+        """The style for one reply, among those that agree with ``fixed``.
+
+        With the probability that the user is like nobody known (the broad component), a
+        Thompson draw from it, tempered by ``explore_scale``: exploration that also teaches
+        the population something new. Otherwise the best style under the prototypes'
+        posterior mean: once a user resembles known groups, reactions tell the groups apart
+        whatever is shown, so exploring further costs likes for little. The decision is
+        repeated ``samples`` times on the same posterior to estimate its probability."""
+        allowed = [i for i, s in enumerate(ALL_STYLES) if all(getattr(s, k) == v for k, v in fixed.items())]
+        X = np.array([features(ALL_STYLES[i], context) for i in allowed])
+        n = self.config.samples
+        explore = rng.random(n) < (posterior.weights[0] if len(posterior.weights) > 1 else 1.0)
+        scores = np.empty((n, len(allowed)))
+        if explore.any():
+            chol = np.linalg.cholesky(posterior.covs[0] * self.config.explore_scale + 1e-12 * np.eye(N_FEATURES))
+            draws = posterior.means[0] + rng.standard_normal((int(explore.sum()), N_FEATURES)) @ chol.T
+            scores[explore] = draws @ X.T
+        if not explore.all():
+            near = posterior.weights[1:] / posterior.weights[1:].sum()
+            scores[~explore] = (near @ posterior.means[1:]) @ X.T
+        best = np.argmax(scores, axis=1)
+        chosen = allowed[int(best[0])]
+        counts = np.bincount(best, minlength=len(allowed)) / len(best)
+        marginals: dict[str, dict[str, float]] = {}
+        for j, dim in enumerate(DIMS):
+            first = float(sum(p for i, p in zip(allowed, counts, strict=True) if _STYLE_SIGNS[i][j] > 0))
+            marginals[dim] = {DIMENSIONS[dim][0]: round(first, 4), DIMENSIONS[dim][1]: round(1 - first, 4)}
+        return Decision(ALL_STYLES[chosen], context, float(counts[int(best[0])]), marginals)
+
+    def beliefs(self, posterior: Posterior) -> dict[str, tuple[str, float]]:
+        """Per dimension, the value this user more likely prefers and how likely (context
+        averaged): ``{"length": ("brief", 0.93), ...}``."""
+        out = {}
+        contexts = 1 + len(DIMS) * np.arange(1, len(CONTEXTS) + 1)
+        for j, dim in enumerate(DIMS):
+            # The main effect plus the average of the context effects, as one linear form.
+            a = np.zeros(N_FEATURES)
+            a[1 + j] = 1.0
+            a[contexts + j] = 1.0 / len(CONTEXTS)
+            means = posterior.means @ a
+            sds = np.sqrt(np.einsum("f,kfg,g->k", a, posterior.covs, a))
+            first_better = float(posterior.weights @ [0.5 * (1 + math.erf(m / (s * math.sqrt(2)))) for m, s in
+                                                      zip(means, sds, strict=True)])  # fmt: skip
+            if first_better >= 0.5:
+                out[dim] = (DIMENSIONS[dim][0], first_better)
+            else:
+                out[dim] = (DIMENSIONS[dim][1], 1 - first_better)
+        return out
+
+
+def _logsumexp(values: np.ndarray) -> float:
+    top = float(np.max(values))
+    return top + math.log(float(np.sum(np.exp(values - top))))
+
+
+def mixture_of_regressions(
+    Ds: np.ndarray,
+    ds: np.ndarray,
+    prior_mean: np.ndarray,
+    prior_precision: np.ndarray,
+    k: int,
+    iterations: int = 30,
+    sharpness: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """EM for ``k`` groups over users' sufficient statistics ``(D_u, d_u)``: each group has
+    one ``w``; a user's log likelihood under ``w`` is ``w·d_u - wᵀD_u w / 2`` (plus a
+    constant of their own). Deterministic: started from users spread by k-means++."""
+    n = len(Ds)
+    own = np.array(
+        [np.linalg.solve(prior_precision + D, prior_precision @ prior_mean + d) for D, d in zip(Ds, ds, strict=True)]
+    )
+    rng = np.random.default_rng(0)
+    starts = [int(rng.integers(n))]
+    while len(starts) < k:
+        dist = np.min([np.sum((own - own[i]) ** 2, axis=1) for i in starts], axis=0)
+        if dist.sum() == 0:
+            break
+        starts.append(int(rng.choice(n, p=dist / dist.sum())))
+    w = own[starts].copy()
+    pi = np.full(len(w), 1.0 / len(w))
+    for _ in range(iterations):
+        ll = (ds @ w.T - 0.5 * np.einsum("kf,ufg,kg->uk", w, Ds, w)) * sharpness
+        log_r = np.log(pi) + ll
+        r = np.exp(log_r - log_r.max(axis=1, keepdims=True))
+        r /= r.sum(axis=1, keepdims=True)
+        pi = np.maximum(r.mean(axis=0), 1e-6)
+        for j in range(len(w)):
+            A = prior_precision + np.einsum("u,ufg->fg", r[:, j], Ds)
+            w[j] = np.linalg.solve(A, prior_precision @ prior_mean + r[:, j] @ ds)
+    keep = pi > 0.5 / n  # a group with less than half a user goes
+    return w[keep], pi[keep] / pi[keep].sum()

@@ -1,0 +1,205 @@
+"""The style policy: learning from reactions at once, sharing across users, drift, logging, steering."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+
+from agent_core.agent import Agent
+from agent_core.bandit import ALL_STYLES, StyleBandit, UserStats, features
+from agent_core.config import Config
+from agent_core.events import Command, Message, Reaction, Reply
+from agent_core.policy import LearningPolicy, classify
+from agent_core.style import Style, measure_style
+from agent_core.testing import RecordingBackend
+
+
+@pytest.mark.parametrize(
+    ("text", "context"),
+    [
+        ("What is the capital of France?", "question"),
+        ("how do magnets work", "question"),
+        ("Write a poem about tea", "task"),
+        ("please summarize this article", "task"),
+        ("hi there!", "chat"),
+        ("I had a long day", "chat"),
+    ],
+)
+def test_messages_are_classified_into_contexts(text: str, context: str) -> None:
+    assert classify(text) == context
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Sure.", {"length": "brief", "emoji": "none", "format": "prose"}),
+        ("word " * 80, {"length": "detailed"}),
+        ("Great idea 🎉 let's go", {"emoji": "some", "tone": "casual"}),
+        ("Options:\n- tea\n- coffee\n- water", {"format": "bullets"}),
+        ("1. Boil water.\n2. Add tea.", {"format": "bullets"}),
+        ("Hey, that's cool!", {"tone": "casual"}),
+        ("Furthermore, we recommend the following procedure. Therefore, proceed.", {"tone": "formal"}),
+    ],
+)
+def test_measure_style_reads_the_text(text: str, expected: dict[str, str]) -> None:
+    observed = measure_style(text).as_dict()
+    assert {k: observed[k] for k in expected} == expected
+
+
+@pytest.fixture
+async def agent(make_config: Callable[..., Config]) -> AsyncIterator[Agent]:
+    """An agent whose users may write as fast as the tests do."""
+    opened = await Agent.open(make_config("[limits]\nmessages_per_minute = 100000\n"), llm=RecordingBackend())
+    yield opened
+    await opened.close()
+
+
+async def _reply(agent: Agent, user: str, text: str = "tell me about tea?") -> Reply:
+    reply = await agent.handle_message(Message(platform="t", chat_id=user, sender_id=user, text=text))
+    assert reply is not None and reply.reply_id is not None
+    await agent.delivered(reply, f"r{reply.reply_id}")
+    return reply
+
+
+async def _react(agent: Agent, user: str, reply: Reply, emoji: str, added: bool = True, by: str | None = None) -> bool:
+    event = Reaction(platform="t", chat_id=user, sender_id=by or user, message_id=f"r{reply.reply_id}", emoji=emoji,
+                     added=added)  # fmt: skip
+    outcome = await agent.handle_reaction(event)
+    return outcome.trains
+
+
+async def _teach_brief(agent: Agent, user: str, turns: int) -> list[str]:
+    """A user who likes brief replies and dislikes detailed ones; the lengths chosen."""
+    lengths = []
+    for _ in range(turns):
+        reply = await _reply(agent, user)
+        lengths.append(reply.style["length"])
+        await _react(agent, user, reply, "👍" if reply.style["length"] == "brief" else "👎")
+    return lengths
+
+
+async def _stats(agent: Agent, user: str) -> bytes:
+    assert isinstance(agent.policy, LearningPolicy)
+    return (await agent.policy._stats(await agent.store.resolve_user("t", user))).to_bytes()
+
+
+async def test_each_reaction_teaches_at_once_and_stats_says_so(agent: Agent) -> None:
+    lengths = await _teach_brief(agent, "ann", 30)
+    assert lengths[-10:].count("brief") >= 9  # learned
+    stats = await agent.handle_command(Command(platform="t", chat_id="ann", sender_id="ann", name="stats"))
+    assert stats is not None and "Learned from 30 of your reactions" in stats.text
+    assert "length: brief (sure" in stats.text or "length: brief (fairly sure" in stats.text
+
+
+async def test_taking_a_reaction_back_undoes_it_and_changing_it_counts_once(agent: Agent) -> None:
+    await _teach_brief(agent, "ann", 3)
+    before = await _stats(agent, "ann")
+    reply = await _reply(agent, "ann")
+    await _react(agent, "ann", reply, "👍")
+    assert await _stats(agent, "ann") != before
+    await _react(agent, "ann", reply, "👍", added=False)
+    assert await _stats(agent, "ann") == before  # exactly as if it had never been
+    await _react(agent, "ann", reply, "👍")
+    await _react(agent, "ann", reply, "👍", added=False)
+    await _react(agent, "ann", reply, "👎")
+    changed = await _stats(agent, "ann")
+    await _react(agent, "ann", reply, "👎", added=False)
+    await _react(agent, "ann", reply, "👎")
+    assert await _stats(agent, "ann") == changed  # 👍 then 👎 ends as one 👎
+
+
+async def test_only_the_addressee_trains_their_policy(agent: Agent) -> None:
+    reply = await _reply(agent, "ann")
+    before = await _stats(agent, "ann")
+    assert not await _react(agent, "ann", reply, "👎", by="bob")
+    assert await _stats(agent, "ann") == before
+    assert (await agent.store.db.fetchone("SELECT COUNT(*) FROM reactions"))[0] == 1  # stored all the same
+
+
+async def test_an_explicit_setting_always_wins(agent: Agent) -> None:
+    await _teach_brief(agent, "ann", 15)
+    await agent.handle_command(Command(platform="t", chat_id="ann", sender_id="ann", name="prefs",
+                                       args="length detailed"))  # fmt: skip
+    for _ in range(5):
+        assert (await _reply(agent, "ann")).style["length"] == "detailed"
+
+
+async def test_reset_learning_forgets_what_was_learned(agent: Agent) -> None:
+    await _teach_brief(agent, "ann", 10)
+    reset = await agent.handle_command(Command(platform="t", chat_id="ann", sender_id="ann", name="prefs",
+                                               args="reset learning"))  # fmt: skip
+    assert reset is not None and "forgot" in reset.text
+    assert await _stats(agent, "ann") == UserStats().to_bytes()
+    reply = await _reply(agent, "ann")
+    await _react(agent, "ann", reply, "👍")  # only reactions after the reset count now
+    user = await agent.store.resolve_user("t", "ann")
+    assert (await agent.policy._stats(user)).n == 1  # type: ignore[attr-defined]
+
+
+async def _fresh(make_config: Callable[..., Config], seed: int) -> Agent:
+    text = f"[policy]\nseed = {seed}\n[limits]\nmessages_per_minute = 100000\n"
+    return await Agent.open(make_config(text), llm=RecordingBackend())
+
+
+async def test_choices_are_reproducible_for_a_seed_and_survive_a_restart(
+    make_config: Callable[..., Config],
+) -> None:
+    first = await _fresh(make_config, 7)
+    run_one = await _teach_brief(first, "ann", 12)
+    state = await _stats(first, "ann")
+    await first.close()
+    reopened = await _fresh(make_config, 7)
+    try:
+        assert await _stats(reopened, "ann") == state  # a restart forgets nothing
+        user = await reopened.store.resolve_user("t", "ann")
+        choices = [await reopened.policy.choose(user, "hi?", {}, key=k) for k in range(3)]
+        again = [await reopened.policy.choose(user, "hi?", {}, key=k) for k in range(3)]
+        assert [c.style for c in choices] == [c.style for c in again]
+    finally:
+        await reopened.close()
+    assert len(run_one) == 12
+
+
+def test_a_new_user_starts_from_what_the_population_likes() -> None:
+    bandit = StyleBandit()
+    rng = np.random.default_rng(0)
+    likes_detailed = Style("detailed", "formal", "none", "bullets")
+    users = {}
+    for u in range(30):  # everyone so far likes detailed, formal bullet lists
+        stats = UserStats()
+        for _ in range(20):
+            style = ALL_STYLES[int(rng.integers(len(ALL_STYLES)))]
+            score = sum(getattr(style, d) == getattr(likes_detailed, d) for d in ("length", "tone", "format"))
+            stats.observe(features(style, "chat"), 1.0 if score >= 2 else -1.0, bandit.config)
+        users[u] = stats
+    population = bandit.population(users)
+    newcomer = bandit.posterior(UserStats(), population, user=None)
+    picks = [bandit.choose(newcomer, "chat", {}, np.random.default_rng(i)).style for i in range(20)]
+    assert sum(p.length == "detailed" and p.format == "bullets" for p in picks) >= 18
+    beliefs = bandit.beliefs(newcomer)
+    assert beliefs["length"][0] == "detailed" and beliefs["length"][1] > 0.8
+
+
+def test_a_changed_taste_is_followed() -> None:
+    bandit = StyleBandit()
+    stats = UserStats()
+    for i in range(120):
+        style = ALL_STYLES[i % len(ALL_STYLES)]
+        likes_brief = i < 60
+        good = (style.length == "brief") == likes_brief
+        stats.observe(features(style, "chat"), 1.0 if good else -1.0, bandit.config)
+        if i == 59:
+            assert bandit.beliefs(bandit.posterior(stats, bandit.population({})))["length"][0] == "brief"
+    assert bandit.beliefs(bandit.posterior(stats, bandit.population({})))["length"][0] == "detailed"
+
+
+def test_the_logged_probabilities_are_consistent() -> None:
+    bandit = StyleBandit()
+    posterior = bandit.posterior(UserStats(), bandit.population({}))
+    decision = bandit.choose(posterior, "task", {"tone": "formal"}, np.random.default_rng(3))
+    assert decision.style.tone == "formal" and 0 < decision.propensity <= 1
+    for dim, probs in decision.marginals.items():
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3), dim
+    assert decision.marginals["tone"] == {"casual": 0.0, "formal": 1.0}
