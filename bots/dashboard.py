@@ -109,6 +109,7 @@ class Dashboard:
         return {
             "model": self.agent.llm.describe(),
             "users": [u.__dict__ for u in users],
+            "beliefs": {str(u.id): await self.agent.policy.beliefs(u.id) for u in users},
             "daily": await self.reports.daily_activity(),
             "reward_by_day": await self.reports.reward_by_day(),
             "adapters": await self.reports.adapters(),
@@ -142,7 +143,7 @@ class Dashboard:
             "<p>Mean reward of the reactions each person gave to replies meant for them, per day.</p>",
             reward_plot(data["reward_by_day"], names),
             "</section><section><h2>Users</h2>",
-            _users_table([UserSummary(**u) for u in users], csrf),
+            _users_table([UserSummary(**u) for u in users], {int(k): v for k, v in data["beliefs"].items()}, csrf),
             "</section><section><h2>Adapters</h2>",
             _table(
                 ["user", "version", "status", "metrics"],
@@ -178,24 +179,26 @@ def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _beliefs(user: UserSummary) -> str:
-    """Per style dimension: the explicit setting, else the mean reward seen for each value."""
+def _beliefs(user: UserSummary, beliefs: dict[str, Any]) -> str:
+    """Per style dimension: the explicit setting, else what the policy believes (and how
+    sure), with the mean reward seen for each value."""
     items = []
+    prefers = beliefs.get("prefers", {})
     for dim in DIMENSIONS:
         if dim in user.preferences:
             items.append(f"<li><b>{dim}</b>: {escape(user.preferences[dim])} (set by /prefs)</li>")
             continue
+        belief = prefers.get(dim)
+        text = f"{escape(belief['value'])} ({belief['probability']:.0%})" if belief else "no belief"
         seen = user.style_rewards.get(dim, {})
-        if not seen:
-            items.append(f"<li><b>{dim}</b>: nothing learned yet</li>")
-            continue
-        ranked = sorted(seen.items(), key=lambda kv: -kv[1][0])
-        text = ", ".join(f"{escape(v)} {mean:+.2f} (n={n})" for v, (mean, n) in ranked)
+        if seen:
+            ranked = sorted(seen.items(), key=lambda kv: -kv[1][0])
+            text += "; seen: " + ", ".join(f"{escape(v)} {mean:+.2f} (n={n})" for v, (mean, n) in ranked)
         items.append(f"<li><b>{dim}</b>: {text}</li>")
     return f"<ul class='beliefs'>{''.join(items)}</ul>"
 
 
-def _users_table(users: list[UserSummary], csrf: str) -> str:
+def _users_table(users: list[UserSummary], beliefs: dict[int, dict[str, Any]], csrf: str) -> str:
     if not users:
         return "<p class='empty'>Nobody has written yet.</p>"
     rows = []
@@ -208,7 +211,8 @@ def _users_table(users: list[UserSummary], csrf: str) -> str:
         )
         rows.append(
             f"<tr><td>{escape(u.name)}</td><td>{escape(', '.join(u.platforms))}</td><td>{u.messages}</td>"
-            f"<td>{u.reactions}</td><td>{reward}</td><td>{_beliefs(u)}</td><td class='actions'>{buttons}</td></tr>"
+            f"<td>{u.reactions}</td><td>{reward}</td><td>{_beliefs(u, beliefs.get(u.id, {}))}</td>"
+            f"<td class='actions'>{buttons}</td></tr>"
         )
     head = "".join(f"<th>{h}</th>" for h in ("user", "platforms", "messages", "reactions", "mean reward",
                                              "what it believes about their style", ""))  # fmt: skip
