@@ -64,7 +64,8 @@ class BanditConfig:
     em_sharpness: float = 1.0  # >1 assigns users to groups more decisively when fitting them
     gamma: float = 0.96  # per-observation discount of a user's data (drift)
     evidence_gamma: float = 0.98  # the same, when telling which group a user resembles
-    samples: int = 128  # posterior draws per choice (the first decides; all estimate its probability)
+    population_gamma: float = 0.995  # the same, when fitting what groups of users like
+    samples: int = 64  # posterior draws per choice (the first decides; all estimate its probability)
 
     def precision(self, sd_intercept: float, sd_main: float, sd_context: float) -> np.ndarray:
         sds = [sd_intercept] + [sd_main] * len(DIMS) + [sd_context] * (len(DIMS) * len(CONTEXTS))
@@ -83,38 +84,61 @@ def features(style: Style, context: str) -> np.ndarray:
 
 
 RECENT = 100  # observations kept as they were, for telling groups apart exactly
-_STYLE_SIGNS = np.array([features(s, "chat")[1 : 1 + len(DIMS)] for s in ALL_STYLES])
+_STYLE_SIGNS = np.array([features(s, "chat")[1 : 1 + len(DIMS)] for s in ALL_STYLES])  # (16, 4) of ±1
+_FEATURES = {c: np.array([features(s, c) for s in ALL_STYLES]) for c in CONTEXTS}  # context -> (16, F)
+
+
+def _allowed(fixed: dict[str, str]) -> np.ndarray:
+    """Indices of the styles that agree with the user's fixed values."""
+    mask = np.ones(len(ALL_STYLES), dtype=bool)
+    for j, dim in enumerate(DIMS):
+        if dim in fixed:
+            mask &= _STYLE_SIGNS[:, j] == (1.0 if fixed[dim] == DIMENSIONS[dim][0] else -1.0)
+    return np.flatnonzero(mask)
 
 
 @dataclass
 class UserStats:
-    """A user's discounted sufficient statistics, ``D = Σ gamma^k x xᵀ / σ²`` and
-    ``d = Σ gamma^k x y / σ²``, and their last ``RECENT`` observations themselves."""
+    """What a user's reactions say, as discounted sufficient statistics.
+
+    ``D = Σ gamma^k x xᵀ / σ²`` and ``d = Σ gamma^k x y / σ²`` with the user's discount,
+    for their own posterior (a changed taste shows quickly); ``Dp``, ``dp`` the same with
+    the population's milder discount, for fitting groups (early, exploring reactions are
+    the ones that tell styles apart, and must not fade); and the last ``RECENT``
+    observations themselves."""
 
     D: np.ndarray = field(default_factory=lambda: np.zeros((N_FEATURES, N_FEATURES)))
     d: np.ndarray = field(default_factory=lambda: np.zeros(N_FEATURES))
     n: int = 0  # observations seen (undiscounted count)
     X: np.ndarray = field(default_factory=lambda: np.zeros((0, N_FEATURES)))  # recent features, oldest first
     y: np.ndarray = field(default_factory=lambda: np.zeros(0))  # their rewards
+    Dp: np.ndarray = field(default_factory=lambda: np.zeros((N_FEATURES, N_FEATURES)))
+    dp: np.ndarray = field(default_factory=lambda: np.zeros(N_FEATURES))
 
     def observe(self, x: np.ndarray, y: float, config: BanditConfig) -> None:
         self.D = config.gamma * self.D + np.outer(x, x) / config.noise_var
         self.d = config.gamma * self.d + x * y / config.noise_var
+        self.Dp = config.population_gamma * self.Dp + np.outer(x, x) / config.noise_var
+        self.dp = config.population_gamma * self.dp + x * y / config.noise_var
         self.n += 1
         self.X = np.vstack([self.X, x])[-RECENT:]
         self.y = np.append(self.y, y)[-RECENT:]
 
     def to_bytes(self) -> bytes:
-        parts = [[self.n, len(self.y)], self.D.ravel(), self.d, self.X.ravel(), self.y]
+        parts = [[self.n, len(self.y)], self.D.ravel(), self.d, self.Dp.ravel(), self.dp, self.X.ravel(), self.y]
         return np.concatenate([np.asarray(p, dtype="<f8") for p in parts]).tobytes()
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> UserStats:
         v = np.frombuffer(blob, dtype="<f8")
         k, n, m = N_FEATURES, int(v[0]), int(v[1])
-        D, d = v[2 : 2 + k * k].reshape(k, k).copy(), v[2 + k * k : 2 + k * k + k].copy()
-        rest = v[2 + k * k + k :]
-        return cls(D, d, n, rest[: m * k].reshape(m, k).copy(), rest[m * k :].copy())
+        arrays, at = [], 2
+        for shape in ((k, k), (k,), (k, k), (k,), (m, k), (m,)):
+            size = int(np.prod(shape))
+            arrays.append(v[at : at + size].reshape(shape).copy())
+            at += size
+        D, d, Dp, dp, X, y = arrays
+        return cls(D=D, d=d, n=n, X=X, y=y, Dp=Dp, dp=dp)
 
 
 @dataclass(frozen=True)
@@ -180,8 +204,8 @@ class StyleBandit:
         regressions over all their reactions (EM). Pooling a group's reactions pins down
         each dimension even when each member saw only a few styles."""
         c = self.config
-        D = sum((s.D for s in users.values()), np.zeros((N_FEATURES, N_FEATURES)))
-        d = sum((s.d for s in users.values()), np.zeros(N_FEATURES))
+        D = sum((s.Dp for s in users.values()), np.zeros((N_FEATURES, N_FEATURES)))
+        d = sum((s.dp for s in users.values()), np.zeros(N_FEATURES))
         m0 = np.zeros(N_FEATURES) if prior_mean is None else prior_mean
         mean = np.linalg.solve(c.population_ridge * np.eye(N_FEATURES) + D, c.population_ridge * m0 + d)
         known = sorted((s.n, u) for u, s in users.items() if s.n >= c.prototype_min_obs)[-c.max_prototypes :]
@@ -189,7 +213,7 @@ class StyleBandit:
             return Population(mean, np.zeros((0, N_FEATURES)))
         group = [users[u] for _, u in known]
         prototypes, weights = mixture_of_regressions(
-            np.array([s.D for s in group]), np.array([s.d for s in group]), mean, self.P_broad,
+            np.array([s.Dp for s in group]), np.array([s.dp for s in group]), mean, self.P_broad,
             min(c.clusters, len(group) // 4), sharpness=c.em_sharpness,
         )  # fmt: skip
         sizes = tuple(max(1, round(w * len(group))) for w in weights)
@@ -259,8 +283,8 @@ class StyleBandit:
         posterior mean: once a user resembles known groups, reactions tell the groups apart
         whatever is shown, so exploring further costs likes for little. The decision is
         repeated ``samples`` times on the same posterior to estimate its probability."""
-        allowed = [i for i, s in enumerate(ALL_STYLES) if all(getattr(s, k) == v for k, v in fixed.items())]
-        X = np.array([features(ALL_STYLES[i], context) for i in allowed])
+        allowed = _allowed(fixed)
+        X = _FEATURES[context if context in _FEATURES else "chat"][allowed]
         n = self.config.samples
         explore = rng.random(n) < (posterior.weights[0] if len(posterior.weights) > 1 else 1.0)
         scores = np.empty((n, len(allowed)))
@@ -272,12 +296,11 @@ class StyleBandit:
             near = posterior.weights[1:] / posterior.weights[1:].sum()
             scores[~explore] = (near @ posterior.means[1:]) @ X.T
         best = np.argmax(scores, axis=1)
-        chosen = allowed[int(best[0])]
+        chosen = int(allowed[int(best[0])])
         counts = np.bincount(best, minlength=len(allowed)) / len(best)
-        marginals: dict[str, dict[str, float]] = {}
-        for j, dim in enumerate(DIMS):
-            first = float(sum(p for i, p in zip(allowed, counts, strict=True) if _STYLE_SIGNS[i][j] > 0))
-            marginals[dim] = {DIMENSIONS[dim][0]: round(first, 4), DIMENSIONS[dim][1]: round(1 - first, 4)}
+        firsts = counts @ (_STYLE_SIGNS[allowed] > 0)  # per dimension, the probability of its first value
+        marginals = {dim: {DIMENSIONS[dim][0]: round(float(f), 4), DIMENSIONS[dim][1]: round(1 - float(f), 4)}
+                     for dim, f in zip(DIMS, firsts, strict=True)}  # fmt: skip
         return Decision(ALL_STYLES[chosen], context, float(counts[int(best[0])]), marginals)
 
     def beliefs(self, posterior: Posterior) -> dict[str, tuple[str, float]]:

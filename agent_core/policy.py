@@ -17,12 +17,13 @@ import logging
 import re
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from agent_core.bandit import DIMS, BanditConfig, Population, StyleBandit, UserStats, features
+from agent_core.bandit import DIMS, BanditConfig, Population, Posterior, StyleBandit, UserStats, features
 from agent_core.config import PolicySettings, StyleDefaults
 from agent_core.style import DIMENSIONS, Style
 from storage import Store
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 POLICY_NAME = "bandit-v1"
 HISTORY = 500  # rated replies replayed when relearning a user
+POSTERIOR_CACHE = 4096  # users whose posterior is kept between their messages
 
 _QUESTION = re.compile(r"\?\s*$|^\s*(what|why|how|when|where|who|which|whose|is|are|can|could|do|does|did|should"
                        r"|would|will|may|might)\b", re.I)  # fmt: skip
@@ -108,6 +110,7 @@ class LearningPolicy(StylePolicy):
         self.settings = settings
         self.bandit = StyleBandit(BanditConfig(gamma=settings.discount))
         self._users: dict[int, UserStats] = {}  # write-through cache of policy_users
+        self._posteriors: OrderedDict[int, Posterior] = OrderedDict()  # derived: dropped when an input changes
         self._population: Population | None = None
         self._learned_since_refit = 0
         # Before anyone has reacted, lean a little toward the configured [style].
@@ -123,6 +126,16 @@ class LearningPolicy(StylePolicy):
             self._users[user_id] = UserStats.from_bytes(saved[0]) if saved else UserStats()
         return self._users[user_id]
 
+    async def _posterior(self, user_id: int) -> Posterior:
+        if user_id in self._posteriors:
+            self._posteriors.move_to_end(user_id)
+            return self._posteriors[user_id]
+        posterior = self.bandit.posterior(await self._stats(user_id), await self.population(), user_id)
+        self._posteriors[user_id] = posterior
+        if len(self._posteriors) > POSTERIOR_CACHE:
+            self._posteriors.popitem(last=False)
+        return posterior
+
     async def population(self) -> Population:
         if self._population is None:
             saved = await self.store.policy_population()
@@ -135,6 +148,7 @@ class LearningPolicy(StylePolicy):
         population = self.bandit.population(users, prior_mean=self.default_mean)
         await self.store.save_policy_population(population.to_bytes(), len(users))
         self._population, self._learned_since_refit = population, 0
+        self._posteriors.clear()
         log.info("style policy: population refit from %d users, %d prototypes", len(users), len(population.prototypes))
         return population
 
@@ -143,7 +157,7 @@ class LearningPolicy(StylePolicy):
     async def choose(self, user_id: int, text: str, fixed: dict[str, str], key: int) -> Choice:
         fixed_dims = {d: v for d, v in fixed.items() if d in DIMENSIONS}
         context = classify(text)
-        posterior = self.bandit.posterior(await self._stats(user_id), await self.population(), user_id)
+        posterior = await self._posterior(user_id)
         rng = np.random.default_rng([self.settings.seed, user_id, key])
         decision = self.bandit.choose(posterior, context, fixed_dims, rng)
         entry = {"policy": POLICY_NAME, "context": context, "propensity": round(decision.propensity, 4),
@@ -161,6 +175,7 @@ class LearningPolicy(StylePolicy):
             context = json.loads(log_json).get("context", "chat") if log_json else "chat"
             stats.observe(features(style, context), max(-1.0, min(1.0, reward)), self.bandit.config)
         self._users[user_id] = stats
+        self._posteriors.pop(user_id, None)
         await self.store.save_policy_user(user_id, stats.to_bytes())
         self._learned_since_refit += 1
         if self._learned_since_refit >= self.settings.refit_every:
@@ -168,13 +183,14 @@ class LearningPolicy(StylePolicy):
 
     async def reset(self, user_id: int) -> None:
         self._users[user_id] = UserStats()
+        self._posteriors.pop(user_id, None)
         await self.store.save_policy_user(user_id, UserStats().to_bytes(), reset_at=time.time())
 
     # --- explaining ------------------------------------------------------------------------------
 
     async def beliefs(self, user_id: int) -> dict[str, Any]:
         stats = await self._stats(user_id)
-        posterior = self.bandit.posterior(stats, await self.population(), user_id)
+        posterior = await self._posterior(user_id)
         return {
             "reactions_learned_from": stats.n,
             "prefers": {dim: {"value": v, "probability": round(p, 3)} for dim, (v, p) in
@@ -185,7 +201,7 @@ class LearningPolicy(StylePolicy):
         stats = await self._stats(user_id)
         if stats.n == 0:
             return "Learned: nothing from you yet; I start from what most people like. React to my replies!"
-        posterior = self.bandit.posterior(stats, await self.population(), user_id)
+        posterior = await self._posterior(user_id)
         phrases = []
         for dim, (value, p) in self.bandit.beliefs(posterior).items():
             if dim in fixed:
