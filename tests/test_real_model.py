@@ -16,6 +16,7 @@ from agent_core.agent import Agent
 from agent_core.config import load_config
 from agent_core.events import Command, Message, Reaction
 from agent_core.llm.local import LocalBackend
+from agent_core.style import measure_style
 from tests.conftest import MODEL_CACHE, write_config
 
 
@@ -42,6 +43,12 @@ async def test_a_short_conversation_with_the_real_model(tmp_path: Path, caplog: 
 
         outcome = await agent.handle_reaction(Reaction(**base, message_id="m-1", emoji="👍"))
         assert outcome.stored and outcome.reward == 1.0 and outcome.trains
+        # The reaction taught the style policy at once, about the style that reply was given.
+        learned = await agent.policy.beliefs(1)
+        assert learned["reactions_learned_from"] == 1
+        row = await agent.store.db.fetchone("SELECT style, policy FROM messages WHERE id = ?", (reply.reply_id,))
+        assert json.loads(row[0]) == reply.style and json.loads(row[1])["context"] == "question"
+        assert set(measure_style(reply.text).as_dict()) == set(reply.style)  # what the reply actually looks like
 
         follow_up = await agent.handle_message(Message(**base, text="Thanks! Say hello to him."))
         assert follow_up is not None and follow_up.kind == "answer" and follow_up.text
