@@ -24,7 +24,7 @@ from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
 from agent_core.prompts import PromptParts, build_prompt
 from agent_core.ratelimit import RateLimiter
 from agent_core.rewards import RewardMap, normalize
-from agent_core.style import Style
+from agent_core.style import Style, finish, token_budget
 from storage import ActiveAdapter, Database, ReplyContext, Store
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Agent:
         choice = await self.policy.choose(user, msg.text, context.preferences, key=received.message_id)
         style = choice.style
         prompt = self._prompt(msg, style, context)
-        text = await self._generate(prompt, context.adapter, on_text)
+        text = await self._generate(prompt, style, context.adapter, on_text)
         if text is None:
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         reply_id = await self.store.add_reply(
@@ -138,13 +138,13 @@ class Agent:
         return min(self.settings.llm.max_new_tokens, self.llm.context_window // 2)
 
     async def _generate(
-        self, prompt: list[ChatMessage], adapter: ActiveAdapter | None, on_text: OnText | None
+        self, prompt: list[ChatMessage], style: Style, adapter: ActiveAdapter | None, on_text: OnText | None
     ) -> str | None:
         """The model's reply, streamed to ``on_text``; None (and a log line) if it failed."""
         llm = self.settings.llm
         request = GenerationRequest(
             messages=prompt,
-            max_new_tokens=self._reply_room(),
+            max_new_tokens=token_budget(style, self._reply_room()),
             temperature=llm.temperature,
             top_p=llm.top_p,
             adapter=AdapterRef(_adapter_name(adapter), adapter.path) if adapter else None,
@@ -162,7 +162,7 @@ class Agent:
         except LLMError as exc:
             log.warning("the model failed (%s); the user got an apology", exc)
             return None
-        return "".join(pieces).strip() or "…"
+        return finish("".join(pieces), style) or "…"
 
     # --- reactions, commands, delivery -------------------------------------------------------
 

@@ -57,6 +57,25 @@ class Style:
         return cls(**{dim: data[dim] for dim in DIMENSIONS})  # type: ignore[arg-type]
 
 
+# A small model does not keep to "brief" when only asked: a brief reply also gets a token
+# budget, and is cut after its last complete sentence.
+BRIEF_TOKENS = 64
+_SENTENCE_END = re.compile(r"[.!?…](?:[\"')\]]*)(?=\s|$)")
+
+
+def token_budget(style: Style, configured: int) -> int:
+    return min(configured, BRIEF_TOKENS) if style.length == "brief" else configured
+
+
+def finish(text: str, style: Style) -> str:
+    """The reply as sent: a brief one that was cut mid-sentence ends at its last full stop."""
+    text = text.strip()
+    if style.length != "brief" or not text or text[-1] in ".!?…":
+        return text
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends and ends[-1] > len(text) * 0.3 else text
+
+
 def is_valid(dimension: str, value: str) -> bool:
     return value in DIMENSIONS.get(dimension, ())
 

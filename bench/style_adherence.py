@@ -1,10 +1,12 @@
 """How often the local model's reply has the style the prompt asked for.
 
 For each everyday prompt (bench/data/everyday_prompts.txt), the local model answers
-three times: twice with style instructions (two opposite styles, so every value of every
-dimension is asked for equally often) and once with none. ``measure_style`` reads each
-reply; per dimension and value, the table gives how often a reply that was asked for
-that value has it, beside how often a reply has it when nothing was asked (the baseline).
+three times: twice with a style, as the bot asks for it (instructions in the prompt, and
+for a brief reply its token budget and the cut at the last full sentence: two opposite
+styles, so every value of every dimension is asked for equally often) and once with
+nothing. ``measure_style`` reads each reply; per dimension and value, the table gives
+how often a reply that was asked for that value has it, beside how often a reply has
+it when nothing was asked (the baseline).
 
     python -m bench.style_adherence [--prompts 16] [--max-new-tokens 160]
 """
@@ -24,7 +26,7 @@ if __package__ in (None, ""):  # run as a file: python bench/style_adherence.py
 from agent_core.bandit import ALL_STYLES
 from agent_core.llm import GenerationRequest
 from agent_core.llm.local import LocalBackend
-from agent_core.style import DIMENSIONS, Style, measure_style
+from agent_core.style import DIMENSIONS, Style, finish, measure_style, token_budget
 from bench import report
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "everyday_prompts.txt"
@@ -55,9 +57,11 @@ async def main() -> None:
             system = SYSTEM if style is None else f"{SYSTEM}\n{style.instructions()}"
             request = GenerationRequest(
                 messages=[{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-                max_new_tokens=args.max_new_tokens, temperature=0.3, seed=i,
+                max_new_tokens=args.max_new_tokens if style is None else token_budget(style, args.max_new_tokens),
+                temperature=0.3, seed=i,
             )  # fmt: skip
-            observed = measure_style(await backend.generate(request)).as_dict()
+            reply = await backend.generate(request)
+            observed = measure_style(reply if style is None else finish(reply, style)).as_dict()
             for dim, values in DIMENSIONS.items():
                 if style is None:
                     for value in values:
