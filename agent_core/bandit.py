@@ -30,6 +30,7 @@ can be evaluated offline on real logs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -90,6 +91,12 @@ _FEATURES = {c: np.array([features(s, c) for s in ALL_STYLES]) for c in CONTEXTS
 
 def _allowed(fixed: dict[str, str]) -> np.ndarray:
     """Indices of the styles that agree with the user's fixed values."""
+    return _allowed_for(tuple(sorted(fixed.items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _allowed_for(fixed_items: tuple[tuple[str, str], ...]) -> np.ndarray:
+    fixed = dict(fixed_items)
     mask = np.ones(len(ALL_STYLES), dtype=bool)
     for j, dim in enumerate(DIMS):
         if dim in fixed:
@@ -187,6 +194,11 @@ class Posterior:
 
     def mean(self) -> np.ndarray:
         return self.weights @ self.means
+
+    @functools.cached_property
+    def explore_chol(self) -> np.ndarray:
+        """Cholesky factor of the broad component's covariance, for Thompson draws."""
+        return np.linalg.cholesky(self.covs[0] + 1e-12 * np.eye(self.covs.shape[1]))
 
 
 class StyleBandit:
@@ -289,7 +301,7 @@ class StyleBandit:
         explore = rng.random(n) < (posterior.weights[0] if len(posterior.weights) > 1 else 1.0)
         scores = np.empty((n, len(allowed)))
         if explore.any():
-            chol = np.linalg.cholesky(posterior.covs[0] * self.config.explore_scale + 1e-12 * np.eye(N_FEATURES))
+            chol = posterior.explore_chol * math.sqrt(self.config.explore_scale)
             draws = posterior.means[0] + rng.standard_normal((int(explore.sum()), N_FEATURES)) @ chol.T
             scores[explore] = draws @ X.T
         if not explore.all():

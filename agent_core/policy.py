@@ -57,6 +57,11 @@ class Choice:
 
 
 class StylePolicy(ABC):
+    async def prepare(self, user_id: int) -> None:
+        """Load what :meth:`choose` will need for this user (called beside the other reads
+        of a message, so a cold start costs no extra round trip). Optional."""
+        return None
+
     @abstractmethod
     async def choose(self, user_id: int, text: str, fixed: dict[str, str], key: int) -> Choice:
         """The style for a reply to ``text``; ``fixed`` holds the user's explicit settings;
@@ -110,6 +115,7 @@ class LearningPolicy(StylePolicy):
         self.settings = settings
         self.bandit = StyleBandit(BanditConfig(gamma=settings.discount))
         self._users: dict[int, UserStats] = {}  # write-through cache of policy_users
+        self._stored: set[int] | None = None  # users with a policy_users row (others need no read)
         self._posteriors: OrderedDict[int, Posterior] = OrderedDict()  # derived: dropped when an input changes
         self._population: Population | None = None
         self._learned_since_refit = 0
@@ -122,9 +128,14 @@ class LearningPolicy(StylePolicy):
 
     async def _stats(self, user_id: int) -> UserStats:
         if user_id not in self._users:
-            saved = await self.store.policy_user(user_id)
+            if self._stored is None:
+                self._stored = await self.store.policy_user_ids()
+            saved = await self.store.policy_user(user_id) if user_id in self._stored else None
             self._users[user_id] = UserStats.from_bytes(saved[0]) if saved else UserStats()
         return self._users[user_id]
+
+    async def prepare(self, user_id: int) -> None:
+        await self._stats(user_id)
 
     async def _posterior(self, user_id: int) -> Posterior:
         if user_id in self._posteriors:
@@ -175,6 +186,8 @@ class LearningPolicy(StylePolicy):
             context = json.loads(log_json).get("context", "chat") if log_json else "chat"
             stats.observe(features(style, context), max(-1.0, min(1.0, reward)), self.bandit.config)
         self._users[user_id] = stats
+        if self._stored is not None:
+            self._stored.add(user_id)
         self._posteriors.pop(user_id, None)
         await self.store.save_policy_user(user_id, stats.to_bytes())
         self._learned_since_refit += 1
@@ -183,6 +196,8 @@ class LearningPolicy(StylePolicy):
 
     async def reset(self, user_id: int) -> None:
         self._users[user_id] = UserStats()
+        if self._stored is not None:
+            self._stored.add(user_id)
         self._posteriors.pop(user_id, None)
         await self.store.save_policy_user(user_id, UserStats().to_bytes(), reset_at=time.time())
 

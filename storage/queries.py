@@ -558,6 +558,9 @@ class Store:
             (user_id, stats, reset_at, time.time(), reset_at),
         )
 
+    async def policy_user_ids(self) -> set[int]:
+        return {int(r[0]) for r in await self.db.fetchall("SELECT user_id FROM policy_users")}
+
     async def all_policy_users(self) -> list[tuple[int, bytes]]:
         rows = await self.db.fetchall("SELECT user_id, stats FROM policy_users")
         return [(int(r[0]), bytes(r[1])) for r in rows]
