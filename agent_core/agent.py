@@ -18,13 +18,22 @@ from typing import Any
 from agent_core.commands import Caller, Commands, parse_command
 from agent_core.config import Config, Settings
 from agent_core.events import Command, Event, Message, Reaction, Reply
-from agent_core.llm import AdapterRef, ChatMessage, GenerationRequest, LLMBackend, LLMError, create_backend
+from agent_core.llm import (
+    AdapterRef,
+    ChatMessage,
+    GenerationRequest,
+    LLMBackend,
+    LLMError,
+    base_model_dir,
+    create_backend,
+)
 from agent_core.memory import note_to_remember
 from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
 from agent_core.prompts import PromptParts, build_prompt
 from agent_core.ratelimit import RateLimiter
 from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style, finish, token_budget
+from agent_core.training.job import TrainingJob
 from storage import ActiveAdapter, Database, ReplyContext, Store
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,7 @@ class Agent:
             else DefaultsPolicy(settings.style)
         )
         self.commands = Commands(store, self.policy, describe_model=llm.describe)
+        self.training = TrainingJob(store, settings, model_dir=lambda: base_model_dir(settings))
         self.rewards = RewardMap(settings.rewards)
         self.limiter = RateLimiter(settings.limits.messages_per_minute)
 
@@ -78,7 +88,7 @@ class Agent:
         user = await self.store.resolve_user(msg.platform, msg.sender_id, msg.sender_name)
         chat = await self.store.resolve_chat(msg.platform, msg.chat_id, msg.chat_kind)
         now = time.time()
-        received, context = await asyncio.gather(  # one round trip to the database
+        received, context, _ = await asyncio.gather(  # one round trip to the database
             self.store.receive_message(  # committed before the reply is generated
                 user, chat, msg.text, platform_message_id=msg.message_id, event_id=msg.event_id, at=now
             ),
@@ -86,6 +96,7 @@ class Agent:
                 user, chat, msg.text, before=now, turns=self.settings.agent.recent_turns,
                 notes=self.settings.agent.memory_notes,
             ),
+            self.policy.prepare(user),
         )  # fmt: skip
         if received is None:
             return None

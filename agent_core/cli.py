@@ -3,6 +3,8 @@
     attune [--config PATH] run                 every configured adapter (else the default front end)
     attune [--config PATH] chat [--user NAME]  talk to the bot in this terminal
     attune [--config PATH] config show         the effective settings, secrets masked
+    attune [--config PATH] train [--user U | --all] [--dry-run]    the nightly training, now
+    attune [--config PATH] adapters list | rollback --user U       the adapters it made
 
 This is the one place that wires the core to the platform adapters (``bots``).
 """
@@ -19,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import tomli_w
 
+from agent_core import training_cli
 from agent_core.agent import Agent
 from agent_core.config import CONFIG_ENV, Config, ConfigError, effective_settings, load_config
 from agent_core.llm.model_files import ModelNotFound
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", parents=[common], help="inspect the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     config_sub.add_parser("show", parents=[common], help="print the effective settings, secrets masked")
+    training_cli.add_commands(sub, common)
     return parser
 
 
@@ -81,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(source + tomli_w.dumps(effective_settings(config)), end="")
         return 0
     try:
+        if args.command in ("train", "adapters"):
+            return asyncio.run(training_cli.run(config, args))
         return asyncio.run(_serve(config, user=getattr(args, "user", None), chat=args.command == "chat"))
     except (DatabaseError, ModelNotFound) as exc:
         print(f"attune: {exc}", file=sys.stderr)
@@ -105,7 +111,17 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_adapters(adapters, config.settings.run, stop)
+        nightly = None
+        if not chat and config.settings.training.enabled:
+            from scheduler import NightlyScheduler
+
+            nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.database_path)
+            nightly.start()
+        try:
+            await run_adapters(adapters, config.settings.run, stop)
+        finally:
+            if nightly is not None:
+                nightly.stop()
         return 0
     finally:
         await agent.close()

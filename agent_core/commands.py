@@ -20,6 +20,7 @@ from agent_core.memory import MAX_NOTE_CHARS
 from agent_core.policy import StylePolicy
 from agent_core.style import DIMENSIONS, is_valid
 from storage import Store
+from storage.training import TrainingRecords
 
 FORGET_CONFIRM_SECONDS = 120.0
 FREE_TEXT_PREFS = {"language": 60, "persona": 300}  # key -> longest value
@@ -226,9 +227,29 @@ async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         f"Notes: {stats['memories']}.",
         await cmds.policy.describe(caller.user_id, await cmds.store.preferences(caller.user_id)),
         f"Adapter: {adapter_line}.",
+        await _training_line(cmds, caller.user_id),
         f"Model: {cmds.describe_model()}.",
     ]
     return CommandResult("\n".join(lines), private=True)
+
+
+async def _training_line(cmds: Commands, user_id: int) -> str:
+    runs = await TrainingRecords(cmds.store.db).runs(user_id, limit=1)
+    if not runs:
+        return "Training: not yet; a nightly run trains your own adapter once you have rated enough replies."
+    run = runs[0]
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["started_at"]))
+    outcome = {
+        "promoted": "a new adapter was promoted",
+        "rejected": "the new adapter was not better, so it was kept out",
+    }
+    what = outcome.get(run["decision"] or "", run["status"])
+    gain = ""
+    m = run["metrics"]
+    if m.get("candidate", {}).get("nll_liked") and m.get("in_service", {}).get("nll_liked"):
+        c, s = m["candidate"]["nll_liked"], m["in_service"]["nll_liked"]
+        gain = f" (held-out NLL of liked replies {s:.2f} -> {c:.2f})"
+    return f"Training: last run {when} on {run['rated']} rated replies: {what}{gain}."
 
 
 LINK_CODE_SECONDS = 600.0

@@ -17,12 +17,14 @@ Any problem — a wrong type, a bad value, an unknown key, a secret in the file 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 
 from agent_core.style import Emoji, Format, Length, Tone
 
@@ -61,6 +63,7 @@ class LocalLLMSettings(_Section):
     threads: int = Field(default=0, ge=0)
     context_window: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
+    max_loaded_adapters: int = Field(default=16, ge=1)
 
 
 class OpenAISettings(_Section):
@@ -101,6 +104,61 @@ class PolicySettings(_Section):
     seed: int = 0
     discount: float = Field(default=0.96, gt=0.5, le=1.0)
     refit_every: int = Field(default=20, ge=1)
+
+
+class TrainingSettings(_Section):
+    """The nightly per-user LoRA job (agent_core/training, scheduler/)."""
+
+    enabled: bool = True
+    cron: str = "0 3 * * *"
+    timezone: str = ""
+    min_new_rated: int = Field(default=20, ge=1)
+    min_population_liked: int = Field(default=20, ge=1)
+    holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    objective: Literal["sft", "kto"] = "sft"
+    rank: int = Field(default=8, ge=1, le=256)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    learning_rate: float = Field(default=1e-3, gt=0.0, le=1.0)
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=8, ge=2)
+    max_length: int = Field(default=512, ge=32)
+    threads: int = Field(default=1, ge=1)
+    margin: float = Field(default=0.02, ge=0.0, lt=1.0)
+    redact_patterns: list[str] = Field(default_factory=list)
+    lock_ttl_s: float = Field(default=600.0, ge=30.0)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"not a crontab schedule (minute hour day month weekday): {exc}") from exc
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        if value:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"unknown time zone {value!r} (use an IANA name like Europe/Berlin)") from exc
+        return value
+
+    @field_validator("redact_patterns")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from exc
+        return value
 
 
 class LimitsSettings(_Section):
@@ -184,6 +242,7 @@ class Settings(_Section):
     agent: AgentSettings = AgentSettings()
     style: StyleDefaults = StyleDefaults()
     policy: PolicySettings = PolicySettings()
+    training: TrainingSettings = TrainingSettings()
     limits: LimitsSettings = LimitsSettings()
     rewards: dict[str, Reward] = Field(default_factory=lambda: dict(DEFAULT_REWARDS))
     logging: LoggingSettings = LoggingSettings()

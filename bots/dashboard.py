@@ -9,8 +9,11 @@ JavaScript. ``GET /dashboard/api/overview`` returns the same data as JSON.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import json
+import logging
 import time
 from html import escape
 from typing import TYPE_CHECKING, Any
@@ -20,16 +23,23 @@ from aiohttp import web
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.style import DIMENSIONS
+from agent_core.training.job import TrainingBusy
 from storage.reports import Reports, UserSummary
+from storage.training import TrainingRecords
 
 if TYPE_CHECKING:
     from bots.web import WebAdapter
 
+log = logging.getLogger(__name__)
+
 ADMIN_COOKIE = "attune_admin"
 PALETTE = ["#222222", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b"]
 NOTICES = {
-    "train": "Training one user now is not available yet: it arrives with nightly LoRA training.",
-    "rollback": "Rolling an adapter back is not available yet: it arrives with nightly LoRA training.",
+    "train-started": "Training started for that user; reload this page to follow its run below.",
+    "train-busy": "A training run is already going on; try again when it has finished.",
+    "rolled-back": "Rolled back: the user's previous adapter (or the shared one) serves their next message.",
+    "no-adapter": "That user has no adapter of their own in service; nothing to roll back.",
+    "cancelled": "The running training was asked to stop; the adapters in service stay as they are.",
 }
 
 
@@ -39,6 +49,7 @@ class Dashboard:
         self.reports = Reports(agent.store.db)
         self.token = config.secrets.get("admin_token")
         self.web = web_adapter
+        self._training: set[asyncio.Task[None]] = set()
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/dashboard", self.page)
@@ -46,6 +57,7 @@ class Dashboard:
         app.router.add_post("/dashboard/login", self.login)
         app.router.add_post("/dashboard/logout", self.logout)
         app.router.add_post("/dashboard/users/{user_id:\\d+}/{action:train|rollback}", self.action)
+        app.router.add_post("/dashboard/training/cancel", self.cancel)
 
     # --- who may look ---------------------------------------------------------------------
 
@@ -100,7 +112,33 @@ class Dashboard:
     async def action(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._refusal(request)) is not None:
             return refused
-        raise web.HTTPSeeOther(f"/dashboard?notice={request.match_info['action']}")
+        user_id = int(request.match_info["user_id"])
+        if request.match_info["action"] == "rollback":
+            taken, _ = await TrainingRecords(self.agent.store.db).rollback(user_id)
+            raise web.HTTPSeeOther(f"/dashboard?notice={'rolled-back' if taken else 'no-adapter'}")
+        if await TrainingRecords(self.agent.store.db).lock_holder() is not None:
+            raise web.HTTPSeeOther("/dashboard?notice=train-busy")
+        task = asyncio.create_task(self._train(user_id))
+        self._training.add(task)
+        task.add_done_callback(self._training.discard)
+        raise web.HTTPSeeOther("/dashboard?notice=train-started")
+
+    async def _train(self, user_id: int) -> None:
+        try:
+            plan = await self.agent.training.run([user_id])
+            log.info(
+                "dashboard training of user %d: %s", user_id, [(t.name, t.status) for t in plan.tasks] or plan.skipped
+            )
+        except TrainingBusy as exc:
+            log.info("dashboard training of user %d skipped: %s", user_id, exc)
+        except Exception:
+            log.exception("dashboard training of user %d failed", user_id)
+
+    async def cancel(self, request: web.Request) -> web.StreamResponse:
+        if (refused := self._refusal(request)) is not None:
+            return refused
+        self.agent.training.cancel()
+        raise web.HTTPSeeOther("/dashboard?notice=cancelled")
 
     # --- what it shows -------------------------------------------------------------------
 
@@ -146,11 +184,16 @@ class Dashboard:
             _users_table([UserSummary(**u) for u in users], {int(k): v for k, v in data["beliefs"].items()}, csrf),
             "</section><section><h2>Adapters</h2>",
             _table(
-                ["user", "version", "status", "metrics"],
-                [[a["name"] or "population", a["version"], a["status"], a["metrics"] or ""] for a in data["adapters"]],
+                ["user", "version", "status", "on top of", "held-out NLL liked: served → new", "pref. accuracy"],
+                [
+                    [a["name"] or "population", a["version"], a["status"], a["parent"], *_gains(a["metrics"])]
+                    for a in data["adapters"]
+                ],
                 "No adapters trained yet.",
             ),
             "</section><section><h2>Training runs</h2>",
+            f'<form method="post" action="/dashboard/training/cancel"><input type="hidden" name="csrf" '
+            f'value="{csrf}"><button>Stop the running training</button></form>',
             _runs(data["training_runs"]),
             "</section>",
         ]
@@ -226,10 +269,27 @@ def _runs(runs: list[dict[str, Any]]) -> str:
     for run in runs:
         started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(run["started_at"]))
         log = f"<details><summary>log</summary><pre>{escape(run['log'] or '')}</pre></details>"
-        rows.append(f"<tr><td>{escape(str(run['name'] or 'population'))}</td><td>{escape(run['status'])}</td>"
-                    f"<td>{started}</td><td>{escape(run['metrics'] or '')}</td><td>{log}</td></tr>")  # fmt: skip
-    return ("<table><thead><tr><th>user</th><th>status</th><th>started (UTC)</th><th>metrics</th><th></th></tr>"
-            f"</thead><tbody>{''.join(rows)}</tbody></table>")  # fmt: skip
+        took = f"{run['finished_at'] - run['started_at']:.0f} s" if run["finished_at"] else "running"
+        nll, acc = _gains(run["metrics"])
+        cells = [run["name"] or "population", run["status"], run["decision"] or "", run["rated"], started, took, nll,
+                 acc]  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + f"<td>{log}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("user", "status", "decision", "rated replies", "started (UTC)",
+                                             "took", "NLL liked: served → new", "pref. accuracy", ""))  # fmt: skip
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _gains(metrics_json: str | None) -> list[str]:
+    """Held-out figures of a run or adapter: NLL of liked replies and preference accuracy, served → new."""
+    m = json.loads(metrics_json) if metrics_json else {}
+    if "candidate" not in m:
+        return ["", ""]
+
+    def pair(key: str, spec: str) -> str:
+        values = [m.get(k, {}).get(key) for k in ("in_service", "candidate")]
+        return " → ".join("–" if v is None else format(v, spec) for v in values)
+
+    return [pair("nll_liked", ".3f"), pair("preference_accuracy", ".2f")]
 
 
 def reward_plot(series: dict[str, list[tuple[str, float, int]]], names: dict[str, str],

@@ -89,14 +89,15 @@ class Reports:
 
     async def adapters(self) -> list[dict[str, Any]]:
         rows = await self.db.fetchall(
-            "SELECT a.id, a.user_id, u.name, a.version, a.status, a.metrics, a.created_at"
+            "SELECT a.id, a.user_id, u.name, a.version, a.status, a.parent, a.metrics, a.created_at"
             " FROM adapters a LEFT JOIN users u ON u.id = a.user_id ORDER BY a.created_at DESC"
         )
         return [dict(r) for r in rows]
 
     async def training_runs(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = await self.db.fetchall(
-            "SELECT t.id, t.user_id, u.name, t.status, t.started_at, t.finished_at, t.metrics, t.log"
+            "SELECT t.id, t.user_id, u.name, t.kind, t.status, t.decision, t.rated, t.started_at, t.finished_at,"
+            " t.metrics, t.log"
             " FROM training_runs t LEFT JOIN users u ON u.id = t.user_id ORDER BY t.started_at DESC LIMIT ?",
             (limit,),
         )

@@ -4,10 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent_core.config import Config
+from agent_core.config import Config, Settings
 from agent_core.llm.base import AdapterRef, ChatMessage, GenerationRequest, LLMBackend, LLMError
 
-__all__ = ["AdapterRef", "ChatMessage", "GenerationRequest", "LLMBackend", "LLMError", "create_backend"]
+__all__ = [
+    "AdapterRef",
+    "ChatMessage",
+    "GenerationRequest",
+    "LLMBackend",
+    "LLMError",
+    "base_model_dir",
+    "create_backend",
+]
+
+
+def model_cache_dir(settings: Settings) -> Path:
+    local = settings.llm.local
+    return Path(local.cache_dir or settings.storage.data_path / "models").expanduser().resolve()
+
+
+def base_model_dir(settings: Settings) -> Path:
+    """The local base model as a transformers directory (converting a GGUF once): what
+    adapters are trained on, whichever backend serves replies."""
+    from agent_core.llm.model_files import cached_directory, find_model
+
+    return cached_directory(find_model(settings.llm.local.model), model_cache_dir(settings))
 
 
 def create_backend(config: Config) -> LLMBackend:
@@ -27,11 +48,11 @@ def create_backend(config: Config) -> LLMBackend:
         )
     from agent_core.llm.local import LocalBackend
 
-    cache = llm.local.cache_dir or str(config.settings.storage.data_path / "models")
     return LocalBackend(
         llm.local.model,
-        Path(cache).expanduser().resolve(),
+        model_cache_dir(config.settings),
         threads=llm.local.threads,
         context_window=llm.local.context_window,
         repetition_penalty=llm.local.repetition_penalty,
+        max_loaded_adapters=llm.local.max_loaded_adapters,
     )

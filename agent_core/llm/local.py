@@ -21,7 +21,6 @@ from agent_core.llm.model_files import cached_directory, find_model
 
 log = logging.getLogger(__name__)
 
-MAX_LOADED_ADAPTERS = 16
 _DONE = object()
 
 
@@ -34,17 +33,19 @@ class LocalBackend(LLMBackend):
         threads: int = 0,
         context_window: int = 0,
         repetition_penalty: float = 1.0,
+        max_loaded_adapters: int = 16,
     ) -> None:
         self.model_setting = model
         self.repetition_penalty = repetition_penalty
         self.cache_dir = cache_dir
+        self.max_loaded_adapters = max_loaded_adapters
         self.threads = threads
         self._context_window_setting = context_window
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attune-llm")
         self._model: Any = None  # a transformers model, or a peft PeftModel once an adapter is used
         self._tokenizer: Any = None
         self._counter: Any = None  # a separate tokenizers.Tokenizer for counting on the loop thread
-        self._adapters: OrderedDict[str, str] = OrderedDict()  # loaded adapter name -> path
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # loaded adapter name -> path, an LRU
         self.model_dir: Path | None = None
         self.generated_tokens = 0  # new tokens produced since start, all requests together
 
@@ -172,7 +173,7 @@ class LocalBackend(LLMBackend):
                 self._model = PeftModel.from_pretrained(self._model, adapter.path, adapter_name=name)
             self._model.eval()
             self._adapters[name] = adapter.path
-            if len(self._adapters) > MAX_LOADED_ADAPTERS:
+            if len(self._adapters) > self.max_loaded_adapters:
                 oldest, _ = self._adapters.popitem(last=False)
                 self._model.delete_adapter(oldest)
         self._adapters.move_to_end(name)

@@ -1,0 +1,265 @@
+"""The nightly job, as the scheduler and ``attune train`` run it.
+
+1. take the training lock in the database (a second process gets :class:`TrainingBusy`);
+2. pick the users with at least ``[training] min_new_rated`` new rated replies;
+3. build each one's examples (redacted, split by time) and the population's;
+4. run the worker process (:mod:`agent_core.training.worker`) with few threads;
+5. record every run and every candidate as its results arrive; a promoted adapter
+   serves that user's next message, since the agent looks it up per message;
+6. release the lock and delete the training files.
+
+A kill of the worker (or of this process) leaves the adapters in service as they were:
+the worker only renames a finished adapter into place, and only a result recorded
+here makes it active. Runs left 'running' by a dead process are marked failed next time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent_core.config import Settings
+from agent_core.training.dataset import Split, examples, split_by_time, summary, write_jsonl
+from agent_core.training.redact import Redactor
+from storage import Store
+from storage.training import Candidate, TrainingRecords
+
+log = logging.getLogger(__name__)
+
+POPULATION = "population"
+MIN_TRAIN_LIKED = 2  # fewer liked training replies than this: the user keeps the population adapter
+
+
+class TrainingBusy(Exception):
+    """Another process holds the training lock."""
+
+
+@dataclass
+class Task:
+    """One adapter to train tonight."""
+
+    name: str  # "population" or "user-12"
+    user_id: int | None
+    user_name: str
+    split: Split
+    version: int = 0
+    run_id: int = 0
+    status: str = "planned"  # planned, running, promoted, rejected, failed, cancelled
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    steps: int = 0
+
+
+@dataclass
+class Plan:
+    tasks: list[Task]
+    skipped: list[tuple[str, str]]  # (who, why)
+
+
+Progress = Callable[[Task], None]
+
+
+class TrainingJob:
+    def __init__(self, store: Store, settings: Settings, model_dir: Callable[[], Path]) -> None:
+        self.store = store
+        self.records = TrainingRecords(store.db)
+        self.settings = settings
+        self.training = settings.training
+        self._model_dir = model_dir  # the base model as a transformers directory (may convert once)
+        self.redact = Redactor(self.training.redact_patterns)
+        self._process: asyncio.subprocess.Process | None = None
+        self._cancelled = False
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.settings.storage.data_path / "adapters"
+
+    # --- planning ----------------------------------------------------------------------
+
+    async def plan(self, users: list[int] | None = None) -> Plan:
+        """What a run would train. ``users`` given: only them (population excluded), each
+        trained if they have enough data at all; None: the nightly choice."""
+        tasks: list[Task] = []
+        skipped: list[tuple[str, str]] = []
+        candidates = await self.records.candidates()
+        splits = {c.user_id: await self._split(c.user_id) for c in candidates}
+        if users is None:
+            population = await self._population_task(candidates, splits)
+            if isinstance(population, Task):
+                tasks.append(population)
+            else:
+                skipped.append((POPULATION, population))
+        known = {c.user_id: c for c in candidates}
+        for user_id in users if users is not None else list(known):
+            c = known.get(user_id)
+            who = f"user-{user_id}" + (f" ({c.name})" if c and c.name else "")
+            if c is None:
+                skipped.append((who, "no rated replies"))
+            elif users is None and c.new_rated < self.training.min_new_rated:
+                skipped.append((who, f"{c.new_rated} new rated replies, needs {self.training.min_new_rated}"))
+            elif len(splits[user_id].liked_train) < MIN_TRAIN_LIKED or not splits[user_id].heldout:
+                skipped.append((who, f"too few liked replies to train on ({summary(splits[user_id])})"))
+            else:
+                tasks.append(Task(f"user-{user_id}", user_id, c.name, splits[user_id]))
+        return Plan(tasks, skipped)
+
+    async def _split(self, user_id: int) -> Split:
+        rows = examples(await self.records.rated_replies(user_id), self.redact)
+        return split_by_time(rows, self.training.holdout_fraction)
+
+    async def _population_task(self, candidates: list[Candidate], splits: dict[int, Split]) -> Task | str:
+        train = [e for s in splits.values() for e in s.train]
+        heldout = [e for s in splits.values() for e in s.heldout]
+        liked = sum(e.label for e in train)
+        if liked < self.training.min_population_liked:
+            return f"{liked} liked replies from all users, needs {self.training.min_population_liked}"
+        since = await self.records.last_trained(None)
+        new = sum(1 for e in train + heldout if e.at > since)
+        if since and new < self.training.min_new_rated:
+            return f"{new} new rated replies since the last population run, needs {self.training.min_new_rated}"
+        return Task(POPULATION, None, POPULATION, Split(train, heldout))
+
+    # --- running -------------------------------------------------------------------------
+
+    async def run(self, users: list[int] | None = None, *, progress: Progress | None = None) -> Plan:
+        """Train what :meth:`plan` picks; returns the plan with each task's outcome."""
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if not await self.records.acquire_lock(holder, self.training.lock_ttl_s):
+            raise TrainingBusy(f"another process is training now ({await self.records.lock_holder()})")
+        work = self.settings.storage.data_path / "training" / f"run-{int(time.time())}-{uuid.uuid4().hex[:6]}"
+        heartbeat = asyncio.create_task(self._heartbeat(holder))
+        try:
+            stale = await self.records.fail_unfinished_runs()
+            if stale:
+                log.warning("%d training run(s) of a process that died were marked failed", stale)
+            for leftover in self.adapters_dir.glob("*/.tmp-*"):  # half-written by a killed worker
+                shutil.rmtree(leftover, ignore_errors=True)
+            plan = await self.plan(users)
+            if plan.tasks:
+                await self._train(plan.tasks, work, progress or (lambda task: None))
+            return plan
+        finally:
+            heartbeat.cancel()
+            shutil.rmtree(work, ignore_errors=True)  # redacted copies of personal data: never left behind
+            await self.records.release_lock(holder)
+
+    def cancel(self) -> None:
+        """Stop the running training; adapters in service stay as they are."""
+        self._cancelled = True
+        if self._process is not None and self._process.returncode is None:
+            self._process.terminate()
+
+    async def _heartbeat(self, holder: str) -> None:
+        while True:
+            await asyncio.sleep(self.training.lock_ttl_s / 4)
+            await self.records.renew_lock(holder, self.training.lock_ttl_s)
+
+    async def _train(self, tasks: list[Task], work: Path, progress: Progress) -> None:
+        population = await self.records.active(None)
+        spec_tasks = []
+        for task in tasks:
+            folder = work / task.name
+            write_jsonl(folder / "train.jsonl", task.split.train)
+            write_jsonl(folder / "heldout.jsonl", task.split.heldout)
+            task.version = await self.records.next_version(task.user_id)
+            own = await self.records.active(task.user_id) if task.user_id is not None else population
+            owner = POPULATION if task.user_id is None else str(task.user_id)
+            task.run_id = await self.records.start_run(task.user_id, len(task.split.train) + len(task.split.heldout))
+            spec_tasks.append({
+                "name": task.name, "user_id": task.user_id,
+                "train": str(folder / "train.jsonl"), "heldout": str(folder / "heldout.jsonl"),
+                "out_dir": str(self.adapters_dir / owner / str(task.version)),
+                "in_service": own.path if own else None,
+            })  # fmt: skip
+        model_dir = await asyncio.to_thread(self._model_dir)
+        spec = {
+            "model_dir": str(model_dir),
+            "threads": self.training.threads,
+            "seed": self.settings.policy.seed,
+            "training": self.training.model_dump(),
+            "population_in_service": population.path if population else None,
+            "tasks": spec_tasks,
+        }
+        (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+        by_name = {t.name: t for t in tasks}
+        returncode = await self._run_worker(work, by_name, progress)
+        for task in tasks:
+            if task.status in ("planned", "running"):
+                task.status = "cancelled" if self._cancelled else "failed"
+                task.reason = "cancelled" if self._cancelled else f"the training process exited with {returncode}"
+                await self.records.log_run(task.run_id, task.reason)
+                await self.records.finish_run(task.run_id, task.status)
+                progress(task)
+
+    async def _run_worker(self, work: Path, tasks: dict[str, Task], progress: Progress) -> int:
+        threads = str(self.training.threads)
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("ATTUNE_ADMIN_TOKEN", None)  # the worker needs no secret
+        stderr_log = (work / "worker.log").open("wb")
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent_core.training.worker", str(work / "spec.json"),
+            stdout=asyncio.subprocess.PIPE, stderr=stderr_log, env=env,
+        )  # fmt: skip
+        try:
+            assert self._process.stdout is not None
+            async for raw in self._process.stdout:
+                with contextlib.suppress(ValueError, KeyError):
+                    event = json.loads(raw)
+                    task = tasks[event["task"]]
+                    await self._on_event(task, event)
+                    progress(task)
+            return await self._process.wait()
+        except BaseException:
+            if self._process.returncode is None:
+                self._process.kill()
+                await self._process.wait()
+            raise
+        finally:
+            stderr_log.close()
+            self._process = None
+
+    async def _on_event(self, task: Task, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "start":
+            task.status, task.steps = "running", int(event["steps"])
+            await self.records.log_run(task.run_id, f"training {task.steps} steps")
+        elif kind == "step":
+            task.step, task.steps = int(event["step"]), int(event["steps"])
+            await self.records.log_run(task.run_id, f"step {task.step}/{task.steps} loss {event['loss']:.4f}")
+        elif kind == "result":
+            task.metrics, task.reason = event["metrics"], event["reason"]
+            task.status = "promoted" if event["promote"] else "rejected"
+            parent = await self._parent(task)
+            path = event["path"] or str(self.adapters_dir / "rejected")
+            await self.records.add_adapter(
+                task.user_id, task.version, path, promote=bool(event["promote"]), parent=parent, metrics=task.metrics
+            )
+            await self.records.log_run(task.run_id, f"{task.status}: {task.reason}")
+            await self.records.finish_run(
+                task.run_id, "succeeded", metrics=task.metrics, decision=task.status, adapter_version=task.version
+            )
+            log.info("training %s: %s (%s)", task.name, task.status, task.reason)
+        elif kind == "error":
+            task.status, task.reason = "failed", str(event["error"])
+            await self.records.log_run(task.run_id, f"failed: {task.reason}")
+            await self.records.finish_run(task.run_id, "failed")
+            log.warning("training %s failed: %s", task.name, task.reason)
+
+    async def _parent(self, task: Task) -> str:
+        if task.user_id is None:
+            return "base"
+        population = await self.records.active(None)
+        return population.name if population else "base"

@@ -1,0 +1,212 @@
+"""The training process: ``python -m agent_core.training.worker SPEC.json``.
+
+It trains the tasks of one night in order (the population adapter first, then each
+user's on top of it), judges each candidate against the adapter in service on held-out
+feedback, and prints one JSON object per line on stdout for the job in the bot's
+process to record: ``start``, ``step``, ``result`` or ``error`` per task. It never
+touches the database. A candidate is written to a temporary folder and renamed into
+place only when complete, so a kill at any moment leaves every served adapter as it was.
+
+The spec (written by :mod:`agent_core.training.job`)::
+
+    {"model_dir": ..., "threads": 1, "seed": 0, "training": {<[training] settings>},
+     "population_in_service": path | null,
+     "tasks": [{"name": "population" | "user-12", "user_id": null | 12,
+                "train": path, "heldout": path, "out_dir": path,
+                "in_service": path | null}]}
+
+A user task starts from the population adapter in service once the population task
+has run (the new one if it was promoted), and, without an adapter of its own, is
+judged against that population adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from agent_core.training.dataset import Example, read_jsonl, with_weights
+from agent_core.training.evaluate import Decision, gate, measures, score
+
+_EVENTS = sys.stdout  # set in main: the real stdout, while library prints go to stderr
+
+
+def emit(event: str, task: str, **fields: Any) -> None:
+    print(json.dumps({"event": event, "task": task, **fields}), file=_EVENTS, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    global _EVENTS
+    _EVENTS = sys.stdout
+    sys.stdout = sys.stderr  # libraries print progress and logs: keep stdout for events only
+    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    population = spec.get("population_in_service")
+    for task in spec["tasks"]:
+        try:
+            if task["user_id"] is None:
+                decision, path = train_task(spec, task, init=population, in_service=task["in_service"])
+                if decision.promote:
+                    population = path
+            else:
+                train_task(spec, task, init=population, in_service=task["in_service"] or population)
+        except Exception as exc:  # one user's failure does not stop the others
+            emit("error", task["name"], error=f"{type(exc).__name__}: {exc}")
+    return 0
+
+
+def train_task(
+    spec: dict[str, Any], task: dict[str, Any], *, init: str | None, in_service: str | None
+) -> tuple[Decision, str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = spec["training"]
+    started = time.monotonic()
+    train = read_jsonl(Path(task["train"]))
+    heldout = read_jsonl(Path(task["heldout"]))
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    base = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
+    model = _peft_model(base, settings, init)
+    out_dir = Path(task["out_dir"])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-") as scratch:
+        objective = "sft" if task["user_id"] is None else settings["objective"]
+        _fit(model, tokenizer, train, objective, settings, int(spec["seed"]), task["name"], Path(scratch))
+        train_seconds = time.monotonic() - started
+        model.eval()
+        metrics = _judge(model, tokenizer, heldout, in_service, settings)
+        metrics.update(train_seconds=round(train_seconds, 2), objective=objective, train_examples=len(train))
+        decision = gate(metrics["candidate"], metrics["in_service"], float(settings["margin"]))
+        if decision.promote:
+            staged = Path(scratch) / "adapter"
+            model.save_pretrained(staged)
+            _reconfigure_for_serving(staged)
+            os.replace(staged, out_dir)  # atomic: the folder appears complete or not at all
+    metrics["seconds"] = round(time.monotonic() - started, 2)
+    emit("result", task["name"], promote=decision.promote, reason=decision.reason, metrics=metrics,
+         path=str(out_dir) if decision.promote else None)  # fmt: skip
+    return decision, str(out_dir)
+
+
+def _peft_model(base: Any, settings: dict[str, Any], init: str | None) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if init:  # continue from the population adapter: the user's adapter sits on top of it
+        return PeftModel.from_pretrained(base, init, is_trainable=True)
+    config = LoraConfig(
+        r=int(settings["rank"]),
+        lora_alpha=int(settings["alpha"]),
+        lora_dropout=float(settings["dropout"]),
+        target_modules=list(settings["targets"]),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config)
+
+
+def _fit(
+    model: Any, tokenizer: Any, train: list[Example], objective: str, settings: dict[str, Any], seed: int,
+    name: str, scratch: Path,
+) -> None:  # fmt: skip
+    """Train the LoRA weights with TRL: SFT on liked replies, or KTO on liked and disliked."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            emit("start", name, steps=state.max_steps)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if logs and "loss" in logs:
+                emit("step", name, step=state.global_step, steps=state.max_steps, loss=logs["loss"])
+
+    common: dict[str, Any] = {
+        "output_dir": str(scratch / "trainer"),
+        "per_device_train_batch_size": int(settings["batch_size"]),
+        "num_train_epochs": float(settings["epochs"]),
+        "learning_rate": float(settings["learning_rate"]),
+        "max_length": int(settings["max_length"]),
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "seed": seed,
+        "dataloader_num_workers": 0,
+    }
+    completion = [{"role": "assistant", "content": ""}]
+
+    def row(e: Example, **extra: Any) -> dict[str, Any]:
+        return {"prompt": e.prompt, "completion": [{**completion[0], "content": e.completion}], **extra}
+
+    if objective == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        rows = with_weights(train)
+        liked = sum(r.weight for r in train if r.label)
+        disliked = sum(r.weight for r in train if not r.label)
+        if not liked or not disliked:
+            objective = "sft"  # KTO needs both kinds; fall back to SFT on what there is
+        else:
+            dataset = Dataset.from_list([row(e, label=e.label) for e in rows])
+            config = KTOConfig(**common, undesirable_weight=min(4.0, max(0.25, liked / disliked)))
+            KTOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                       callbacks=[Progress()]).train()  # fmt: skip
+            return
+    from trl import SFTConfig, SFTTrainer
+
+    liked_rows = with_weights([e for e in train if e.label])
+    if not liked_rows:
+        raise ValueError("no liked replies to train on")
+    dataset = Dataset.from_list([row(e) for e in liked_rows])
+    config = SFTConfig(**common, completion_only_loss=True, packing=False)
+    SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+               callbacks=[Progress()]).train()  # fmt: skip
+
+
+def _judge(
+    model: Any, tokenizer: Any, heldout: list[Example], in_service: str | None, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Held-out measures of the base model, the adapter in service and the candidate."""
+    max_length = int(settings["max_length"])
+    candidate = score(model, tokenizer, heldout, max_length=max_length)
+    with model.disable_adapter():
+        base = score(model, tokenizer, heldout, max_length=max_length)
+    serving = base
+    if in_service:
+        model.load_adapter(in_service, adapter_name="in_service")
+        model.set_adapter("in_service")
+        serving = score(model, tokenizer, heldout, max_length=max_length)
+        model.set_adapter("default")
+        model.delete_adapter("in_service")
+    return {
+        "heldout": {"liked": sum(e.label for e in heldout), "disliked": sum(not e.label for e in heldout)},
+        "base": measures(heldout, base, base),
+        "in_service": measures(heldout, serving, base),
+        "candidate": measures(heldout, candidate, base),
+    }
+
+
+def _reconfigure_for_serving(path: Path) -> None:
+    """Mark the saved adapter for inference (peft writes inference_mode from the trainable copy)."""
+    config_file = path / "adapter_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["inference_mode"] = True
+    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

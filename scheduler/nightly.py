@@ -1,0 +1,91 @@
+"""The nightly training schedule: APScheduler's cron trigger and a persistent job store.
+
+The job lives in the bot's own database (table ``scheduler_jobs``, through APScheduler's
+SQLAlchemy job store), with its next run time. When the bot was down at the scheduled
+time, the stored run time has passed by the next start, and APScheduler runs the job
+then, once however many nights were missed (``coalesce``, no grace limit). Two bot
+processes may both fire it: the training lock in the database lets one train.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from agent_core.config import TrainingSettings
+from agent_core.training.job import TrainingBusy, TrainingJob
+
+log = logging.getLogger(__name__)
+
+JOB_ID = "nightly-training"
+_running: NightlyScheduler | None = None  # the stored job refers to this module's function, which finds it here
+
+
+async def nightly_training() -> None:
+    """The stored job: train everyone who qualifies (see :class:`TrainingJob`)."""
+    if _running is None:
+        log.warning("nightly training fired with no scheduler running; skipped")
+        return
+    await _running.run_now()
+
+
+def trigger_for(settings: TrainingSettings) -> CronTrigger:
+    return CronTrigger.from_crontab(settings.cron, timezone=settings.timezone or None)
+
+
+class NightlyScheduler:
+    def __init__(self, job: TrainingJob, settings: TrainingSettings, database: Path) -> None:
+        self.job = job
+        self.settings = settings
+        self.runs = 0  # nightly runs started by this scheduler
+        store = SQLAlchemyJobStore(
+            url=f"sqlite:///{database}", tablename="scheduler_jobs", engine_options={"connect_args": {"timeout": 30}}
+        )
+        self.scheduler = AsyncIOScheduler(
+            jobstores={"default": store},
+            job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
+            timezone=settings.timezone or None,
+        )
+
+    def start(self) -> None:
+        global _running
+        _running = self
+        trigger = trigger_for(self.settings)
+        self.scheduler.start(paused=True)  # load the stored job before anything fires
+        job = self.scheduler.get_job(JOB_ID)
+        if job is None:
+            self.scheduler.add_job(nightly_training, trigger, id=JOB_ID, name="nightly training")
+        elif str(job.trigger) != str(trigger):
+            job.modify(trigger=trigger)  # a new schedule; a run already due still runs now
+        self.scheduler.resume()
+        log.info("nightly training scheduled (%s); next run %s", self.settings.cron, self.next_run_time())
+
+    def next_run_time(self) -> Any:
+        job = self.scheduler.get_job(JOB_ID)
+        return job.next_run_time if job else None
+
+    async def run_now(self) -> None:
+        self.runs += 1
+        try:
+            plan = await self.job.run()
+        except TrainingBusy as exc:
+            log.info("nightly training skipped: %s", exc)
+            return
+        except Exception:
+            log.exception("nightly training failed")
+            return
+        done = ", ".join(f"{t.name} {t.status}" for t in plan.tasks) or "nothing to train"
+        log.info("nightly training finished: %s", done)
+
+    def stop(self) -> None:
+        global _running
+        self.job.cancel()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        if _running is self:
+            _running = None

@@ -1,0 +1,301 @@
+"""Nightly training end to end on a tiny random Llama with the real tokenizer, peft and TRL.
+
+History is made through the real Agent (with the recording backend, so the replies are
+known texts): bullet-list replies get 👍, long prose replies get 👎. Then the real job
+trains in its worker process, the gate decides, and a second Agent on the same database
+answers with the tiny local model and the promoted adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent_core.agent import Agent
+from agent_core.cli import main
+from agent_core.config import Config
+from agent_core.events import Command, Message, Reaction
+from agent_core.llm import GenerationRequest
+from agent_core.testing import RecordingBackend
+from agent_core.training.dataset import Example, split_by_time
+from agent_core.training.evaluate import gate
+from agent_core.training.job import Task, TrainingBusy
+from agent_core.training.redact import Redactor
+from storage.training import TrainingRecords
+from tests.conftest import tiny_config_text
+
+LIKED = "- apples\n- pears\n- plums"
+DISLIKED = "Well, that is a long story, and I will tell it slowly from the very beginning to the end."
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def training_text(model_dir: Path, extra: str = "") -> str:
+    return tiny_config_text(
+        model_dir,
+        "[training]\nmin_new_rated = 6\nmin_population_liked = 1000\nlearning_rate = 0.05\nepochs = 6\n"
+        "batch_size = 4\nmax_length = 256\nmargin = 0.02\n"
+        'targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]\n' + extra,
+    )
+
+
+def styled_reply(request: GenerationRequest) -> str:
+    return LIKED if "list" in request.messages[-1]["content"] else DISLIKED
+
+
+async def rate_history(
+    agent: Agent, who: str, count: int, *, text: Callable[[int], str] | None = None, tag: str = ""
+) -> None:
+    """``count`` exchanges with ``who``; list replies liked, prose replies disliked."""
+    for i in range(count):
+        body = text(i) if text else (f"give me a list of fruit {i}" if i % 3 else f"tell me about fruit {i}")
+        msg = Message(
+            platform="web", chat_id=who, sender_id=who, sender_name=who, text=body, message_id=f"{who}{tag}-m{i}"
+        )
+        reply = await agent.handle_message(msg)
+        assert reply is not None and reply.reply_id is not None
+        await agent.delivered(reply, f"{who}{tag}-r{i}")
+        emoji = "👍" if reply.text == LIKED else "👎"
+        reaction = Reaction(platform="web", chat_id=who, sender_id=who, message_id=f"{who}{tag}-r{i}", emoji=emoji)
+        assert (await agent.handle_reaction(reaction)).trains
+
+
+async def history_agent(config: Config) -> Agent:
+    backend = RecordingBackend(styled_reply)
+    agent = await Agent.open(config, llm=backend)
+    await backend.start()
+    return agent
+
+
+async def adapter_of(agent: Agent, reply_id: int | None) -> str | None:
+    row = await agent.store.db.fetchone("SELECT adapter_version FROM messages WHERE id = ?", (reply_id,))
+    return row[0] if row else "missing"
+
+
+async def user_id(agent: Agent, who: str) -> int:
+    return await agent.store.resolve_user("web", who, who)
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+def test_redaction_masks_email_phone_and_card_numbers_and_configured_patterns() -> None:
+    redact = Redactor([r"(?i)acct-\d+"])
+    text = "mail ann.lee+x@example.co.uk, call +44 20 7946 0958 or (555) 123-4567, card 4111 1111 1111 1111, acct-991"
+    assert redact(text) == "mail [email], call [phone] or [phone], card [card], [redacted]"
+    # Not personal data: prices, times, a number that fails the card checksum.
+    assert redact("it costs 12.50 at 10:30 on 2026-11-29") == "it costs 12.50 at 10:30 on 2026-11-29"
+    assert "[card]" not in redact("ref 4111 1111 1111 1112")
+
+
+def test_the_held_out_split_is_the_newest_feedback() -> None:
+    rows = [Example([], f"r{i}", i % 2 == 0, 1.0, float(i), 1, i) for i in range(10)]
+    split = split_by_time(list(reversed(rows)), 0.2)
+    assert [e.completion for e in split.heldout] == ["r8", "r9"]
+    assert [e.completion for e in split.train] == [f"r{i}" for i in range(8)]
+    assert split_by_time(rows[:1], 0.2).heldout == []  # one example: nothing to hold out
+
+
+def test_the_gate_promotes_only_a_better_candidate() -> None:
+    served = {"nll_liked": 2.0, "preference_accuracy": 0.6}
+    assert gate({"nll_liked": 1.5, "preference_accuracy": 0.8}, served, 0.02).promote
+    assert not gate({"nll_liked": 1.99, "preference_accuracy": 0.8}, served, 0.02).promote  # within the margin
+    assert not gate({"nll_liked": 2.5, "preference_accuracy": 0.9}, served, 0.02).promote  # worse
+    assert not gate({"nll_liked": 1.5, "preference_accuracy": 0.5}, served, 0.02).promote  # prefers worse
+    only_disliked = {"nll_liked": None, "preference_accuracy": 0.7}
+    assert not gate(only_disliked, {"nll_liked": None, "preference_accuracy": 0.7}, 0.02).promote
+
+
+async def test_training_data_comes_from_stored_reactions_redacted(
+    make_config: Callable[..., Config], tiny_model_dir: Path
+) -> None:
+    agent = await history_agent(make_config(training_text(tiny_model_dir)))
+    try:
+        await rate_history(agent, "ann", 10, text=lambda i: f"list for ann@example.com or +1 415 555 0100, #{i}")
+        other = Reaction(platform="web", chat_id="ann", sender_id="bob", message_id="ann-r0", emoji="👎")
+        assert not (await agent.handle_reaction(other)).trains  # someone else's reaction: stored, not trained on
+        plan = await agent.training.plan()
+        (task,) = plan.tasks
+        rows = task.split.train + task.split.heldout
+        assert len(rows) == 10 and all(e.label for e in rows) and {e.weight for e in rows} == {1.0}
+        assert len(task.split.heldout) == 2 and max(e.at for e in task.split.train) <= task.split.heldout[0].at
+        stored = (
+            sqlite3.connect(agent.settings.storage.database_path)
+            .execute("SELECT prompt FROM messages WHERE role = 'assistant' ORDER BY id LIMIT 1")
+            .fetchone()[0]
+        )
+        first = json.loads(stored)
+        assert "ann@example.com" in first[-1]["content"]  # the stored prompt is as sent...
+        assert rows[0].prompt[-1]["content"] == "list for [email] or [phone], #0"  # ...the training copy redacted
+        assert rows[0].prompt[0] == {"role": "system", "content": first[0]["content"]}  # otherwise exactly as sent
+        assert not any("@" in m["content"] or "555" in m["content"] for e in rows for m in e.prompt)
+    finally:
+        await agent.close()
+
+
+# --- the whole job ----------------------------------------------------------------------
+
+
+async def test_an_adapter_is_trained_gated_promoted_and_serves_only_its_user(
+    make_config: Callable[..., Config], tiny_model_dir: Path
+) -> None:
+    config = make_config(training_text(tiny_model_dir))
+    agent = await history_agent(config)
+    try:
+        await rate_history(agent, "ann", 18)
+        await rate_history(agent, "bob", 2)  # too little feedback: keeps the base model
+        ann, bob = await user_id(agent, "ann"), await user_id(agent, "bob")
+        seen: list[tuple[str, str, int]] = []
+        plan = await agent.training.run(progress=lambda t: seen.append((t.name, t.status, t.step)))
+    finally:
+        await agent.close()
+    (task,) = plan.tasks
+    assert task.name == f"user-{ann}" and task.status == "promoted", task.reason
+    assert any(status == "running" and step > 0 for _, status, step in seen)  # progress arrived per step
+    assert ("population", "4 liked replies from all users, needs 1000") not in plan.skipped
+    assert any(who.startswith(f"user-{bob}") for who, _ in plan.skipped)
+    m = task.metrics
+    assert m["candidate"]["nll_liked"] < m["in_service"]["nll_liked"] * 0.98
+    assert m["in_service"] == m["base"] and m["objective"] == "sft" and m["train_seconds"] > 0
+    adapter_dir = config.settings.storage.data_path / "adapters" / str(ann) / "1"
+    assert (adapter_dir / "adapter_config.json").is_file() and (adapter_dir / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["inference_mode"] is True
+    assert not list((config.settings.storage.data_path / "training").glob("*"))  # training copies deleted
+
+    # Served from ann's next message, with no restart of anything; bob still gets the base model.
+    served = await Agent.open(config)
+    await served.llm.start()
+    try:
+        first = await served.handle_message(Message(platform="web", chat_id="ann", sender_id="ann", text="hello"))
+        other = await served.handle_message(Message(platform="web", chat_id="bob", sender_id="bob", text="hello"))
+        assert first is not None and other is not None
+        assert await adapter_of(served, first.reply_id) == f"user-{ann}-v1"
+        assert await adapter_of(served, other.reply_id) is None
+        assert f"user-{ann}-v1" in served.llm._adapters  # type: ignore[attr-defined]
+        stats = await served.handle_command(Command(platform="web", chat_id="ann", sender_id="ann", name="stats"))
+        assert stats is not None and "your own, version 1" in stats.text and "a new adapter was promoted" in stats.text
+
+        # Roll it back: the next reply comes from the base model again.
+        taken, back = await TrainingRecords(served.store.db).rollback(ann)
+        assert taken is not None and taken.version == 1 and back is None
+        again = await served.handle_message(Message(platform="web", chat_id="ann", sender_id="ann", text="hello"))
+        assert again is not None and await adapter_of(served, again.reply_id) is None
+    finally:
+        await served.close()
+
+
+async def test_a_candidate_that_is_not_better_is_rejected(
+    make_config: Callable[..., Config], tiny_model_dir: Path
+) -> None:
+    config = make_config(training_text(tiny_model_dir).replace("learning_rate = 0.05", "learning_rate = 1e-9"))
+    agent = await history_agent(config)
+    try:
+        await rate_history(agent, "ann", 12)
+        plan = await agent.training.run()
+        (task,) = plan.tasks
+        assert task.status == "rejected" and "needs 2%" in task.reason
+        records = TrainingRecords(agent.store.db)
+        assert await records.active(task.user_id) is None
+        (row,) = await records.adapters()
+        assert row.status == "rejected"
+        assert not (config.settings.storage.data_path / "adapters" / str(task.user_id) / "1").exists()
+        (run,) = await records.runs(task.user_id)
+        assert run["status"] == "succeeded" and run["decision"] == "rejected" and "rejected" in run["log"]
+    finally:
+        await agent.close()
+
+
+async def test_a_kill_during_training_leaves_the_served_adapter_and_the_next_run_succeeds(
+    make_config: Callable[..., Config], tiny_model_dir: Path
+) -> None:
+    config = make_config(training_text(tiny_model_dir))
+    agent = await history_agent(config)
+    try:
+        await rate_history(agent, "ann", 12)
+        ann = await user_id(agent, "ann")
+        assert (await agent.training.run()).tasks[0].status == "promoted"
+        records = TrainingRecords(agent.store.db)
+        before = await records.active(ann)
+        assert before is not None
+        files = {p.name: p.read_bytes() for p in Path(before.path).iterdir()}
+
+        await rate_history(agent, "ann", 12, text=lambda i: f"give me a list again {i}", tag="-2")
+
+        def kill_at_first_step(task: Task) -> None:
+            process = agent.training._process
+            if task.step >= 1 and process is not None and process.returncode is None:
+                os.kill(process.pid, signal.SIGKILL)
+
+        plan = await agent.training.run(progress=kill_at_first_step)
+        assert plan.tasks[0].status == "failed" and "exited with -9" in plan.tasks[0].reason
+        after = await records.active(ann)
+        assert after == before  # still version 1, same path
+        assert {p.name: p.read_bytes() for p in Path(before.path).iterdir()} == files
+        assert (await records.runs(ann, limit=1))[0]["status"] == "failed"
+        assert await records.lock_holder() is None  # the lock was released
+
+        plan = await agent.training.run([ann])  # by hand, as `attune train --user` does
+        assert plan.tasks[0].status in ("promoted", "rejected")
+        assert (await records.runs(ann, limit=1))[0]["status"] == "succeeded"
+        assert not list((config.settings.storage.data_path / "adapters" / str(ann)).glob(".tmp-*"))
+    finally:
+        await agent.close()
+
+
+async def test_two_processes_never_train_at_once(make_config: Callable[..., Config], tiny_model_dir: Path) -> None:
+    agent = await history_agent(make_config(training_text(tiny_model_dir)))
+    try:
+        records = TrainingRecords(agent.store.db)
+        assert await records.acquire_lock("other-host:123", ttl_s=60)
+        with pytest.raises(TrainingBusy, match="other-host:123"):
+            await agent.training.run()
+        assert not await records.acquire_lock("third:1", ttl_s=60)
+        await agent.store.db.execute("UPDATE training_lock SET expires_at = 0")  # its holder died
+        assert await records.acquire_lock("third:1", ttl_s=60)
+    finally:
+        await agent.close()
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def test_attune_train_and_adapters_commands(
+    tmp_path: Path, make_config: Callable[..., Config], tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_config(training_text(tiny_model_dir))
+
+    async def history() -> int:
+        agent = await history_agent(config)
+        try:
+            await rate_history(agent, "ann", 12)
+            await rate_history(agent, "bob", 2)
+            return await user_id(agent, "ann")
+        finally:
+            await agent.close()
+
+    ann = asyncio.run(history())
+    path = str(tmp_path / "attune.toml")
+
+    def attune(*args: str) -> tuple[int, str]:
+        code = main(["--config", path, *args])
+        return code, capsys.readouterr().out
+
+    code, out = attune("train", "--dry-run")
+    assert code == 0 and f"user-{ann} (ann)" in out and "skipped user-" in out and "needs 6" in out
+    code, out = attune("train", "--user", "nobody:x")
+    assert code == 2 and "no user 'nobody:x'" in out
+    code, out = attune("train", "--user", "web:ann")
+    assert code == 0 and "training summary" in out and "promoted" in out
+    code, out = attune("adapters", "list")
+    assert code == 0 and f"user-{ann}-v1" in out and "active" in out
+    code, out = attune("adapters", "rollback", "--user", str(ann))
+    assert code == 0 and f"took user-{ann}-v1 out of service" in out
+    code, out = attune("adapters", "rollback", "--user", str(ann))
+    assert code == 1 and "nothing to roll back" in out
