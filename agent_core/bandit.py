@@ -66,11 +66,14 @@ class BanditConfig:
     gamma: float = 0.96  # per-observation discount of a user's data (drift)
     evidence_gamma: float = 0.98  # the same, when telling which group a user resembles
     population_gamma: float = 0.995  # the same, when fitting what groups of users like
-    samples: int = 64  # posterior draws per choice (the first decides; all estimate its probability)
+    samples: int = 512  # posterior draws that estimate how likely each style is to be chosen
 
     def precision(self, sd_intercept: float, sd_main: float, sd_context: float) -> np.ndarray:
         sds = [sd_intercept] + [sd_main] * len(DIMS) + [sd_context] * (len(DIMS) * len(CONTEXTS))
         return np.diag(1.0 / np.square(sds))
+
+
+TABLE_SEED = 20261129  # the draws that estimate choice probabilities: fixed, so they are reproducible
 
 
 def features(style: Style, context: str) -> np.ndarray:
@@ -152,7 +155,7 @@ class UserStats:
 class Decision:
     style: Style
     context: str
-    propensity: float  # estimated probability that the policy makes this choice
+    propensity: float  # the probability this choice was drawn with
     marginals: dict[str, dict[str, float]]  # per dimension, the probability of each value
 
 
@@ -185,12 +188,23 @@ class Population:
 
 
 @dataclass(frozen=True)
+class ChoiceTable:
+    """The probability of choosing each allowed style, for one posterior and context."""
+
+    allowed: np.ndarray  # indices into ALL_STYLES
+    probs: np.ndarray
+    cumulative: np.ndarray
+    marginals: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
 class Posterior:
     """A mixture of Gaussians over a user's ``w``: one component per prior component."""
 
     means: np.ndarray  # (K, F)
     covs: np.ndarray  # (K, F, F)
     weights: np.ndarray  # (K,) posterior probability of each component
+    tables: dict[tuple[str, tuple[tuple[str, str], ...]], ChoiceTable] = field(default_factory=dict, compare=False)
 
     def mean(self) -> np.ndarray:
         return self.weights @ self.means
@@ -287,33 +301,46 @@ class StyleBandit:
         return np.sum(decay * (liked * np.log(p) + (1 - liked) * np.log(1 - p)), axis=0)
 
     def choose(self, posterior: Posterior, context: str, fixed: dict[str, str], rng: np.random.Generator) -> Decision:
-        """The style for one reply, among those that agree with ``fixed``.
+        """The style for one reply, among those that agree with ``fixed``: one draw from
+        :meth:`choice_probabilities`, whose probability is logged as the propensity."""
+        table = self.choice_probabilities(posterior, context, fixed)
+        i = min(int(np.searchsorted(table.cumulative, rng.random() * table.cumulative[-1], side="right")),
+                len(table.allowed) - 1)  # fmt: skip
+        return Decision(ALL_STYLES[int(table.allowed[i])], context, float(table.probs[i]), table.marginals)
+
+    def choice_probabilities(self, posterior: Posterior, context: str, fixed: dict[str, str]) -> ChoiceTable:
+        """How likely each allowed style is to be chosen under this posterior.
 
         With the probability that the user is like nobody known (the broad component), a
         Thompson draw from it, tempered by ``explore_scale``: exploration that also teaches
         the population something new. Otherwise the best style under the prototypes'
         posterior mean: once a user resembles known groups, reactions tell the groups apart
-        whatever is shown, so exploring further costs likes for little. The decision is
-        repeated ``samples`` times on the same posterior to estimate its probability."""
+        whatever is shown, so exploring further costs likes for little. The Thompson part
+        is estimated from ``samples`` draws (with a fixed seed: the same posterior gives
+        the same table) and kept with the posterior, so a choice costs one random number
+        until the user's next reaction, and the logged propensity is the exact probability
+        the choice was drawn with."""
+        key = (context, tuple(sorted(fixed.items())))
+        if (cached := posterior.tables.get(key)) is not None:
+            return cached
         allowed = _allowed(fixed)
         X = _FEATURES[context if context in _FEATURES else "chat"][allowed]
-        n = self.config.samples
-        explore = rng.random(n) < (posterior.weights[0] if len(posterior.weights) > 1 else 1.0)
-        scores = np.empty((n, len(allowed)))
-        if explore.any():
+        explore = float(posterior.weights[0]) if len(posterior.weights) > 1 else 1.0
+        probs = np.zeros(len(allowed))
+        if explore > 0:
+            rng = np.random.default_rng(TABLE_SEED)
             chol = posterior.explore_chol * math.sqrt(self.config.explore_scale)
-            draws = posterior.means[0] + rng.standard_normal((int(explore.sum()), N_FEATURES)) @ chol.T
-            scores[explore] = draws @ X.T
-        if not explore.all():
+            draws = posterior.means[0] + rng.standard_normal((self.config.samples, N_FEATURES)) @ chol.T
+            probs += explore * np.bincount(np.argmax(draws @ X.T, axis=1), minlength=len(allowed)) / len(draws)
+        if explore < 1:
             near = posterior.weights[1:] / posterior.weights[1:].sum()
-            scores[~explore] = (near @ posterior.means[1:]) @ X.T
-        best = np.argmax(scores, axis=1)
-        chosen = int(allowed[int(best[0])])
-        counts = np.bincount(best, minlength=len(allowed)) / len(best)
-        firsts = counts @ (_STYLE_SIGNS[allowed] > 0)  # per dimension, the probability of its first value
+            probs[int(np.argmax((near @ posterior.means[1:]) @ X.T))] += 1 - explore
+        firsts = probs @ (_STYLE_SIGNS[allowed] > 0)  # per dimension, the probability of its first value
         marginals = {dim: {DIMENSIONS[dim][0]: round(float(f), 4), DIMENSIONS[dim][1]: round(1 - float(f), 4)}
                      for dim, f in zip(DIMS, firsts, strict=True)}  # fmt: skip
-        return Decision(ALL_STYLES[chosen], context, float(counts[int(best[0])]), marginals)
+        table = ChoiceTable(allowed, probs, np.cumsum(probs), marginals)
+        posterior.tables[key] = table
+        return table
 
     def beliefs(self, posterior: Posterior) -> dict[str, tuple[str, float]]:
         """Per dimension, the value this user more likely prefers and how likely (context

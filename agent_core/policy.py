@@ -118,6 +118,7 @@ class LearningPolicy(StylePolicy):
         self._stored: set[int] | None = None  # users with a policy_users row (others need no read)
         self._posteriors: OrderedDict[int, Posterior] = OrderedDict()  # derived: dropped when an input changes
         self._population: Population | None = None
+        self._fresh: Posterior | None = None  # the posterior of any user nothing is known about
         self._learned_since_refit = 0
         # Before anyone has reacted, lean a little toward the configured [style].
         self.default_mean = np.zeros(len(features(Style.from_dict(defaults.model_dump()), "chat")))
@@ -141,7 +142,12 @@ class LearningPolicy(StylePolicy):
         if user_id in self._posteriors:
             self._posteriors.move_to_end(user_id)
             return self._posteriors[user_id]
-        posterior = self.bandit.posterior(await self._stats(user_id), await self.population(), user_id)
+        stats, population = await self._stats(user_id), await self.population()
+        if stats.n == 0 and user_id not in population.owners:  # nothing known: everyone new shares one
+            if self._fresh is None:
+                self._fresh = self.bandit.posterior(stats, population, None)
+            return self._fresh
+        posterior = self.bandit.posterior(stats, population, user_id)
         self._posteriors[user_id] = posterior
         if len(self._posteriors) > POSTERIOR_CACHE:
             self._posteriors.popitem(last=False)
@@ -160,6 +166,7 @@ class LearningPolicy(StylePolicy):
         await self.store.save_policy_population(population.to_bytes(), len(users))
         self._population, self._learned_since_refit = population, 0
         self._posteriors.clear()
+        self._fresh = None
         log.info("style policy: population refit from %d users, %d prototypes", len(users), len(population.prototypes))
         return population
 

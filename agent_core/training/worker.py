@@ -78,12 +78,12 @@ def train_task(
     heldout = read_jsonl(Path(task["heldout"]))
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     base = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
-    model = _peft_model(base, settings, init)
+    model = peft_model(base, settings, init)
     out_dir = Path(task["out_dir"])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-") as scratch:
         objective = "sft" if task["user_id"] is None else settings["objective"]
-        _fit(model, tokenizer, train, objective, settings, int(spec["seed"]), task["name"], Path(scratch))
+        fit(model, tokenizer, train, objective, settings, int(spec["seed"]), task["name"], Path(scratch))
         train_seconds = time.monotonic() - started
         model.eval()
         metrics = _judge(model, tokenizer, heldout, in_service, settings)
@@ -100,7 +100,7 @@ def train_task(
     return decision, str(out_dir)
 
 
-def _peft_model(base: Any, settings: dict[str, Any], init: str | None) -> Any:
+def peft_model(base: Any, settings: dict[str, Any], init: str | None) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if init:  # continue from the population adapter: the user's adapter sits on top of it
@@ -115,13 +115,15 @@ def _peft_model(base: Any, settings: dict[str, Any], init: str | None) -> Any:
     return get_peft_model(base, config)
 
 
-def _fit(
+def fit(
     model: Any, tokenizer: Any, train: list[Example], objective: str, settings: dict[str, Any], seed: int,
     name: str, scratch: Path,
 ) -> None:  # fmt: skip
     """Train the LoRA weights with TRL: SFT on liked replies, or KTO on liked and disliked."""
-    from datasets import Dataset
-    from transformers import TrainerCallback
+    from datasets import Dataset, disable_progress_bars
+    from transformers import PrinterCallback, TrainerCallback
+
+    disable_progress_bars()
 
     class Progress(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -163,8 +165,10 @@ def _fit(
         else:
             dataset = Dataset.from_list([row(e, label=e.label) for e in rows])
             config = KTOConfig(**common, undesirable_weight=min(4.0, max(0.25, liked / disliked)))
-            KTOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                       callbacks=[Progress()]).train()  # fmt: skip
+            trainer: Any = KTOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                      callbacks=[Progress()])  # fmt: skip
+            trainer.remove_callback(PrinterCallback)  # progress goes out as events, not prints
+            trainer.train()
             return
     from trl import SFTConfig, SFTTrainer
 
@@ -173,8 +177,10 @@ def _fit(
         raise ValueError("no liked replies to train on")
     dataset = Dataset.from_list([row(e) for e in liked_rows])
     config = SFTConfig(**common, completion_only_loss=True, packing=False)
-    SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-               callbacks=[Progress()]).train()  # fmt: skip
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[Progress()])  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
 
 
 def _judge(
