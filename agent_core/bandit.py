@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -328,7 +329,7 @@ class StyleBandit:
         explore = float(posterior.weights[0]) if len(posterior.weights) > 1 else 1.0
         probs = np.zeros(len(allowed))
         if explore > 0:
-            rng = np.random.default_rng(TABLE_SEED)
+            rng = np.random.default_rng([TABLE_SEED, zlib.crc32(posterior.means[0].tobytes())])
             chol = posterior.explore_chol * math.sqrt(self.config.explore_scale)
             draws = posterior.means[0] + rng.standard_normal((self.config.samples, N_FEATURES)) @ chol.T
             probs += explore * np.bincount(np.argmax(draws @ X.T, axis=1), minlength=len(allowed)) / len(draws)

@@ -133,8 +133,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--cache-dir", default="data/models")
+    parser.add_argument("--users", default=",".join(USERS), help="which synthetic users, comma-separated")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a [training] setting, e.g. --set learning_rate=0.002 (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
+    users = {name: USERS[name] for name in args.users.split(",")}
     sizes = [int(s) for s in args.sizes.split(",")]
 
     import torch
@@ -154,7 +158,10 @@ def main() -> None:
     train_prompts = train_prompts[: -(-need // len(STYLES))]  # enough for the largest size, in every style
     replies = pool(model_dir, heldout_prompts + train_prompts, Path(args.cache_dir).resolve(), args.max_new_tokens,
                    args.seed)  # fmt: skip
-    settings = {**TrainingSettings().model_dump(), "objective": args.objective}
+    overrides = {k: json.loads(v) if v[:1] in "[{0123456789-" else v for k, v in (o.split("=", 1) for o in args.set)}
+    settings = TrainingSettings.model_validate(
+        {**TrainingSettings().model_dump(), "objective": args.objective, **overrides}
+    ).model_dump()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def base_model() -> Any:
@@ -162,7 +169,7 @@ def main() -> None:
 
     heldout: dict[str, list[Example]] = {}
     train_pool: dict[str, list[Example]] = {}
-    for name, likes in USERS.items():
+    for name, likes in users.items():
         heldout[name] = [example(r, likes, 0) for r in replies if r["prompt"] in heldout_prompts]
         mine = [r for r in replies if r["prompt"] in train_prompts]
         random.Random(f"{args.seed}-{name}").shuffle(mine)
@@ -174,7 +181,7 @@ def main() -> None:
         return {"nll_liked": nll_liked(rows, scored), "preference_accuracy": paired_accuracy(rows, scored)}
 
     base = base_model().eval()
-    base_figures = {name: measure(base, name) for name in USERS}
+    base_figures = {name: measure(base, name) for name in users}
     del base
     results: dict[str, Any] = {"by_rated": {}, "per_user": {}}
     table_rows = []
@@ -191,10 +198,10 @@ def main() -> None:
             population.eval()
             pop_path = scratch / f"population-{size}"
             population.save_pretrained(pop_path)
-            pop_figures = {name: measure(population, name) for name in USERS}
+            pop_figures = {name: measure(population, name) for name in users}
             del population
             per_user = {}
-            for name in USERS:
+            for name in users:
                 started = time.perf_counter()
                 model = worker.peft_model(base_model(), settings, str(pop_path))
                 objective = args.objective if any(not e.label for e in train[name]) else "sft"
@@ -231,7 +238,7 @@ def main() -> None:
                 "population_train_seconds": population_seconds,
             }  # fmt: skip
 
-    print(f"per-user LoRA on {model_dir.name}: objective {args.objective}, {len(USERS)} users, "
+    print(f"per-user LoRA on {model_dir.name}: objective {args.objective}, {len(users)} users, "
           f"{len(heldout_prompts)} held-out prompts x {len(STYLES)} styles, {args.threads} threads")  # fmt: skip
     print(report.table(HEADERS, table_rows))
     summary = [[size, f"{f['nll_reduction_vs_base']:.0%}", f"{f['population_nll_reduction_vs_base']:.0%}",
@@ -245,7 +252,8 @@ def main() -> None:
         met = (at50["nll_reduction_vs_base"] >= 0.25 and at50["preference_accuracy"] >= 0.8
                and at50["train_seconds_per_user"] <= 60)  # fmt: skip
         print(f"goal (50 rated: NLL -25%, 80% preference accuracy, <= 60 s per user): {'met' if met else 'NOT met'}")
-    results["params"] = {**vars(args), "json": str(args.json) if args.json else None, "users": USERS}
+    results["params"] = {**vars(args), "json": str(args.json) if args.json else None, "users": users,
+                         "training": settings}  # fmt: skip
     path = report.save("adapters", results)
     print(f"wrote {path}")
     if args.json:
