@@ -121,7 +121,7 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
             await run_adapters(adapters, config.settings.run, stop)
         finally:
             if nightly is not None:
-                nightly.stop()
+                await nightly.stop()
         return 0
     finally:
         await agent.close()

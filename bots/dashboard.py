@@ -37,6 +37,7 @@ PALETTE = ["#222222", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#1
 NOTICES = {
     "train-started": "Training started for that user; reload this page to follow its run below.",
     "train-busy": "A training run is already going on; try again when it has finished.",
+    "train-too-little": "That user has too little rated feedback to train on yet (a few liked replies at least).",
     "rolled-back": "Rolled back: the user's previous adapter (or the shared one) serves their next message.",
     "no-adapter": "That user has no adapter of their own in service; nothing to roll back.",
     "cancelled": "The running training was asked to stop; the adapters in service stay as they are.",
@@ -58,6 +59,7 @@ class Dashboard:
         app.router.add_post("/dashboard/logout", self.logout)
         app.router.add_post("/dashboard/users/{user_id:\\d+}/{action:train|rollback}", self.action)
         app.router.add_post("/dashboard/training/cancel", self.cancel)
+        app.on_cleanup.append(self._stop_training)
 
     # --- who may look ---------------------------------------------------------------------
 
@@ -118,6 +120,8 @@ class Dashboard:
             raise web.HTTPSeeOther(f"/dashboard?notice={'rolled-back' if taken else 'no-adapter'}")
         if await TrainingRecords(self.agent.store.db).lock_holder() is not None:
             raise web.HTTPSeeOther("/dashboard?notice=train-busy")
+        if not (await self.agent.training.plan([user_id])).tasks:
+            raise web.HTTPSeeOther("/dashboard?notice=train-too-little")
         task = asyncio.create_task(self._train(user_id))
         self._training.add(task)
         task.add_done_callback(self._training.discard)
@@ -133,6 +137,12 @@ class Dashboard:
             log.info("dashboard training of user %d skipped: %s", user_id, exc)
         except Exception:
             log.exception("dashboard training of user %d failed", user_id)
+
+    async def _stop_training(self, app: web.Application) -> None:
+        """The server is stopping: a training started here stops too (adapters in service stay)."""
+        if self._training:
+            self.agent.training.cancel()
+            await asyncio.gather(*self._training, return_exceptions=True)
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._refusal(request)) is not None:

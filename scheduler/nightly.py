@@ -9,6 +9,8 @@ processes may both fire it: the training lock in the database lets one train.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ class NightlyScheduler:
         self.job = job
         self.settings = settings
         self.runs = 0  # nightly runs started by this scheduler
+        self._task: asyncio.Task[Any] | None = None  # the run under way, if any
         store = SQLAlchemyJobStore(
             url=f"sqlite:///{database}", tablename="scheduler_jobs", engine_options={"connect_args": {"timeout": 30}}
         )
@@ -71,6 +74,7 @@ class NightlyScheduler:
 
     async def run_now(self) -> None:
         self.runs += 1
+        self._task = asyncio.current_task()
         try:
             plan = await self.job.run()
         except TrainingBusy as exc:
@@ -82,9 +86,13 @@ class NightlyScheduler:
         done = ", ".join(f"{t.name} {t.status}" for t in plan.tasks) or "nothing to train"
         log.info("nightly training finished: %s", done)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Stop scheduling; a training under way is cancelled and its records finished first."""
         global _running
         self.job.cancel()
+        if self._task is not None and not self._task.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=30)
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         if _running is self:

@@ -46,7 +46,7 @@ async def test_a_missed_night_runs_once_at_the_next_start(make_config: Callable[
         three_nights_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
         first.scheduler.pause()  # down: nothing fires while the clock is moved back
         first.scheduler.modify_job(JOB_ID, next_run_time=three_nights_ago)
-        first.stop()
+        await first.stop()
         await asyncio.sleep(0.2)
         assert job.calls == 0
 
@@ -59,13 +59,13 @@ async def test_a_missed_night_runs_once_at_the_next_start(make_config: Callable[
         await asyncio.sleep(0.5)
         assert job.calls == 1  # once, however many nights were missed
         assert second.next_run_time() > dt.datetime.now(dt.UTC)
-        second.stop()
+        await second.stop()
 
         third = NightlyScheduler(job, config.settings.training, config.settings.storage.database_path)
         third.start()  # nothing due now: nothing runs
         await asyncio.sleep(0.5)
         assert job.calls == 1
-        third.stop()
+        await third.stop()
     finally:
         await agent.close()
 
@@ -77,14 +77,14 @@ async def test_a_changed_schedule_replaces_the_stored_one(make_config: Callable[
         job = CountingJob(agent)
         first = NightlyScheduler(job, config.settings.training, config.settings.storage.database_path)
         first.start()
-        first.stop()
+        await first.stop()
         later = make_config('[training]\ncron = "30 4 * * mon"\ntimezone = "UTC"\n')
         second = NightlyScheduler(job, later.settings.training, later.settings.storage.database_path)
         second.start()
         job_now = second.scheduler.get_job(JOB_ID)
         trigger = str(job_now.trigger) if job_now else ""
         assert "hour='4'" in trigger and "day_of_week='mon'" in trigger
-        second.stop()
+        await second.stop()
         assert job.calls == 0
     finally:
         await agent.close()

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -333,3 +334,55 @@ async def test_training_on_the_real_smollm2_for_a_few_steps(make_config: Callabl
         assert await adapter_of(served, reply.reply_id) == f"user-{ann}-v1"
     finally:
         await served.close()
+
+
+async def test_the_dashboard_trains_a_user_now_and_rolls_the_adapter_back(
+    make_config: Callable[..., Config], tiny_model_dir: Path
+) -> None:
+    import aiohttp
+
+    from bots.web import WebAdapter
+
+    token = "dashboard-training-token"
+    config = make_config(training_text(tiny_model_dir, "[web]\nport = 0\n"), environ={"ATTUNE_ADMIN_TOKEN": token})
+    agent = await history_agent(config)
+    web = WebAdapter(agent, config)
+    await web.start()
+    try:
+        await rate_history(agent, "ann", 12)
+        ann = await user_id(agent, "ann")
+        url = f"http://127.0.0.1:{web.port}"
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            csrf = (await (await http.get(f"{url}/api/session")).json())["csrf"]
+            headers = {"X-CSRF-Token": csrf, "Authorization": f"Bearer {token}"}
+
+            async def post(path: str) -> str:
+                response = await http.post(f"{url}{path}", headers=headers, allow_redirects=False)
+                assert response.status == 303
+                return response.headers["Location"]
+
+            async def overview() -> dict[str, Any]:
+                return dict(await (await http.get(f"{url}/dashboard/api/overview", headers=headers)).json())
+
+            assert await post(f"/dashboard/users/{ann}/train") == "/dashboard?notice=train-started"
+            for i in range(600):  # the training runs in the background while the bot keeps answering
+                runs = (await overview())["training_runs"]
+                if runs and runs[0]["finished_at"]:
+                    break
+                who = f"bob{i}"  # a new person each time: no rate limit
+                reply = await agent.handle_message(Message(platform="web", chat_id=who, sender_id=who, text="hi"))
+                assert reply is not None and reply.kind == "answer"
+                await asyncio.sleep(0.2)
+            data = await overview()
+            (run,) = data["training_runs"]
+            assert run["status"] == "succeeded" and run["decision"] == "promoted" and "step 1/" in run["log"]
+            assert [(a["user_id"], a["version"], a["status"]) for a in data["adapters"]] == [(ann, 1, "active")]
+            page = await (await http.get(f"{url}/dashboard", headers=headers)).text()
+            assert "promoted" in page and "→" in page  # the run's held-out figures, served → new
+
+            assert await post(f"/dashboard/users/{ann}/rollback") == "/dashboard?notice=rolled-back"
+            assert [a["status"] for a in (await overview())["adapters"]] == ["rejected"]
+            assert await post(f"/dashboard/users/{ann}/rollback") == "/dashboard?notice=no-adapter"
+    finally:
+        await web.stop()
+        await agent.close()
