@@ -134,8 +134,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--cache-dir", default="data/models")
     parser.add_argument("--users", default=",".join(USERS), help="which synthetic users, comma-separated")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a [training] setting, e.g. --set learning_rate=0.002 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a [training] setting, e.g. --set learning_rate=0.002 (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     users = {name: USERS[name] for name in args.users.split(",")}
