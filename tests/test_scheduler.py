@@ -33,12 +33,16 @@ async def open_agent(config: Config) -> Agent:
     return await Agent.open(config, llm=RecordingBackend())
 
 
+def scheduler_for(job: TrainingJob, config: Config) -> NightlyScheduler:
+    return NightlyScheduler(job, config.settings.training, config.settings.storage.database_path)
+
+
 async def test_a_missed_night_runs_once_at_the_next_start(make_config: Callable[..., Config]) -> None:
     config = make_config('[training]\ncron = "0 3 * * *"\ntimezone = "UTC"\n')
     agent = await open_agent(config)
     try:
         job = CountingJob(agent)
-        first = NightlyScheduler(job, config.settings.training, config.settings.storage.database_path)
+        first = scheduler_for(job, config)
         first.start()
         upcoming = first.next_run_time()
         assert upcoming is not None and (upcoming.hour, upcoming.minute) == (3, 0) and str(upcoming.tzinfo) == "UTC"
@@ -50,7 +54,7 @@ async def test_a_missed_night_runs_once_at_the_next_start(make_config: Callable[
         await asyncio.sleep(0.2)
         assert job.calls == 0
 
-        second = NightlyScheduler(job, config.settings.training, config.settings.storage.database_path)
+        second = scheduler_for(job, config)
         second.start()  # the next start: the stored job is due
         for _ in range(100):
             if job.calls:
@@ -61,7 +65,7 @@ async def test_a_missed_night_runs_once_at_the_next_start(make_config: Callable[
         assert second.next_run_time() > dt.datetime.now(dt.UTC)
         await second.stop()
 
-        third = NightlyScheduler(job, config.settings.training, config.settings.storage.database_path)
+        third = scheduler_for(job, config)
         third.start()  # nothing due now: nothing runs
         await asyncio.sleep(0.5)
         assert job.calls == 1
@@ -75,11 +79,11 @@ async def test_a_changed_schedule_replaces_the_stored_one(make_config: Callable[
     agent = await open_agent(config)
     try:
         job = CountingJob(agent)
-        first = NightlyScheduler(job, config.settings.training, config.settings.storage.database_path)
+        first = scheduler_for(job, config)
         first.start()
         await first.stop()
         later = make_config('[training]\ncron = "30 4 * * mon"\ntimezone = "UTC"\n')
-        second = NightlyScheduler(job, later.settings.training, later.settings.storage.database_path)
+        second = scheduler_for(job, later)
         second.start()
         job_now = second.scheduler.get_job(JOB_ID)
         trigger = str(job_now.trigger) if job_now else ""

@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from agent_core.config import Settings
 from agent_core.training.dataset import Split, examples, split_by_time, summary, write_jsonl
 from agent_core.training.redact import Redactor
 from storage import Store
-from storage.training import Candidate, TrainingRecords
+from storage.training import Candidate, RatedReply, TrainingRecords
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,13 @@ class TrainingJob:
         tasks: list[Task] = []
         skipped: list[tuple[str, str]] = []
         candidates = await self.records.candidates()
-        splits = {c.user_id: await self._split(c.user_id) for c in candidates}
+        by_user: dict[int, list[RatedReply]] = defaultdict(list)
+        for reply in await self.records.rated_replies():  # one read for everyone
+            by_user[reply.user_id].append(reply)
+        splits = {
+            c.user_id: split_by_time(examples(by_user[c.user_id], self.redact), self.training.holdout_fraction)
+            for c in candidates
+        }
         if users is None:
             population = await self._population_task(candidates, splits)
             if isinstance(population, Task):
@@ -115,10 +122,6 @@ class TrainingJob:
             else:
                 tasks.append(Task(f"user-{user_id}", user_id, c.name, splits[user_id]))
         return Plan(tasks, skipped)
-
-    async def _split(self, user_id: int) -> Split:
-        rows = examples(await self.records.rated_replies(user_id), self.redact)
-        return split_by_time(rows, self.training.holdout_fraction)
 
     async def _population_task(self, candidates: list[Candidate], splits: dict[int, Split]) -> Task | str:
         train = [e for s in splits.values() for e in s.train]
