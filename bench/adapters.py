@@ -2,7 +2,8 @@
 
 1. A pool of replies: for each everyday prompt (bench/data/everyday_prompts.txt) the
    real SmolLM2 answers under four style instructions (brief or detailed, prose or
-   bullets; the bot's own instructions, token budget and cut), sampled at 0.7. Tone and
+   bullets; the bot's own instructions, token budget and cut), sampled as the bot
+   samples (the [llm] defaults: temperature, top-p, repetition penalty). Tone and
    emoji are left at the defaults: SmolLM2 barely varies them (bench/style_adherence.py).
    The pool is cached, so a second run only trains.
 2. Synthetic users, each liking a different style: a reply is liked when
@@ -43,7 +44,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: python bench/adapters.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent_core.config import TrainingSettings
+from agent_core.config import LLMSettings, TrainingSettings
 from agent_core.llm.model_files import cached_directory, find_model
 from agent_core.style import Style, finish, measure_style, token_budget
 from agent_core.training import worker
@@ -68,7 +69,10 @@ USERS: dict[str, dict[str, str]] = {  # what each synthetic user likes
 
 def pool(model_dir: Path, prompts: list[str], cache: Path, max_new_tokens: int, seed: int) -> list[dict[str, Any]]:
     """Replies to every prompt in every style: from the cache, or generated now (batched)."""
-    key = hashlib.sha256(json.dumps([str(model_dir), prompts, max_new_tokens, seed]).encode()).hexdigest()[:12]
+    llm = LLMSettings()
+    sampling = {"temperature": llm.temperature, "top_p": llm.top_p, "repetition_penalty": llm.local.repetition_penalty}
+    identity = json.dumps([str(model_dir), prompts, max_new_tokens, seed, sampling])
+    key = hashlib.sha256(identity.encode()).hexdigest()[:12]
     path = cache / f"adapters-pool-{key}.json"
     if path.is_file():
         return list(json.loads(path.read_text(encoding="utf-8")))
@@ -88,7 +92,7 @@ def pool(model_dir: Path, prompts: list[str], cache: Path, max_new_tokens: int, 
             inputs = tokenizer.apply_chat_template(chats, add_generation_prompt=True, return_tensors="pt",
                                                    padding=True, return_dict=True)  # fmt: skip
             with torch.inference_mode():
-                out = model.generate(**inputs, do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.1,
+                out = model.generate(**inputs, do_sample=True, **sampling,
                                      max_new_tokens=token_budget(style, max_new_tokens),
                                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
             for prompt, ids in zip(batch, out[:, inputs["input_ids"].shape[1] :], strict=True):
@@ -109,16 +113,21 @@ def example(reply: dict[str, Any], likes: dict[str, str], at: float) -> Example:
     return Example(prompt, reply["text"], liked, 1.0, at, 0, 0)
 
 
-def paired_accuracy(rows: list[Example], scored: list[Scored]) -> float | None:
-    """Over the prompts with a liked and a disliked reply: how often the liked one is more probable per token."""
-    by_prompt: dict[str, list[tuple[Example, Scored]]] = defaultdict(list)
-    for row, s in zip(rows, scored, strict=True):
-        by_prompt[row.prompt[-1]["content"]].append((row, s))
+def paired_accuracy(rows: list[Example], scored: list[Scored], reference: list[Scored] | None = None) -> float | None:
+    """Over the prompts with a liked and a disliked reply: how often the liked one is more probable per token.
+
+    With ``reference`` (the base model's scores): how often the model raised the liked
+    reply's per-token log-likelihood more than the disliked one's (DPO's and KTO's
+    implicit reward, TRL's ``rewards/accuracies``)."""
+    by_prompt: dict[str, list[tuple[Example, float]]] = defaultdict(list)
+    for i, (row, s) in enumerate(zip(rows, scored, strict=True)):
+        value = s.per_token - (reference[i].per_token if reference else 0.0)
+        by_prompt[row.prompt[-1]["content"]].append((row, value))
     wins = pairs = 0.0
     for items in by_prompt.values():
-        for _, s_l in (x for x in items if x[0].label):
-            for _, s_d in (x for x in items if not x[0].label):
-                wins += 1.0 if s_l.per_token > s_d.per_token else 0.0
+        for _, liked in (x for x in items if x[0].label):
+            for _, disliked in (x for x in items if not x[0].label):
+                wins += 1.0 if liked > disliked + 1e-9 else 0.5 if abs(liked - disliked) <= 1e-9 else 0.0
                 pairs += 1
     return wins / pairs if pairs else None
 
@@ -128,7 +137,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,25,50,100", help="rated replies per user, comma-separated")
     parser.add_argument("--heldout-prompts", type=int, default=12)
     parser.add_argument("--objective", choices=["sft", "kto"], default=TrainingSettings().objective)
-    parser.add_argument("--max-new-tokens", type=int, default=120)
+    parser.add_argument("--max-new-tokens", type=int, default=LLMSettings().max_new_tokens)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2 = this machine's cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="smollm2")
@@ -180,10 +189,17 @@ def main() -> None:
         random.Random(f"{args.seed}-{name}").shuffle(mine)
         train_pool[name] = [example(r, likes, float(t)) for t, r in enumerate(mine)]
 
+    base_scores: dict[str, list[Scored]] = {}
+
     def measure(model: Any, name: str) -> dict[str, float | None]:
         rows = heldout[name]
         scored = score(model, tokenizer, rows, max_length=int(settings["max_length"]))
-        return {"nll_liked": nll_liked(rows, scored), "preference_accuracy": paired_accuracy(rows, scored)}
+        base_scores.setdefault(name, scored)  # the first model measured is the base
+        return {
+            "nll_liked": nll_liked(rows, scored),
+            "preference_accuracy": paired_accuracy(rows, scored),
+            "reward_accuracy": paired_accuracy(rows, scored, base_scores[name]),
+        }
 
     base = base_model().eval()
     base_figures = {name: measure(base, name) for name in users}
@@ -224,7 +240,8 @@ def main() -> None:
                 table_rows.append([size, name, per_user[name]["liked_in_training"], b["nll_liked"], p["nll_liked"],
                                    mine["nll_liked"], f"{per_user[name]['nll_reduction_vs_base']:.0%}",
                                    _pct(b["preference_accuracy"]), _pct(p["preference_accuracy"]),
-                                   _pct(mine["preference_accuracy"]), f"{seconds:.0f}"])  # fmt: skip
+                                   _pct(mine["preference_accuracy"]), _pct(mine["reward_accuracy"]),
+                                   f"{seconds:.0f}"])  # fmt: skip
                 print(report.table(HEADERS, table_rows[-1:]).splitlines()[-1], file=sys.stderr)
                 del model
             accuracies = [u["user"]["preference_accuracy"] for u in per_user.values()]
@@ -235,6 +252,9 @@ def main() -> None:
                     1 - u["population"]["nll_liked"] / u["base"]["nll_liked"] for u in per_user.values()
                 ),
                 "preference_accuracy": fmean(a for a in accuracies if a is not None),
+                "reward_accuracy": fmean(
+                    u["user"]["reward_accuracy"] for u in per_user.values() if u["user"]["reward_accuracy"] is not None
+                ),
                 "base_preference_accuracy": fmean(
                     u["base"]["preference_accuracy"] for u in per_user.values()
                     if u["base"]["preference_accuracy"] is not None
@@ -247,11 +267,13 @@ def main() -> None:
           f"{len(heldout_prompts)} held-out prompts x {len(STYLES)} styles, {args.threads} threads")  # fmt: skip
     print(report.table(HEADERS, table_rows))
     summary = [[size, f"{f['nll_reduction_vs_base']:.0%}", f"{f['population_nll_reduction_vs_base']:.0%}",
-                _pct(f["preference_accuracy"]), _pct(f["base_preference_accuracy"]),
+                _pct(f["preference_accuracy"]), _pct(f["base_preference_accuracy"]), _pct(f["reward_accuracy"]),
                 f"{f['train_seconds_per_user']:.0f}"]
                for size, f in ((int(k), v) for k, v in results["by_rated"].items())]  # fmt: skip
     print(report.table(["rated", "NLL cut: user", "NLL cut: population", "pref. acc.: user", "pref. acc.: base",
-                        "train s / user"], summary))  # fmt: skip
+                        "reward acc.: user", "train s / user"], summary))  # fmt: skip
+
+
     at50 = results["by_rated"].get("50")
     if at50:
         met = (at50["nll_reduction_vs_base"] >= 0.25 and at50["preference_accuracy"] >= 0.8
@@ -266,7 +288,7 @@ def main() -> None:
 
 
 HEADERS = ["rated", "user", "liked", "NLL base", "NLL pop.", "NLL user", "cut", "acc. base", "acc. pop.", "acc. user",
-           "train s"]  # fmt: skip
+           "reward acc. user", "train s"]  # fmt: skip
 
 
 def _pct(value: float | None) -> str:
