@@ -273,7 +273,6 @@ def main() -> None:
     print(report.table(["rated", "NLL cut: user", "NLL cut: population", "pref. acc.: user", "pref. acc.: base",
                         "reward acc.: user", "train s / user"], summary))  # fmt: skip
 
-
     at50 = results["by_rated"].get("50")
     if at50:
         met = (at50["nll_reduction_vs_base"] >= 0.25 and at50["preference_accuracy"] >= 0.8
