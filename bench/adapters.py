@@ -189,12 +189,11 @@ def main() -> None:
         random.Random(f"{args.seed}-{name}").shuffle(mine)
         train_pool[name] = [example(r, likes, float(t)) for t, r in enumerate(mine)]
 
-    base_scores: dict[str, list[Scored]] = {}
+    def scores(model: Any, name: str) -> list[Scored]:
+        return score(model, tokenizer, heldout[name], max_length=int(settings["max_length"]))
 
-    def measure(model: Any, name: str) -> dict[str, float | None]:
+    def measure(name: str, scored: list[Scored]) -> dict[str, float | None]:
         rows = heldout[name]
-        scored = score(model, tokenizer, rows, max_length=int(settings["max_length"]))
-        base_scores.setdefault(name, scored)  # the first model measured is the base
         return {
             "nll_liked": nll_liked(rows, scored),
             "preference_accuracy": paired_accuracy(rows, scored),
@@ -202,7 +201,8 @@ def main() -> None:
         }
 
     base = base_model().eval()
-    base_figures = {name: measure(base, name) for name in users}
+    base_scores = {name: scores(base, name) for name in users}
+    base_figures = {name: measure(name, base_scores[name]) for name in users}
     del base
     results: dict[str, Any] = {"by_rated": {}, "per_user": {}}
     table_rows = []
@@ -219,7 +219,7 @@ def main() -> None:
             population.eval()
             pop_path = scratch / f"population-{size}"
             population.save_pretrained(pop_path)
-            pop_figures = {name: measure(population, name) for name in users}
+            pop_figures = {name: measure(name, scores(population, name)) for name in users}
             del population
             per_user = {}
             for name in users:
@@ -229,7 +229,7 @@ def main() -> None:
                 worker.fit(model, tokenizer, train[name], objective, settings, args.seed, name, scratch / name)
                 seconds = time.perf_counter() - started
                 model.eval()
-                mine = measure(model, name)
+                mine = measure(name, scores(model, name))
                 b, p = base_figures[name], pop_figures[name]
                 per_user[name] = {
                     "liked_in_training": sum(e.label for e in train[name]),

@@ -95,10 +95,14 @@ class TrainingJob:
         trained if they have enough data at all; None: the nightly choice."""
         tasks: list[Task] = []
         skipped: list[tuple[str, str]] = []
-        candidates = await self.records.candidates()
+        candidates = await self.records.candidates(users)
         by_user: dict[int, list[RatedReply]] = defaultdict(list)
-        for reply in await self.records.rated_replies():  # one read for everyone
-            by_user[reply.user_id].append(reply)
+        if users is None:  # the nightly choice: one read for everyone
+            for reply in await self.records.rated_replies():
+                by_user[reply.user_id].append(reply)
+        else:  # by hand: only the users asked for
+            for c in candidates:
+                by_user[c.user_id] = await self.records.rated_replies(c.user_id)
         splits = {
             c.user_id: split_by_time(examples(by_user[c.user_id], self.redact), self.training.holdout_fraction)
             for c in candidates
