@@ -23,6 +23,7 @@ from agent_core.llm import (
     ChatMessage,
     GenerationRequest,
     LLMBackend,
+    LLMBusy,
     LLMError,
     base_model_dir,
     create_backend,
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 OnText = Callable[[str], Awaitable[None]]
 APOLOGY = "Sorry, I couldn't come up with an answer just now. Your message is saved; please try again."
+BUSY = "I'm answering a lot of people at once right now. Your message is saved; please try again in a minute."
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,10 @@ class Agent:
         choice = await self.policy.choose(user, msg.text, context.preferences, key=received.message_id)
         style = choice.style
         prompt = self._prompt(msg, style, context)
-        text = await self._generate(prompt, style, context.adapter, on_text)
+        try:
+            text = await self._generate(prompt, style, context.adapter, on_text)
+        except LLMBusy:
+            return Reply(text=BUSY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         if text is None:
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         reply_id = await self.store.add_reply(
@@ -151,7 +156,8 @@ class Agent:
     async def _generate(
         self, prompt: list[ChatMessage], style: Style, adapter: ActiveAdapter | None, on_text: OnText | None
     ) -> str | None:
-        """The model's reply, streamed to ``on_text``; None (and a log line) if it failed."""
+        """The model's reply, streamed to ``on_text``; None (and a log line) if it failed.
+        Raises :class:`LLMBusy` when the backend has no room for another request."""
         llm = self.settings.llm
         request = GenerationRequest(
             messages=prompt,
@@ -170,6 +176,9 @@ class Agent:
         except TimeoutError:
             log.warning("the model took longer than %.0f s; the user got an apology", llm.timeout_s)
             return None
+        except LLMBusy as exc:
+            log.warning("the model is busy (%s); the user was asked to try again", exc)
+            raise
         except LLMError as exc:
             log.warning("the model failed (%s); the user got an apology", exc)
             return None

@@ -64,6 +64,12 @@ class LocalLLMSettings(_Section):
     context_window: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
     max_loaded_adapters: int = Field(default=16, ge=1)
+    # Serving many users at once (continuous batching; Llama-family models):
+    batching: bool = True  # false: plain transformers generate, one request at a time
+    max_batch_size: int = Field(default=8, ge=1, le=64)  # replies generated together
+    max_queue: int = Field(default=32, ge=0)  # requests waiting for a slot; past it: "busy"
+    queue_timeout_s: float = Field(default=60.0, gt=0.0)  # longest wait for a slot; then "busy"
+    batch_wait_ms: float = Field(default=10.0, ge=0.0, le=1000.0)  # idle: wait this long for a burst
 
 
 class OpenAISettings(_Section):

@@ -51,6 +51,56 @@ async def agent(make_config: Callable[..., Config]) -> AsyncIterator[Agent]:
     await opened.close()
 
 
+def random_lora(
+    model_dir: Path, out: Path, *, seed: int, std: float = 2.0, targets: tuple[str, ...] = ("q_proj", "v_proj")
+) -> Path:
+    """A peft LoRA adapter for the model in ``model_dir`` with random non-zero weights
+    (so it changes the outputs), saved to ``out``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=list(targets), init_lora_weights=False))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, std)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def plain_generate(
+    model_dir: Path,
+    messages: list[dict[str, str]],
+    tokens: int,
+    *,
+    adapter: Path | None = None,
+    repetition_penalty: float = 1.0,
+) -> str:
+    """Greedy reply from plain transformers ``generate`` (with peft for an adapter): what
+    the local backend's own paths are checked against."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=tokens,
+            repetition_penalty=repetition_penalty,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 def _smollm2_tokenizer() -> Path:
     target = TEST_CACHE / "smollm2-tokenizer"
     if not (target / "tokenizer.json").is_file():

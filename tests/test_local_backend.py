@@ -13,7 +13,7 @@ from agent_core.config import load_config
 from agent_core.llm import AdapterRef, GenerationRequest, LLMError, create_backend
 from agent_core.llm.local import LocalBackend
 from agent_core.llm.model_files import ModelNotFound, find_model
-from tests.conftest import MODEL_CACHE, tiny_config_text, write_config
+from tests.conftest import MODEL_CACHE, random_lora, tiny_config_text, write_config
 
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"}]
 
@@ -56,21 +56,7 @@ async def test_greedy_output_matches_plain_transformers_generate(tiny: LocalBack
 
 @pytest.fixture(scope="module")
 def lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A peft LoRA adapter for the tiny model with non-zero weights, so it changes outputs."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 2.0)
-    out = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(out)
-    return out
+    return random_lora(tiny_model_dir, tmp_path_factory.mktemp("adapter"), seed=1)
 
 
 async def test_a_user_adapter_changes_the_output_and_the_base_stays_available(

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent_core.config import Config, Settings
-from agent_core.llm.base import AdapterRef, ChatMessage, GenerationRequest, LLMBackend, LLMError
+from agent_core.llm.base import AdapterRef, ChatMessage, GenerationRequest, LLMBackend, LLMBusy, LLMError
 
 __all__ = [
     "AdapterRef",
     "ChatMessage",
     "GenerationRequest",
     "LLMBackend",
+    "LLMBusy",
     "LLMError",
     "base_model_dir",
     "create_backend",
@@ -46,8 +47,16 @@ def create_backend(config: Config) -> LLMBackend:
             timeout_s=llm.timeout_s,
             max_retries=llm.openai.max_retries,
         )
+    from agent_core.llm.batching import BatchLimits
     from agent_core.llm.local import LocalBackend
 
+    local = llm.local
+    limits = BatchLimits(
+        max_batch_size=local.max_batch_size,
+        max_queue=local.max_queue,
+        batch_wait_s=local.batch_wait_ms / 1000,
+        queue_timeout_s=local.queue_timeout_s,
+    )
     return LocalBackend(
         llm.local.model,
         model_cache_dir(config.settings),
@@ -55,4 +64,5 @@ def create_backend(config: Config) -> LLMBackend:
         context_window=llm.local.context_window,
         repetition_penalty=llm.local.repetition_penalty,
         max_loaded_adapters=llm.local.max_loaded_adapters,
+        batching=limits if local.batching else None,
     )

@@ -21,6 +21,10 @@ class LLMError(Exception):
     """The backend could not produce a reply (server down, bad answer, model failure)."""
 
 
+class LLMBusy(LLMError):
+    """Too many requests are waiting already: the user should try again in a moment."""
+
+
 @dataclass(frozen=True)
 class AdapterRef:
     """A per-user LoRA adapter to generate with: where it lies and a stable name."""

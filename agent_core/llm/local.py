@@ -1,8 +1,10 @@
 """The local backend: a transformers model on this machine's CPU, with per-user LoRA.
 
-All model work runs on one worker thread, so the event loop stays free and the
-model's state (which adapter is active) is only ever touched from that thread.
-Requests are answered one at a time, in arrival order.
+Llama-family models are served by continuous batching (:mod:`agent_core.llm.batching`):
+concurrent users' requests share each forward pass, each row with its own adapter.
+Other models, or ``batching = false``, take the plain path: transformers ``generate``
+with peft adapters, one request at a time in arrival order. Either way all model work
+runs on one thread of its own, so the event loop stays free.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from agent_core.llm.base import GenerationRequest, LLMBackend, LLMError
+from agent_core.llm.batching import DONE, BatchingEngine, BatchLimits
 from agent_core.llm.model_files import cached_directory, find_model
 
-log = logging.getLogger(__name__)
+DEFAULT_LIMITS = BatchLimits()
 
-_DONE = object()
+log = logging.getLogger(__name__)
 
 
 class LocalBackend(LLMBackend):
@@ -34,6 +37,7 @@ class LocalBackend(LLMBackend):
         context_window: int = 0,
         repetition_penalty: float = 1.0,
         max_loaded_adapters: int = 16,
+        batching: BatchLimits | None = DEFAULT_LIMITS,  # None: plain generate, one at a time
     ) -> None:
         self.model_setting = model
         self.repetition_penalty = repetition_penalty
@@ -47,7 +51,9 @@ class LocalBackend(LLMBackend):
         self._counter: Any = None  # a separate tokenizers.Tokenizer for counting on the loop thread
         self._adapters: OrderedDict[str, str] = OrderedDict()  # loaded adapter name -> path, an LRU
         self.model_dir: Path | None = None
-        self.generated_tokens = 0  # new tokens produced since start, all requests together
+        self.batching = batching
+        self._engine: BatchingEngine | None = None
+        self._plain_tokens = 0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -73,14 +79,43 @@ class LocalBackend(LLMBackend):
         self._model = model
         own = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_window = min(self._context_window_setting or own, own)
+        if self.batching is not None:
+            self._engine = self._batching_engine(model)
         log.info("local model ready: %s", self.describe())
 
+    def _batching_engine(self, model: Any) -> BatchingEngine | None:
+        from agent_core.llm.decoder import BatchDecoder, supports
+
+        assert self.batching is not None
+        if problem := supports(model):
+            log.info("no batching for this model (%s): one request at a time", problem)
+            return None
+        eos = model.generation_config.eos_token_id
+        engine = BatchingEngine(
+            BatchDecoder(model, self.batching.max_batch_size, self.context_window),
+            self._tokenizer,
+            self.batching,
+            stop_ids=set(eos if isinstance(eos, list) else [eos]),
+            repetition_penalty=self.repetition_penalty,
+            max_loaded_adapters=self.max_loaded_adapters,
+        )
+        engine.start()
+        return engine
+
     async def close(self) -> None:
+        if self._engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._engine.stop)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._model = None
 
     def describe(self) -> str:
-        return f"local {self.model_dir or self.model_setting} (context {self.context_window} tokens, CPU fp32)"
+        mode = f"batches of up to {self.batching.max_batch_size}" if self._engine and self.batching else "one at a time"
+        return f"local {self.model_dir or self.model_setting} (context {self.context_window} tokens, CPU fp32, {mode})"
+
+    @property
+    def generated_tokens(self) -> int:
+        """New tokens produced since start, all requests together."""
+        return self._plain_tokens + (self._engine.generated_tokens if self._engine else 0)
 
     # --- prompts ---------------------------------------------------------------------
 
@@ -94,6 +129,24 @@ class LocalBackend(LLMBackend):
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         if self._model is None:
             raise LLMError("the local model is not loaded yet")
+        stream = self._batched(request) if self._engine else self._one_at_a_time(request)
+        async for piece in stream:
+            yield piece
+
+    async def _batched(self, request: GenerationRequest) -> AsyncIterator[str]:
+        assert self._engine is not None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        job = self._engine.submit(request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        try:
+            while (item := await queue.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield str(item)
+        finally:
+            job.cancel()  # frees the slot if the consumer went away early
+
+    async def _one_at_a_time(self, request: GenerationRequest) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancel = threading.Event()
@@ -103,7 +156,7 @@ class LocalBackend(LLMBackend):
 
         future = loop.run_in_executor(self._executor, self._generate, request, push, cancel)
         try:
-            while (item := await queue.get()) is not _DONE:
+            while (item := await queue.get()) is not DONE:
                 yield str(item)
             await future  # re-raises a failure in the worker
         except asyncio.CancelledError:
@@ -147,12 +200,12 @@ class LocalBackend(LLMBackend):
                     streamer=Streamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True),
                     stopping_criteria=StoppingCriteriaList([Cancelled()]),
                 )
-            self.generated_tokens += int(output.shape[1] - inputs["input_ids"].shape[1])
+            self._plain_tokens += int(output.shape[1] - inputs["input_ids"].shape[1])
         except Exception as exc:
             log.exception("local generation failed")
             raise LLMError(f"local generation failed: {exc}") from exc
         finally:
-            push(_DONE)
+            push(DONE)
 
     def _select_adapter(self, request: GenerationRequest) -> Any:
         """The model to generate with: the base, or the base with the request's adapter active."""

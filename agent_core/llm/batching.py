@@ -1,0 +1,286 @@
+"""Continuous batching for the local backend: many users' requests, one model, one thread.
+
+Requests wait in a bounded queue; the engine thread admits them into free slots of a
+:class:`~agent_core.llm.decoder.BatchDecoder` (reading the prompt, sampling the first
+token), then advances every admitted request by one token per step, each with its own
+adapter. A request that arrives while others are generating joins at the next step; one
+that finishes, fails or is cancelled leaves at once and frees its slot.
+
+Limits (``[llm.local]``): ``max_batch_size`` rows at a time, ``max_queue`` requests
+waiting behind them (past that a request is refused with :class:`LLMBusy` at once),
+``queue_timeout_s`` the longest a request waits for a slot (then it too gets
+:class:`LLMBusy`), ``batch_wait_ms`` how long an idle engine waits for more requests to
+arrive before starting, so that a burst is read in together.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from agent_core.llm.base import AdapterRef, GenerationRequest, LLMBusy, LLMError
+from agent_core.llm.decoder import BatchDecoder, LoraAdapter
+
+log = logging.getLogger(__name__)
+
+DONE = object()  # the last item a request's ``emit`` receives, after its text
+Emit = Callable[[object], None]  # thread-safe: a text piece, DONE, or an LLMError
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_batch_size: int = 8
+    max_queue: int = 32
+    batch_wait_s: float = 0.01
+    queue_timeout_s: float = 60.0
+
+
+class Job:
+    """One request in the engine: its tokens so far and how to reach its consumer."""
+
+    def __init__(self, request: GenerationRequest, emit: Emit) -> None:
+        self.request = request
+        self.emit = emit
+        self.enqueued = time.monotonic()
+        self.ids: list[int] = []  # prompt, then the reply's tokens
+        self.prompt_length = 0
+        self.sent = ""  # reply text handed to the consumer so far
+        self.processors: Any = None  # transformers' LogitsProcessorList for this request
+        self.generator: torch.Generator | None = None
+        if request.seed is not None:
+            self.generator = torch.Generator().manual_seed(request.seed)
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """The consumer went away: stop generating and free the slot at the next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def reply_tokens(self) -> list[int]:
+        return self.ids[self.prompt_length :]
+
+
+class BatchingEngine:
+    """Runs :class:`Job` s through one :class:`BatchDecoder` on a thread of its own."""
+
+    def __init__(
+        self,
+        decoder: BatchDecoder,
+        tokenizer: Any,
+        limits: BatchLimits,
+        *,
+        stop_ids: set[int],
+        repetition_penalty: float = 1.0,
+        max_loaded_adapters: int = 16,
+    ) -> None:
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.stop_ids = stop_ids
+        self.repetition_penalty = repetition_penalty
+        self.max_loaded_adapters = max_loaded_adapters
+        self.generated_tokens = 0  # new tokens produced since start, all requests together
+        self.largest_batch = 0  # the most rows one decode step has advanced together
+        self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._pending: deque[Job] = deque()
+        self._rows: list[Job] = []  # row i generates in decoder slot i
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="attune-batching", daemon=True)
+
+    # --- the consumer's side (any thread) -------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join()
+
+    def submit(self, request: GenerationRequest, emit: Emit) -> Job:
+        """Queue a request; raises :class:`LLMBusy` when the queue is full."""
+        job = Job(request, emit)
+        with self._wakeup:
+            if self._stopping:
+                raise LLMError("the local model is shutting down")
+            free = self.limits.max_batch_size - len(self._rows)
+            waiting = sum(not j.cancelled for j in self._pending) - free  # those with no slot to go to
+            if waiting >= self.limits.max_queue:
+                raise LLMBusy(f"{waiting} requests are already waiting (max_queue = {self.limits.max_queue})")
+            self._pending.append(job)
+            self._wakeup.notify()
+        return job
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(requests generating, requests waiting)."""
+        return len(self._rows), len(self._pending)
+
+    # --- the engine thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._pending or self._rows or self._stopping):
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+                idle = not self._rows
+            if idle:
+                self._gather()
+            self._admit()
+            self._leave([job for job in self._rows if job.cancelled])
+            if self._rows:
+                self._step()
+        for job in [*self._rows, *self._pending]:
+            job.emit(LLMError("the local model shut down"))
+
+    def _gather(self) -> None:
+        """Idle and a request arrived: wait a moment for others, to read them in together."""
+        deadline = self._pending[0].enqueued + self.limits.batch_wait_s
+        with self._wakeup:
+            while len(self._pending) < self.limits.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                self._wakeup.wait(left)
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots; refuse those that waited too long."""
+        now = time.monotonic()
+        while True:
+            with self._wakeup:
+                if not self._pending or len(self._rows) >= self.limits.max_batch_size:
+                    expired = [j for j in self._pending if now - j.enqueued > self.limits.queue_timeout_s]
+                    for job in expired:
+                        self._pending.remove(job)
+                    break
+                job = self._pending.popleft()
+            if job.cancelled:
+                continue
+            try:
+                self._prefill(job)
+            except Exception as exc:
+                self._fail(job, exc)
+        for job in expired:
+            waited = now - job.enqueued
+            job.emit(LLMBusy(f"no free slot after {waited:.0f} s (queue_timeout_s = {self.limits.queue_timeout_s:g})"))
+
+    def _prefill(self, job: Job) -> None:
+        request = job.request
+        prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_dict=True)
+        job.ids = list(prompt["input_ids"])
+        job.processors = self._processors(request)
+        job.prompt_length = len(job.ids)
+        if job.prompt_length >= self.decoder.max_length:
+            raise LLMError(f"the prompt has {job.prompt_length} tokens; the context holds {self.decoder.max_length}")
+        slot = len(self._rows)
+        self.decoder.assign(slot, self._adapter(request.adapter))
+        logits = self.decoder.prefill(slot, job.ids)
+        self._rows.append(job)
+        if self._advance(job, logits):
+            self._leave([job])
+
+    def _step(self) -> None:
+        """One new token for every row."""
+        self.largest_batch = max(self.largest_batch, len(self._rows))
+        try:
+            logits = self.decoder.decode([job.ids[-1] for job in self._rows])
+        except Exception as exc:
+            log.exception("a batched decode step failed; its %d requests get an error", len(self._rows))
+            failed, self._rows = self._rows, []
+            for job in failed:
+                job.emit(LLMError(f"local generation failed: {exc}"))
+            return
+        finished = [job for row, job in enumerate(self._rows) if self._advance(job, logits[row])]
+        self._leave(finished)
+
+    def _advance(self, job: Job, logits: torch.Tensor) -> bool:
+        """Pick the job's next token, send any new text; True when the job is finished."""
+        token = self._sample(job, logits)
+        if token in self.stop_ids:
+            self._finish(job)
+            return True
+        job.ids.append(token)
+        self.generated_tokens += 1
+        text = self.tokenizer.decode(job.reply_tokens, skip_special_tokens=True)
+        complete = text.startswith(job.sent) and not text.endswith("\ufffd")  # hold back half a character
+        if complete and (piece := text[len(job.sent) :]):
+            job.sent = text
+            job.emit(piece)
+        if len(job.reply_tokens) >= job.request.max_new_tokens or len(job.ids) >= self.decoder.max_length:
+            self._finish(job)
+            return True
+        return False
+
+    def _sample(self, job: Job, logits: torch.Tensor) -> int:
+        scores = job.processors(torch.tensor([job.ids]), logits.unsqueeze(0))
+        if job.request.temperature <= 0:
+            return int(scores.argmax())
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs[0], 1, generator=job.generator))
+
+    def _processors(self, request: GenerationRequest) -> Any:
+        """What transformers' ``generate`` would apply to the scores, in its order."""
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        processors = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if request.temperature > 0:
+            processors.append(TemperatureLogitsWarper(request.temperature))
+            processors.append(TopKLogitsWarper(50))  # generate's default top_k
+            processors.append(TopPLogitsWarper(request.top_p))
+        return processors
+
+    def _finish(self, job: Job) -> None:
+        text = self.tokenizer.decode(job.reply_tokens, skip_special_tokens=True)
+        if text.startswith(job.sent) and (rest := text[len(job.sent) :]):
+            job.emit(rest)
+        job.emit(DONE)
+
+    def _leave(self, jobs: list[Job]) -> None:
+        """Free the slots of finished or cancelled jobs, keeping the rows contiguous."""
+        for job in jobs:
+            if job not in self._rows:
+                continue
+            row, last = self._rows.index(job), len(self._rows) - 1
+            if row != last:
+                self.decoder.move(last, row)
+                self._rows[row] = self._rows[last]
+            self._rows.pop()
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        if not isinstance(exc, LLMError):
+            log.exception("local generation failed")
+            exc = LLMError(f"local generation failed: {exc}")
+        job.emit(exc)
+
+    def _adapter(self, ref: AdapterRef | None) -> LoraAdapter | None:
+        """The request's adapter, from memory or read from disk (an LRU of loaded ones)."""
+        if ref is None:
+            return None
+        adapter = self._adapters.get(ref.name)
+        if adapter is None:
+            adapter = LoraAdapter.load(ref.name, ref.path)
+            self._adapters[ref.name] = adapter
+            if len(self._adapters) > self.max_loaded_adapters:
+                self._adapters.popitem(last=False)
+        self._adapters.move_to_end(ref.name)
+        return adapter

@@ -1,0 +1,369 @@
+"""One forward pass for many users at once, each row with its own LoRA adapter.
+
+A lean decoder for Llama-family models (Llama, Mistral without a sliding window,
+Qwen2): it runs the transformers model's own weights, norms and rotary embedding, but
+keeps its own key/value cache with one *slot* per request, each at its own length, so
+that requests can join and leave a running batch (continuous batching).
+
+LoRA the S-LoRA/Punica way: the base weight is multiplied once for the whole batch,
+and beside it every row adds its own small product ``x @ A_row @ B_row`` (two batched
+matmuls over per-slot stacks of the adapters' matrices). Rows without an adapter carry
+zeros there; a batch with no adapter at all skips the products.
+
+Rows are kept contiguous: the active requests occupy slots ``0..n-1``; when one leaves,
+the last one moves into its place (:meth:`BatchDecoder.move`), so the batch is a view of
+the cache, never a gather.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from agent_core.llm.base import LLMError
+
+#: The linear layers of a decoder block an adapter may target.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+
+
+def supports(model: Any) -> str | None:
+    """Why :class:`BatchDecoder` cannot run ``model``; None when it can."""
+    config = model.config
+    if config.model_type not in SUPPORTED_TYPES:
+        return f"model type {config.model_type!r} (the batched decoder knows {', '.join(SUPPORTED_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    return None
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One peft LoRA adapter, ready for the row products: for each (layer, projection)
+    it targets, ``A`` as [in, r] and ``B`` as [r, out] with the scaling folded in."""
+
+    name: str
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def load(cls, name: str, path: str | Path) -> LoraAdapter:
+        """Read a peft adapter directory (``adapter_config.json`` and the weights)."""
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        if not (folder / "adapter_config.json").is_file():
+            raise LLMError(f"adapter {name}: no adapter_config.json in {folder}")
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise LLMError(f"adapter {name}: cannot read {folder / 'adapter_config.json'}: {exc}") from exc
+        problem = _unsupported_lora(config)
+        if problem:
+            raise LLMError(f"adapter {name}: {problem}")
+        files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin"]
+        weights_file = next((f for f in files if f.is_file()), None)
+        if weights_file is None:
+            raise LLMError(f"adapter {name}: no adapter_model.safetensors in {folder}")
+        if weights_file.suffix == ".safetensors":
+            state = load_file(weights_file)
+        else:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        rank = int(config["r"])
+        alpha = float(config.get("lora_alpha", rank))
+        scaling = alpha / (rank**0.5 if config.get("use_rslora") else rank)
+        weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, a in state.items():
+            if ".lora_A." not in key:
+                continue
+            layer, projection = _layer_and_projection(key)
+            b = state[key.replace(".lora_A.", ".lora_B.")]
+            weights[(layer, projection)] = (
+                a.float().t().contiguous(),
+                (b.float() * scaling).t().contiguous(),
+            )
+        if not weights:
+            raise LLMError(f"adapter {name}: no LoRA weights in {weights_file}")
+        return cls(name=name, rank=rank, weights=weights)
+
+
+def _unsupported_lora(config: dict[str, Any]) -> str | None:
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"peft type {config.get('peft_type')} (only LoRA is served)"
+    for key in ("use_dora", "fan_in_fan_out"):
+        if config.get(key):
+            return f"{key} is not supported"
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        return "bias or modules_to_save is not supported"
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        return "per-module rank or alpha patterns are not supported"
+    return None
+
+
+def _layer_and_projection(key: str) -> tuple[int, str]:
+    parts = key.split(".")
+    try:
+        layer = int(parts[parts.index("layers") + 1])
+        projection = next(p for p in parts if p in PROJECTIONS)
+    except (ValueError, StopIteration) as exc:
+        raise LLMError(f"LoRA weight {key} is not on a decoder block projection") from exc
+    return layer, projection
+
+
+class _Dense:
+    """A linear layer (or several sharing an input, fused) prepared for small-batch CPU
+    matmuls: the weight is packed once for oneDNN, which on these CPUs reads it about
+    twice as fast at batch 1 to 16 as the plain ``F.linear`` (see bench/serving.py)."""
+
+    def __init__(self, modules: list[Any]) -> None:
+        weight = torch.cat([m.weight.detach() for m in modules]).float().contiguous()
+        biases = [m.bias for m in modules]
+        self.bias = torch.cat([b.detach() for b in biases]).float() if all(b is not None for b in biases) else None
+        self.sizes = [m.weight.shape[0] for m in modules]
+        self.weight: torch.Tensor | None = weight
+        self.packed: torch.Tensor | None = None
+        if _onednn():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
+            self.weight = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        else:
+            out = F.linear(flat, self.weight, self.bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The fused output, cut back into one tensor per original layer."""
+        return self(x).split(self.sizes, dim=-1)
+
+
+PACK_BATCH = 8  # the batch size oneDNN packs the weights for (fastest here for batches of 1 to 16)
+
+
+def _onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class _RowLora:
+    """Per-slot stacks of one projection's adapter matrices: A [slots, in, r], B [slots, r, out]."""
+
+    def __init__(self, slots: int, fan_in: int, fan_out: int, rank: int) -> None:
+        self.a = torch.zeros(slots, fan_in, rank)
+        self.b = torch.zeros(slots, rank, fan_out)
+
+    def grow(self, rank: int) -> None:
+        if rank > self.a.shape[2]:
+            self.a = F.pad(self.a, (0, rank - self.a.shape[2]))
+            self.b = F.pad(self.b, (0, 0, 0, rank - self.b.shape[1]))
+
+    def set(self, slot: int, weights: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        if weights is not None:
+            a, b = weights
+            self.a[slot, :, : a.shape[1]] = a
+            self.b[slot, : b.shape[0]] = b
+
+    def move(self, source: int, target: int) -> None:
+        self.a[target] = self.a[source]
+        self.b[target] = self.b[source]
+
+    def __call__(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        return torch.bmm(torch.bmm(x, self.a[rows]), self.b[rows])
+
+
+class BatchDecoder:
+    """The model's forward pass over slots of a KV cache, with a LoRA adapter per slot.
+
+    ``prefill(slot, ids)`` reads a new request's prompt into a free slot and returns
+    the logits of its last position; ``decode(tokens)`` advances slots ``0..n-1`` by
+    one token each and returns their logits. Not thread-safe: one thread drives it.
+    """
+
+    def __init__(self, model: Any, slots: int, max_length: int, *, initial_length: int = 256) -> None:
+        problem = supports(model)
+        if problem:
+            raise LLMError(f"the batched decoder cannot run this model: {problem}")
+        config = model.config
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.blocks = [_Block(block) for block in inner.layers]
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.lm_head = _Dense([model.lm_head])
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.slots = slots
+        self.max_length = max_length
+        self.lengths = [0] * slots  # tokens in each slot's cache
+        self.adapters: list[LoraAdapter | None] = [None] * slots
+        capacity = min(initial_length, max_length)
+        shape = (slots, self.kv_heads, capacity, self.head_dim)
+        self.keys = [torch.zeros(shape) for _ in self.blocks]
+        self.values = [torch.zeros(shape) for _ in self.blocks]
+        self.lora: dict[tuple[int, str], _RowLora] = {}
+
+    # --- slots -------------------------------------------------------------------------
+
+    def assign(self, slot: int, adapter: LoraAdapter | None) -> None:
+        """Empty ``slot`` and give it ``adapter`` (None: the base model)."""
+        self.lengths[slot] = 0
+        self.adapters[slot] = adapter
+        if adapter is not None:
+            for (layer, projection), (a, b) in adapter.weights.items():
+                if (layer, projection) not in self.lora:
+                    self.lora[(layer, projection)] = _RowLora(self.slots, a.shape[0], b.shape[1], adapter.rank)
+        for (layer, projection), stack in self.lora.items():
+            if adapter is not None:
+                stack.grow(adapter.rank)
+            stack.set(slot, adapter.weights.get((layer, projection)) if adapter else None)
+
+    def move(self, source: int, target: int) -> None:
+        """Move a request's cache and adapter from ``source`` to ``target`` (to close a gap)."""
+        n = self.lengths[source]
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target, :, :n] = keys[source, :, :n]
+            values[target, :, :n] = values[source, :, :n]
+        for stack in self.lora.values():
+            stack.move(source, target)
+        self.lengths[target], self.adapters[target] = n, self.adapters[source]
+        self.lengths[source], self.adapters[source] = 0, None
+
+    def _reserve(self, length: int) -> None:
+        """Make room for ``length`` tokens in every slot (doubling, up to max_length)."""
+        capacity = self.keys[0].shape[2]
+        if length <= capacity:
+            return
+        if length > self.max_length:
+            raise LLMError(f"{length} tokens do not fit the context window of {self.max_length}")
+        new = min(max(length, 2 * capacity), self.max_length)
+        pad = (0, 0, 0, new - capacity)
+        self.keys = [F.pad(k, pad) for k in self.keys]
+        self.values = [F.pad(v, pad) for v in self.values]
+
+    # --- forward -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Read a prompt into an empty slot; the logits [vocab] after its last token."""
+        n = len(ids)
+        self._reserve(n)
+        positions = torch.arange(n).unsqueeze(0)
+        logits = self._forward(torch.tensor([ids]), positions, slice(slot, slot + 1), None)
+        self.lengths[slot] = n
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        """Advance slots ``0..len(tokens)-1`` by one token each; logits [rows, vocab]."""
+        rows = len(tokens)
+        lengths = self.lengths[:rows]
+        self._reserve(max(lengths) + 1)
+        positions = torch.tensor(lengths).unsqueeze(1)
+        logits = self._forward(torch.tensor(tokens).unsqueeze(1), positions, slice(0, rows), positions)
+        for row in range(rows):
+            self.lengths[row] += 1
+        return logits[:, -1]
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: slice, decode_at: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)
+        lora = any(a is not None for a in self.adapters[rows])
+        span = ids.shape[1]
+        if decode_at is None:
+            mask = None  # a prompt into an empty slot: plain causal attention
+            width = span
+        else:
+            width = int(decode_at.max()) + 1  # the longest row's cache, including this token
+            mask = torch.arange(width).unsqueeze(0) <= decode_at  # [rows, width]: each row's own length
+            mask = mask[:, None, None, :]
+        for i, block in enumerate(self.blocks):
+            x = x + self._attention(i, block, block.attention_norm(x), cos, sin, rows, decode_at, width, mask, lora)
+            x = x + self._mlp(i, block, block.mlp_norm(x), rows, lora)
+        return self.lm_head(self.norm(x))
+
+    def _lora(self, layer: int, name: str, out: torch.Tensor, x: torch.Tensor, rows: slice, lora: bool) -> torch.Tensor:
+        """``out`` plus each row's own adapter product for this projection, if any."""
+        if lora and (stack := self.lora.get((layer, name))) is not None:
+            return out + stack(x, rows)
+        return out
+
+    def _attention(
+        self,
+        layer: int,
+        block: _Block,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        rows: slice,
+        decode_at: torch.Tensor | None,
+        width: int,
+        mask: torch.Tensor | None,
+        lora: bool,
+    ) -> torch.Tensor:
+        batch, span, _ = x.shape
+        q, k, v = block.qkv.split(x)
+        q = self._lora(layer, "q_proj", q, x, rows, lora)
+        k = self._lora(layer, "k_proj", k, x, rows, lora)
+        v = self._lora(layer, "v_proj", v, x, rows, lora)
+        q = q.view(batch, span, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, span, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, span, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, k, cos, sin)
+        cache_k, cache_v = self.keys[layer], self.values[layer]
+        if decode_at is None:
+            cache_k[rows, :, :span] = k
+            cache_v[rows, :, :span] = v
+        else:
+            at = decode_at[:, 0]
+            index = torch.arange(batch)
+            cache_k[index, :, at] = k[:, :, 0]
+            cache_v[index, :, at] = v[:, :, 0]
+        out = F.scaled_dot_product_attention(
+            q,
+            cache_k[rows, :, :width],
+            cache_v[rows, :, :width],
+            attn_mask=mask,
+            is_causal=mask is None and span > 1,
+            enable_gqa=self.kv_heads != self.heads,
+        )
+        out = out.transpose(1, 2).reshape(batch, span, self.heads * self.head_dim)
+        return self._lora(layer, "o_proj", block.o(out), out, rows, lora)
+
+    def _mlp(self, layer: int, block: _Block, x: torch.Tensor, rows: slice, lora: bool) -> torch.Tensor:
+        gate, up = block.gate_up.split(x)
+        gate = self._lora(layer, "gate_proj", gate, x, rows, lora)
+        up = self._lora(layer, "up_proj", up, x, rows, lora)
+        hidden = F.silu(gate) * up
+        return self._lora(layer, "down_proj", block.down(hidden), hidden, rows, lora)
+
+
+class _Block:
+    """One decoder block's weights: norms as they are, projections fused and packed."""
+
+    def __init__(self, block: Any) -> None:
+        attn, mlp = block.self_attn, block.mlp
+        self.attention_norm = block.input_layernorm
+        self.mlp_norm = block.post_attention_layernorm
+        self.qkv = _Dense([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _Dense([attn.o_proj])
+        self.gate_up = _Dense([mlp.gate_proj, mlp.up_proj])
+        self.down = _Dense([mlp.down_proj])
+
+
+def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)

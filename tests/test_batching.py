@@ -1,0 +1,143 @@
+"""Continuous batching in the local backend: many users at once, each with their own
+adapter, on a tiny random Llama with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from agent_core.agent import BUSY, Agent
+from agent_core.config import Config
+from agent_core.events import Message
+from agent_core.llm import AdapterRef, GenerationRequest, LLMBusy, create_backend
+from agent_core.llm.batching import BatchLimits
+from agent_core.llm.local import LocalBackend
+from tests.conftest import MODEL_CACHE, plain_generate, random_lora, tiny_config_text
+
+PROMPTS = [
+    [{"role": "user", "content": "Hello there, how are you?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers in Europe, please."}],
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "Tell me a long story about a lighthouse keeper and the sea, with a twist."}],
+]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return [
+        random_lora(tiny_model_dir, tmp_path_factory.mktemp("a"), seed=1),
+        random_lora(tiny_model_dir, tmp_path_factory.mktemp("b"), seed=2, targets=("q_proj", "v_proj", "down_proj")),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def serving(model_dir: Path, **limits: float) -> AsyncIterator[LocalBackend]:
+    """The local backend with these batching limits, started; closed afterwards."""
+    backend = LocalBackend(
+        str(model_dir),
+        MODEL_CACHE,
+        threads=1,
+        repetition_penalty=1.1,
+        batching=BatchLimits(**limits),  # type: ignore[arg-type]
+    )
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+def request(prompt: int, tokens: int, adapter: Path | None = None, temperature: float = 0.0) -> GenerationRequest:
+    ref = AdapterRef(f"user-{adapter.name}", str(adapter)) if adapter else None
+    return GenerationRequest(messages=PROMPTS[prompt], max_new_tokens=tokens, temperature=temperature, adapter=ref)  # type: ignore[arg-type]
+
+
+async def test_greedy_rows_with_different_adapters_and_lengths_equal_plain_generate(
+    tiny_model_dir: Path, adapters: list[Path]
+) -> None:
+    a, b = adapters
+    # (prompt, new tokens, adapter): different prompt lengths, reply lengths and adapters
+    cases = [(0, 24, None), (1, 12, a), (2, 30, b), (3, 18, a), (1, 24, None)]
+    async with serving(tiny_model_dir, max_batch_size=4, batch_wait_s=0.2) as backend:
+        first = [asyncio.create_task(backend.generate(request(p, n, ad))) for p, n, ad in cases[:4]]
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(backend.generate(request(*cases[4])))  # joins a running batch
+        got = await asyncio.gather(*first, late)
+        assert backend._engine is not None and backend._engine.largest_batch == 4
+    for (p, n, ad), text in zip(cases, got, strict=True):
+        expected = plain_generate(tiny_model_dir, PROMPTS[p], n, adapter=ad, repetition_penalty=1.1)
+        assert text == expected, (p, n, ad)
+    assert len(set(got[:2])) == 2
+
+
+async def test_the_same_request_gives_the_same_reply_alone_and_in_a_batch(
+    tiny_model_dir: Path, adapters: list[Path]
+) -> None:
+    async with serving(tiny_model_dir, max_batch_size=8, batch_wait_s=0.1) as backend:
+        alone = await backend.generate(request(3, 20, adapters[1]))
+        crowd = [request(i % 4, 10 + i, adapters[i % 2] if i % 3 else None) for i in range(7)]
+        together = await asyncio.gather(backend.generate(request(3, 20, adapters[1])), *map(backend.generate, crowd))
+        assert together[0] == alone
+
+
+async def test_a_full_queue_answers_busy_at_once(tiny_model_dir: Path) -> None:
+    async with serving(tiny_model_dir, max_batch_size=1, max_queue=1) as backend:
+        running = backend.stream(request(0, 400, temperature=1.0))
+        assert await anext(running)  # holds the only slot
+        queued = asyncio.create_task(backend.generate(request(1, 4)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(LLMBusy, match="max_queue = 1"):
+            await backend.generate(request(2, 4))
+        await running.aclose()
+        assert await queued  # the waiting one is answered once the slot is free
+
+
+async def test_a_request_waiting_too_long_for_a_slot_gets_busy(tiny_model_dir: Path) -> None:
+    async with serving(tiny_model_dir, max_batch_size=1, queue_timeout_s=0.3) as backend:
+        running = backend.stream(request(0, 1000, temperature=1.0))
+        assert await anext(running)
+        with pytest.raises(LLMBusy, match="queue_timeout_s"):
+            await backend.generate(request(1, 4))
+        await running.aclose()
+
+
+async def test_a_cancelled_request_frees_its_slot(tiny_model_dir: Path) -> None:
+    async with serving(tiny_model_dir, max_batch_size=1) as backend:
+        engine = backend._engine
+        assert engine is not None
+        before = engine.generated_tokens
+        running = backend.stream(request(3, 1000, temperature=1.0))
+        assert await anext(running)
+        waiting = backend.stream(request(0, 1000, temperature=1.0))
+        waiting_task = asyncio.create_task(anext(waiting))
+        await asyncio.sleep(0.05)
+        waiting_task.cancel()  # a queued request given up: never takes the slot
+        await running.aclose()  # what a timeout or a closed connection does
+        reply = await asyncio.wait_for(backend.generate(request(1, 8)), timeout=30)
+        assert reply
+        assert engine.generated_tokens - before < 300  # neither cancelled request ran to its end
+        await asyncio.sleep(0.05)
+        assert engine.load == (0, 0)
+
+
+async def test_the_agent_answers_busy_and_keeps_the_message(
+    tiny_model_dir: Path, make_config: Callable[..., Config]
+) -> None:
+    config = make_config(tiny_config_text(tiny_model_dir) + "max_batch_size = 1\nmax_queue = 0\n")
+    backend = create_backend(config)
+    agent = await Agent.open(config, llm=backend)
+    try:
+        await backend.start()
+        running = backend.stream(request(0, 1000, temperature=1.0))
+        assert await anext(running)
+        reply = await agent.handle_message(Message(platform="test", chat_id="c", sender_id="u", text="anyone there?"))
+        assert reply is not None and reply.kind == "error" and reply.text == BUSY
+        rows = await agent.store.db.fetchall("SELECT role, text FROM messages")
+        assert [tuple(r) for r in rows] == [("user", "anyone there?")]
+        await running.aclose()
+    finally:
+        await agent.close()
