@@ -76,7 +76,7 @@ class BatchingEngine:
 
     def __init__(
         self,
-        decoder: BatchDecoder,
+        build_decoder: Callable[[], BatchDecoder],
         tokenizer: Any,
         limits: BatchLimits,
         *,
@@ -84,7 +84,8 @@ class BatchingEngine:
         repetition_penalty: float = 1.0,
         max_loaded_adapters: int = 16,
     ) -> None:
-        self.decoder = decoder
+        self._build_decoder = build_decoder
+        self.decoder: BatchDecoder  # built on the engine thread, see _run
         self.tokenizer = tokenizer
         self.limits = limits
         self.stop_ids = stop_ids
@@ -98,11 +99,17 @@ class BatchingEngine:
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="attune-batching", daemon=True)
+        self._ready = threading.Event()
+        self._build_error: BaseException | None = None
 
     # --- the consumer's side (any thread) -------------------------------------------------
 
     def start(self) -> None:
+        """Start the engine thread; returns once its decoder is built (raises if it failed)."""
         self._thread.start()
+        self._ready.wait()
+        if self._build_error is not None:
+            raise LLMError(f"the batched decoder could not start: {self._build_error}") from self._build_error
 
     def stop(self) -> None:
         with self._wakeup:
@@ -132,6 +139,15 @@ class BatchingEngine:
     # --- the engine thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        # The decoder is built on this thread: weights packed by another thread make
+        # oneDNN's matmuls here markedly slower (measured: 41 against 33 ms a step).
+        try:
+            self.decoder = self._build_decoder()
+        except BaseException as exc:
+            self._build_error = exc
+            return
+        finally:
+            self._ready.set()
         while True:
             with self._wakeup:
                 while not (self._pending or self._rows or self._stopping):

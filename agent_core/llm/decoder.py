@@ -197,9 +197,16 @@ class BatchDecoder:
         inner = model.model
         self.embed = inner.embed_tokens
         self.blocks = [_Block(block) for block in inner.layers]
-        self.norm = inner.norm
+        self.norm = _RMSNorm(inner.norm)
         self.rotary = inner.rotary_emb
         self.lm_head = _Dense([model.lm_head])
+        first = self.blocks[0]
+        self._sizes = {
+            ("q_proj", "k_proj", "v_proj"): first.qkv.sizes,
+            ("o_proj",): first.o.sizes,
+            ("gate_proj", "up_proj"): first.gate_up.sizes,
+            ("down_proj",): first.down.sizes,
+        }
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -279,91 +286,113 @@ class BatchDecoder:
         self, ids: torch.Tensor, positions: torch.Tensor, rows: slice, decode_at: torch.Tensor | None
     ) -> torch.Tensor:
         x = self.embed(ids)
-        cos, sin = self.rotary(x, positions)
-        lora = any(a is not None for a in self.adapters[rows])
-        span = ids.shape[1]
-        if decode_at is None:
-            mask = None  # a prompt into an empty slot: plain causal attention
-            width = span
-        else:
-            width = int(decode_at.max()) + 1  # the longest row's cache, including this token
-            mask = torch.arange(width).unsqueeze(0) <= decode_at  # [rows, width]: each row's own length
-            mask = mask[:, None, None, :]
+        step = _Pass(self, x, positions, rows, decode_at)
         for i, block in enumerate(self.blocks):
-            x = x + self._attention(i, block, block.attention_norm(x), cos, sin, rows, decode_at, width, mask, lora)
-            x = x + self._mlp(i, block, block.mlp_norm(x), rows, lora)
+            x = x + self._attention(i, block, block.attention_norm(x), step)
+            x = x + self._mlp(i, block, block.mlp_norm(x), step)
         return self.lm_head(self.norm(x))
 
-    def _lora(self, layer: int, name: str, out: torch.Tensor, x: torch.Tensor, rows: slice, lora: bool) -> torch.Tensor:
-        """``out`` plus each row's own adapter product for this projection, if any."""
-        if lora and (stack := self.lora.get((layer, name))) is not None:
-            return out + stack(x, rows)
-        return out
+    def _lora(self, layer: int, names: tuple[str, ...], out: torch.Tensor, x: torch.Tensor, step: _Pass) -> None:
+        """Add each row's own adapter products for these (fused) projections to ``out``."""
+        if not step.lora:
+            return
+        start = 0
+        for name, size in zip(names, self._sizes[names], strict=True):
+            if (stack := self.lora.get((layer, name))) is not None:
+                out[..., start : start + size] += stack(x, step.rows)
+            start += size
 
-    def _attention(
-        self,
-        layer: int,
-        block: _Block,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        rows: slice,
-        decode_at: torch.Tensor | None,
-        width: int,
-        mask: torch.Tensor | None,
-        lora: bool,
-    ) -> torch.Tensor:
+    def _attention(self, layer: int, block: _Block, x: torch.Tensor, step: _Pass) -> torch.Tensor:
         batch, span, _ = x.shape
-        q, k, v = block.qkv.split(x)
-        q = self._lora(layer, "q_proj", q, x, rows, lora)
-        k = self._lora(layer, "k_proj", k, x, rows, lora)
-        v = self._lora(layer, "v_proj", v, x, rows, lora)
-        q = q.view(batch, span, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, span, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, span, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q, k, cos, sin)
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        qkv = block.qkv(x)
+        self._lora(layer, ("q_proj", "k_proj", "v_proj"), qkv, x, step)
+        qk = qkv[..., : (heads + kv_heads) * dim].view(batch, span, heads + kv_heads, dim)
+        qk = qk * step.cos + torch.roll(qk, dim // 2, -1) * step.sin  # rotary, queries and keys at once
+        q = qk[:, :, :heads].transpose(1, 2)
+        k = qk[:, :, heads:].transpose(1, 2)
+        v = qkv[..., (heads + kv_heads) * dim :].view(batch, span, kv_heads, dim).transpose(1, 2)
         cache_k, cache_v = self.keys[layer], self.values[layer]
-        if decode_at is None:
-            cache_k[rows, :, :span] = k
-            cache_v[rows, :, :span] = v
+        if step.at is None:
+            cache_k[step.rows, :, :span] = k
+            cache_v[step.rows, :, :span] = v
+        elif step.single is not None:  # one row: plain slicing, cheaper than a scatter
+            cache_k[0, :, step.single] = k[0, :, 0]
+            cache_v[0, :, step.single] = v[0, :, 0]
         else:
-            at = decode_at[:, 0]
-            index = torch.arange(batch)
-            cache_k[index, :, at] = k[:, :, 0]
-            cache_v[index, :, at] = v[:, :, 0]
+            cache_k[step.index, :, step.at] = k[:, :, 0]
+            cache_v[step.index, :, step.at] = v[:, :, 0]
         out = F.scaled_dot_product_attention(
             q,
-            cache_k[rows, :, :width],
-            cache_v[rows, :, :width],
-            attn_mask=mask,
-            is_causal=mask is None and span > 1,
-            enable_gqa=self.kv_heads != self.heads,
+            cache_k[step.rows, :, : step.width],
+            cache_v[step.rows, :, : step.width],
+            attn_mask=step.mask,
+            is_causal=step.at is None and span > 1,
+            enable_gqa=kv_heads != heads,
         )
-        out = out.transpose(1, 2).reshape(batch, span, self.heads * self.head_dim)
-        return self._lora(layer, "o_proj", block.o(out), out, rows, lora)
+        out = out.transpose(1, 2).reshape(batch, span, heads * dim)
+        projected = block.o(out)
+        self._lora(layer, ("o_proj",), projected, out, step)
+        return projected
 
-    def _mlp(self, layer: int, block: _Block, x: torch.Tensor, rows: slice, lora: bool) -> torch.Tensor:
-        gate, up = block.gate_up.split(x)
-        gate = self._lora(layer, "gate_proj", gate, x, rows, lora)
-        up = self._lora(layer, "up_proj", up, x, rows, lora)
+    def _mlp(self, layer: int, block: _Block, x: torch.Tensor, step: _Pass) -> torch.Tensor:
+        gate_up = block.gate_up(x)
+        self._lora(layer, ("gate_proj", "up_proj"), gate_up, x, step)
+        gate, up = gate_up.split(block.gate_up.sizes, dim=-1)
         hidden = F.silu(gate) * up
-        return self._lora(layer, "down_proj", block.down(hidden), hidden, rows, lora)
+        out = block.down(hidden)
+        self._lora(layer, ("down_proj",), out, hidden, step)
+        return out
+
+
+class _Pass:
+    """What every layer of one forward pass shares: the rows, the rotary angles, and for
+    a decode step each row's position and the attention mask over its own length."""
+
+    def __init__(
+        self, decoder: BatchDecoder, x: torch.Tensor, positions: torch.Tensor, rows: slice, at: torch.Tensor | None
+    ) -> None:
+        self.rows = rows
+        self.lora = any(a is not None for a in decoder.adapters[rows])
+        cos, sin = decoder.rotary(x, positions)  # [batch, span, head_dim]
+        half = sin.shape[-1] // 2
+        self.cos = cos.unsqueeze(2)
+        # rotate_half(x) * sin == roll(x, half) * sin with the first half of sin negated
+        self.sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+        self.at: torch.Tensor | None = None
+        self.single: int | None = None  # a decode step of one row: its position
+        self.mask: torch.Tensor | None = None  # None: every row sees its whole cache (or a causal prompt)
+        self.width = x.shape[1]
+        if at is not None:
+            self.at = at[:, 0]
+            self.index = torch.arange(x.shape[0])
+            self.width = int(self.at.max()) + 1  # the longest row's cache, including this token
+            if x.shape[0] == 1:
+                self.single = self.width - 1
+            else:
+                visible = torch.arange(self.width).unsqueeze(0) <= at  # [rows, width]: each row's own length
+                self.mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None, None, :]
 
 
 class _Block:
-    """One decoder block's weights: norms as they are, projections fused and packed."""
+    """One decoder block's weights: RMS norms, projections fused and packed."""
 
     def __init__(self, block: Any) -> None:
         attn, mlp = block.self_attn, block.mlp
-        self.attention_norm = block.input_layernorm
-        self.mlp_norm = block.post_attention_layernorm
+        self.attention_norm = _RMSNorm(block.input_layernorm)
+        self.mlp_norm = _RMSNorm(block.post_attention_layernorm)
         self.qkv = _Dense([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o = _Dense([attn.o_proj])
         self.gate_up = _Dense([mlp.gate_proj, mlp.up_proj])
         self.down = _Dense([mlp.down_proj])
 
 
-def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+class _RMSNorm:
+    """The model's RMS norm as one fused op."""
 
-    return apply_rotary_pos_emb(q, k, cos, sin)
+    def __init__(self, norm: Any) -> None:
+        self.weight = norm.weight.detach()
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

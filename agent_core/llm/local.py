@@ -91,8 +91,9 @@ class LocalBackend(LLMBackend):
             log.info("no batching for this model (%s): one request at a time", problem)
             return None
         eos = model.generation_config.eos_token_id
+        slots, length = self.batching.max_batch_size, self.context_window
         engine = BatchingEngine(
-            BatchDecoder(model, self.batching.max_batch_size, self.context_window),
+            lambda: BatchDecoder(model, slots, length),
             self._tokenizer,
             self.batching,
             stop_ids=set(eos if isinstance(eos, list) else [eos]),

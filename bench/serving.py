@@ -1,0 +1,352 @@
+"""Serving many users at once: aggregate tokens/s and latency of the local backend.
+
+For each number of concurrent users (1, 4, 8, 16), every user sends one message at the
+same moment, each with their own LoRA adapter (r=8 on q_proj and v_proj, the
+``[training]`` defaults; random weights: speed does not depend on them), and the reply
+is generated greedily. Rows, in the same run:
+
+- ``naive``: plain transformers ``generate``, one request at a time (``batching = false``),
+  each user's adapter switched in through peft;
+- ``attune_mixed``: the local backend's continuous batching, each row with its user's adapter;
+- ``base_batch``: the same batches with every row on the base model, the upper bound for mixed adapters;
+- ``llama_cpp``: llama.cpp through llama-cpp-python on the same GGUF, serving the users one
+  after another (the base model: it has no per-user adapters here); null when not installed;
+- ``ceiling``: the memory-bandwidth ceiling at batch 1, (read rate) / (fp32 weight bytes).
+
+Aggregate tokens/s is all new tokens over the wall time from the first request to the last
+reply; TTFT and reply times are from the moment all users sent their message.
+
+    python -m bench.serving [--users 1,4,8,16] [--tokens 64] [--threads 0] [--json OUT]
+
+llama-cpp-python is a benchmark-only dependency that compiles llama.cpp from source:
+``.venv/bin/pip install -c constraints.txt '.[bench-llama]'`` (about 15 to 30 minutes here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a file: python bench/serving.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent_core.config import Settings
+from agent_core.llm import AdapterRef, ChatMessage, GenerationRequest
+from agent_core.llm.batching import BatchLimits
+from agent_core.llm.local import LocalBackend
+from agent_core.llm.model_files import find_model
+from bench import report
+from bench.generation import memory_bandwidth
+
+QUESTIONS = [
+    "Write a long, detailed essay about the history of Paris.",
+    "Explain in detail how a bicycle gear system works.",
+    "Describe the water cycle step by step, with examples.",
+    "Tell me a long story about a lighthouse keeper and a storm.",
+    "What should I know before adopting a dog? Be thorough.",
+    "Explain how vaccines train the immune system, in depth.",
+    "Give me a detailed plan for learning to play the guitar.",
+    "Describe the life cycle of a star from birth to death.",
+    "How does a compiler turn source code into a program? Explain at length.",
+    "Write a detailed guide to growing tomatoes on a balcony.",
+    "Explain the causes of the French Revolution in detail.",
+    "Describe how the internet routes a message from one computer to another.",
+    "What are the main ideas of stoic philosophy? Explain each.",
+    "Explain how bees make honey and why they need it, in detail.",
+    "Describe a week-long walking tour of Scotland, day by day.",
+    "Explain how a refrigerator keeps food cold, step by step.",
+]
+ROWS = ("naive", "attune_mixed", "base_batch", "llama_cpp")
+
+
+def make_adapters(model_dir: Path, count: int, out: Path) -> list[AdapterRef]:
+    """``count`` LoRA adapters shaped like the nightly job's, with random weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    training = Settings().training
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=training.rank, lora_alpha=training.alpha, target_modules=list(training.targets))
+    peft_model = get_peft_model(model, config)
+    refs = []
+    for i in range(count):
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.02)
+        peft_model.save_pretrained(out / f"user-{i}")
+        refs.append(AdapterRef(f"user-{i}-v1", str(out / f"user-{i}")))
+    return refs
+
+
+def requests(users: int, tokens: int, adapters: list[AdapterRef] | None) -> list[GenerationRequest]:
+    system: ChatMessage = {"role": "system", "content": Settings().agent.system_prompt}
+    return [
+        GenerationRequest(
+            messages=[system, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+            max_new_tokens=tokens,
+            temperature=0.0,
+            adapter=adapters[i] if adapters else None,
+        )
+        for i in range(users)
+    ]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
+
+
+def summary(tokens: int, wall: float, firsts: list[float], lasts: list[float], decode: float | None) -> dict[str, Any]:
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": percentile(firsts, 0.5),
+        "ttft_p95_s": percentile(firsts, 0.95),
+        "reply_p50_s": percentile(lasts, 0.5),
+        "reply_p95_s": percentile(lasts, 0.95),
+        "decode_tokens_per_s": decode,  # one user: new tokens after the first over the time they took
+    }
+
+
+async def serve(backend: LocalBackend, batch: list[GenerationRequest]) -> dict[str, Any]:
+    """All requests at once through the backend; their aggregate rate and latencies."""
+    before = backend.generated_tokens
+    started = time.perf_counter()
+
+    async def one(request: GenerationRequest) -> tuple[float, float]:
+        first = None
+        async for _ in backend.stream(request):
+            first = first or time.perf_counter() - started
+        return first or time.perf_counter() - started, time.perf_counter() - started
+
+    times = await asyncio.gather(*(one(r) for r in batch))
+    wall = time.perf_counter() - started
+    tokens = backend.generated_tokens - before
+    firsts, lasts = [t[0] for t in times], [t[1] for t in times]
+    decode = (tokens - 1) / (lasts[0] - firsts[0]) if len(batch) == 1 and tokens > 1 else None
+    return summary(tokens, wall, firsts, lasts, decode)
+
+
+class LlamaCpp:
+    """llama.cpp on the same GGUF, serving requests one after another as they arrived."""
+
+    def __init__(self, gguf: Path, threads: int, render: Callable[[list[ChatMessage]], str]) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_threads=threads, n_ctx=2048, verbose=False, seed=0)
+        self.render = render
+
+    def serve(self, batch: list[GenerationRequest], repetition_penalty: float) -> dict[str, Any]:
+        started = time.perf_counter()
+        firsts, lasts, tokens, decode = [], [], 0, None
+        for request in batch:
+            first, pieces = None, []
+            for chunk in self.llm.create_completion(
+                self.render(request.messages),
+                max_tokens=request.max_new_tokens,
+                temperature=0.0,
+                repeat_penalty=repetition_penalty,
+                stream=True,
+            ):
+                first = first or time.perf_counter() - started
+                pieces.append(chunk["choices"][0]["text"])
+            lasts.append(time.perf_counter() - started)
+            firsts.append(first or lasts[-1])
+            count = len(self.llm.tokenize("".join(pieces).encode(), add_bos=False, special=True))
+            tokens += count
+            if len(batch) == 1 and count > 1:
+                decode = (count - 1) / (lasts[0] - firsts[0])
+        return summary(tokens, time.perf_counter() - started, firsts, lasts, decode)
+
+
+def load_llama_cpp(gguf: Path, threads: int, render: Callable[[list[ChatMessage]], str]) -> LlamaCpp | None:
+    try:
+        return LlamaCpp(gguf, threads, render)
+    except ImportError:
+        print(
+            "llama_cpp: llama-cpp-python is NOT installed, so its row is null. To compare, install it "
+            "(compiles from source, about 15 to 30 minutes): .venv/bin/pip install -c constraints.txt '.[bench-llama]'"
+        )
+        return None
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", default="1,4,8,16", help="numbers of concurrent users, comma-separated")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per reply (at most)")
+    parser.add_argument("--threads", type=int, default=0, help="torch and llama.cpp threads; 0 = all cores")
+    parser.add_argument("--cache-dir", default="data/models", help="where the GGUF model is cached de-quantized")
+    parser.add_argument("--repetition-penalty", type=float, default=Settings().llm.local.repetition_penalty)
+    parser.add_argument("--json", metavar="OUT", help="also write the results here")
+    args = parser.parse_args()
+    user_counts = [int(n) for n in args.users.split(",")]
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cache = Path(args.cache_dir).resolve()
+
+    batched = LocalBackend(
+        "smollm2",
+        cache,
+        threads=threads,
+        repetition_penalty=args.repetition_penalty,
+        max_loaded_adapters=max(user_counts),
+        batching=BatchLimits(max_batch_size=max(user_counts), max_queue=max(user_counts)),
+    )
+    naive = LocalBackend(
+        "smollm2",
+        cache,
+        threads=threads,
+        repetition_penalty=args.repetition_penalty,
+        max_loaded_adapters=max(user_counts),
+        batching=None,
+    )
+    await batched.start()
+    await naive.start()
+    assert batched.model_dir is not None
+    weight_bytes = sum(p.numel() * p.element_size() for p in batched._model.parameters())
+    tokenizer = batched._tokenizer
+    source = find_model("smollm2")
+    llama = load_llama_cpp(
+        Path(source.directory) / str(source.gguf_file),
+        threads,
+        lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+    )
+    bandwidth = memory_bandwidth()
+    ceiling = bandwidth["read_gb_s"] * 1e9 / weight_bytes
+
+    with tempfile.TemporaryDirectory() as folder:
+        adapters = make_adapters(batched.model_dir, max(user_counts), Path(folder))
+        for backend in (batched, naive):  # warm up: adapters read from disk once, like a running bot
+            await serve(backend, requests(max(user_counts), 2, adapters))
+        results: dict[int, dict[str, dict[str, Any] | None]] = {}
+        for users in user_counts:
+            own = requests(users, args.tokens, adapters)
+            row: dict[str, dict[str, Any] | None] = {
+                "naive": await serve(naive, own),
+                "attune_mixed": await serve(batched, own),
+                "base_batch": await serve(batched, requests(users, args.tokens, None)),
+                "llama_cpp": None,
+            }
+            if llama is not None:
+                plain = requests(users, args.tokens, None)
+                row["llama_cpp"] = await asyncio.to_thread(llama.serve, plain, args.repetition_penalty)
+            results[users] = row
+            print(f"{users} users done", flush=True)
+    engine_largest = batched._engine.largest_batch if batched._engine else 0
+    await batched.close()
+    await naive.close()
+    print_report(results, ceiling, bandwidth, weight_bytes, threads, args.tokens, engine_largest)
+    document = {
+        "params": {**vars(args), "threads": threads},
+        "weight_bytes": weight_bytes,
+        **bandwidth,
+        "ceiling_tokens_per_s": ceiling,
+        "by_users": {
+            str(users): {
+                **{name: (r["tokens_per_s"] if r else None) for name, r in row.items()},
+                "ceiling": ceiling,
+            }
+            for users, row in results.items()
+        },
+        "details": {str(users): row for users, row in results.items()},
+        "goals": goals(results, ceiling),
+    }
+    path = report.save("serving", document)
+    print(f"wrote {path}")
+    if args.json:
+        Path(args.json).write_text(path.read_text())
+        print(f"wrote {args.json}")
+
+
+def goals(results: dict[int, dict[str, dict[str, Any] | None]], ceiling: float) -> dict[str, float | None]:
+    """The issue's targets as ratios (None where a row is missing)."""
+
+    def rate(users: int, name: str, key: str = "tokens_per_s") -> float | None:
+        r = results.get(users, {}).get(name)
+        return r[key] if r and r.get(key) is not None else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    single = rate(1, "attune_mixed", "decode_tokens_per_s")
+    return {
+        "single_stream_decode_vs_ceiling": ratio(single, ceiling),  # goal >= 0.6
+        "single_stream_decode_vs_llama_cpp": ratio(single, rate(1, "llama_cpp", "decode_tokens_per_s")),  # >= 0.5
+        "mixed_8_vs_naive": ratio(rate(8, "attune_mixed"), rate(8, "naive")),  # goal >= 4
+        "mixed_8_vs_base_batch": ratio(rate(8, "attune_mixed"), rate(8, "base_batch")),  # goal >= 0.85
+        "mixed_8_vs_llama_cpp": ratio(rate(8, "attune_mixed"), rate(8, "llama_cpp")),  # goal > 1
+    }
+
+
+def print_report(
+    results: dict[int, dict[str, dict[str, Any] | None]],
+    ceiling: float,
+    bandwidth: dict[str, float],
+    weight_bytes: int,
+    threads: int,
+    tokens: int,
+    largest: int,
+) -> None:
+    print(f"\nserving SmolLM2-135M, greedy, up to {tokens} new tokens a reply, {threads} threads")
+    print(f"weights {weight_bytes / 1e6:,.0f} MB fp32; memory read {bandwidth['read_gb_s']:.1f} GB/s")
+    print(f"bandwidth ceiling at batch 1: {ceiling:.1f} tokens/s; largest batch stepped: {largest}")
+    rows = []
+    for users, row in results.items():
+        naive = row["naive"]
+        base = row["base_batch"]
+        for name in ROWS:
+            r = row[name]
+            if r is None:
+                rows.append([users, name, "not installed", "", "", "", "", "", ""])
+                continue
+            rows.append(
+                [
+                    users,
+                    name,
+                    r["tokens_per_s"],
+                    f"{r['tokens_per_s'] / naive['tokens_per_s']:.2f}x" if naive else "",
+                    f"{r['tokens_per_s'] / base['tokens_per_s']:.0%}" if base else "",
+                    r["ttft_p50_s"],
+                    r["ttft_p95_s"],
+                    r["reply_p50_s"],
+                    r["reply_p95_s"],
+                ]
+            )
+    headers = ["users", "row", "tokens/s", "vs naive", "vs base batch", "TTFT p50 s", "TTFT p95 s"]
+    print(report.table([*headers, "reply p50 s", "reply p95 s"], rows))
+    g = goals(results, ceiling)
+    single = results.get(1, {}).get("attune_mixed")
+    if single and single.get("decode_tokens_per_s"):
+        print(
+            f"single stream (1 user, own adapter): decode {single['decode_tokens_per_s']:.1f} tokens/s = "
+            f"{_pct(g['single_stream_decode_vs_ceiling'])} of the ceiling (goal 60%), "
+            f"{_pct(g['single_stream_decode_vs_llama_cpp'])} of llama.cpp's (goal 50%)"
+        )
+    print(
+        f"8 users, 8 adapters: {_x(g['mixed_8_vs_naive'])} naive (goal 4x), {_pct(g['mixed_8_vs_base_batch'])} of "
+        f"the base batch (goal 85%), {_x(g['mixed_8_vs_llama_cpp'])} llama.cpp in turn (goal above 1x)"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _x(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
