@@ -198,6 +198,7 @@ class TelegramSettings(_Section):
     webhook_url: str = ""
     webhook_listen: str = "127.0.0.1"
     webhook_port: int = Field(default=8443, ge=1, le=65535)
+    stream_edit_interval_s: float = Field(default=3.0, ge=0.0)  # 0: send the final text only
 
 
 class DiscordSettings(_Section):
@@ -205,6 +206,7 @@ class DiscordSettings(_Section):
     gateway_url: str = "wss://gateway.discord.gg/"
     sync_commands: bool = True
     guild_ready_timeout_s: float = Field(default=2.0, ge=0)
+    stream_edit_interval_s: float = Field(default=1.5, ge=0.0)  # 0: send the final text only
 
 
 class SlackSettings(_Section):
@@ -213,6 +215,7 @@ class SlackSettings(_Section):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=3000, ge=1, le=65535)
     command: str = Field(default="/attune", pattern=r"^/[a-z0-9_-]{1,31}$")
+    stream_edit_interval_s: float = Field(default=0.0, ge=0.0)  # 0: send the final text only
 
 
 DEFAULT_REWARDS: dict[str, float] = {

@@ -21,11 +21,13 @@ class RecordingBackend(LLMBackend):
         *,
         context_window: int = 2048,
         delay_s: float = 0.0,
+        piece_delay_s: float = 0.0,
         fail: bool = False,
     ) -> None:
         self.reply = reply or (lambda r: f"echo: {r.messages[-1]['content']}")
         self.context_window = context_window
         self.delay_s = delay_s
+        self.piece_delay_s = piece_delay_s  # pause between words, like a model writing
         self.fail = fail
         self.requests: list[GenerationRequest] = []
 
@@ -48,4 +50,6 @@ class RecordingBackend(LLMBackend):
         if self.fail:
             raise LLMError("the recording backend was told to fail")
         for i, word in enumerate(self.reply(request).split(" ")):
+            if i and self.piece_delay_s:
+                await asyncio.sleep(self.piece_delay_s)
             yield word if i == 0 else " " + word

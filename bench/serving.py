@@ -29,10 +29,11 @@ import asyncio
 import math
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -66,6 +67,7 @@ QUESTIONS = [
     "Explain how a refrigerator keeps food cold, step by step.",
 ]
 ROWS = ("naive", "attune_mixed", "base_batch", "llama_cpp")
+T = TypeVar("T")
 
 
 def make_adapters(model_dir: Path, count: int, out: Path) -> list[AdapterRef]:
@@ -171,6 +173,17 @@ class LlamaCpp:
         return summary(tokens, time.perf_counter() - started, firsts, lasts, decode)
 
 
+def in_a_thread(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on a thread that ends afterwards, taking its OpenMP team with it."""
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(work(*args)))
+    thread.start()
+    thread.join()
+    if not out:
+        raise RuntimeError(f"{getattr(work, '__name__', work)} failed (see above)")
+    return out[0]
+
+
 def load_llama_cpp(gguf: Path, threads: int, render: Callable[[list[ChatMessage]], str]) -> LlamaCpp | None:
     try:
         return LlamaCpp(gguf, threads, render)
@@ -193,60 +206,60 @@ async def main() -> None:
     args = parser.parse_args()
     user_counts = [int(n) for n in args.users.split(",")]
     threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     cache = Path(args.cache_dir).resolve()
 
-    batched = LocalBackend(
-        "smollm2",
-        cache,
-        threads=threads,
-        repetition_penalty=args.repetition_penalty,
-        max_loaded_adapters=max(user_counts),
-        batching=BatchLimits(max_batch_size=max(user_counts), max_queue=max(user_counts)),
-    )
-    naive = LocalBackend(
-        "smollm2",
-        cache,
-        threads=threads,
-        repetition_penalty=args.repetition_penalty,
-        max_loaded_adapters=max(user_counts),
-        batching=None,
-    )
-    await batched.start()
-    await naive.start()
-    assert batched.model_dir is not None
-    weight_bytes = sum(p.numel() * p.element_size() for p in batched._model.parameters())
-    tokenizer = batched._tokenizer
-    source = find_model("smollm2")
-    llama = load_llama_cpp(
-        Path(source.directory) / str(source.gguf_file),
+    def backend(batching: BatchLimits | None) -> LocalBackend:
+        return LocalBackend(
+            "smollm2",
+            cache,
+            threads=threads,
+            repetition_penalty=args.repetition_penalty,
+            max_loaded_adapters=max(user_counts),
+            batching=batching,
+        )
+
+    # Each contender runs alone, and its threads end before the next one starts: a thread
+    # that has used OpenMP keeps its worker team, and a second live team slows the first
+    # by about a fifth on 2 cores (measured), which would skew whichever row ran later.
+    results: dict[int, dict[str, dict[str, Any] | None]] = {n: {name: None for name in ROWS} for n in user_counts}
+    bandwidth = in_a_thread(memory_bandwidth)
+    with tempfile.TemporaryDirectory() as folder:
+        model_dir = find_model("smollm2")
+        naive = backend(None)
+        await naive.start()
+        assert naive.model_dir is not None
+        weight_bytes = sum(p.numel() * p.element_size() for p in naive._model.parameters())
+        tokenizer = naive._tokenizer
+        adapters = in_a_thread(make_adapters, naive.model_dir, max(user_counts), Path(folder))
+        await serve(naive, requests(max(user_counts), 2, adapters))  # adapters read from disk once, like a running bot
+        for users in user_counts:
+            results[users]["naive"] = await serve(naive, requests(users, args.tokens, adapters))
+        await naive.close()
+        print("naive done", flush=True)
+
+        batched = backend(BatchLimits(max_batch_size=max(user_counts), max_queue=max(user_counts)))
+        await batched.start()
+        await serve(batched, requests(max(user_counts), 2, adapters))
+        for users in user_counts:
+            results[users]["attune_mixed"] = await serve(batched, requests(users, args.tokens, adapters))
+            results[users]["base_batch"] = await serve(batched, requests(users, args.tokens, None))
+        engine_largest = batched._engine.largest_batch if batched._engine else 0
+        await batched.close()
+        print("attune done", flush=True)
+
+    llama = in_a_thread(
+        load_llama_cpp,
+        Path(model_dir.directory) / str(model_dir.gguf_file),
         threads,
         lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
     )
-    bandwidth = memory_bandwidth()
-    ceiling = bandwidth["read_gb_s"] * 1e9 / weight_bytes
-
-    with tempfile.TemporaryDirectory() as folder:
-        adapters = make_adapters(batched.model_dir, max(user_counts), Path(folder))
-        for backend in (batched, naive):  # warm up: adapters read from disk once, like a running bot
-            await serve(backend, requests(max(user_counts), 2, adapters))
-        results: dict[int, dict[str, dict[str, Any] | None]] = {}
+    if llama is not None:
         for users in user_counts:
-            own = requests(users, args.tokens, adapters)
-            row: dict[str, dict[str, Any] | None] = {
-                "naive": await serve(naive, own),
-                "attune_mixed": await serve(batched, own),
-                "base_batch": await serve(batched, requests(users, args.tokens, None)),
-                "llama_cpp": None,
-            }
-            if llama is not None:
-                plain = requests(users, args.tokens, None)
-                row["llama_cpp"] = await asyncio.to_thread(llama.serve, plain, args.repetition_penalty)
-            results[users] = row
-            print(f"{users} users done", flush=True)
-    engine_largest = batched._engine.largest_batch if batched._engine else 0
-    await batched.close()
-    await naive.close()
+            results[users]["llama_cpp"] = in_a_thread(
+                llama.serve, requests(users, args.tokens, None), args.repetition_penalty
+            )
+        print("llama.cpp done", flush=True)
+    ceiling = bandwidth["read_gb_s"] * 1e9 / weight_bytes
     print_report(results, ceiling, bandwidth, weight_bytes, threads, args.tokens, engine_largest)
     document = {
         "params": {**vars(args), "threads": threads},

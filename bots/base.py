@@ -32,6 +32,7 @@ from typing import Any, ClassVar, ParamSpec
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Message, Reply
+from bots.streaming import LiveReply
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,24 @@ class Adapter(ABC):
         if platform_id is not None:
             await self.agent.delivered(reply, platform_id)
 
+    def stream_edit_interval(self) -> float:
+        """Seconds between edits of a reply shown while it is written; 0 sends the final
+        text only. ``[<platform>] stream_edit_interval_s`` where the platform can edit."""
+        section = getattr(self.config.settings, self.platform, None)
+        return float(getattr(section, "stream_edit_interval_s", 0.0)) if self.can_edit else 0.0
+
     async def respond(self, message: Message) -> None:
-        """Hand a message to the agent with the typing indicator on, and deliver the reply."""
+        """Hand a message to the agent with the typing indicator on, and deliver the reply:
+        shown as it is written (edited at the platform's rate) where the adapter can edit
+        and streaming is on, else sent once, whole."""
+        interval = self.stream_edit_interval()
+        live = LiveReply(self, message, interval) if interval > 0 else None
         async with self.typing(message.chat_id):
-            reply = await self.agent.handle_message(message)
-        await self.deliver(reply)
+            reply = await self.agent.handle_message(message, on_text=live.add if live else None)
+        if live is not None:
+            await live.finish(reply)
+        else:
+            await self.deliver(reply)
 
     @contextlib.asynccontextmanager
     async def typing(self, chat_id: str) -> AsyncIterator[None]:

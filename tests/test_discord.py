@@ -17,9 +17,10 @@ from tests.fakes.discord import BOT_USER, DM_CHANNEL, GUILD_CHANNEL, FakeDiscord
 ANN, BOB = "111", "222"
 
 
-def _config(make_config: Callable[..., Config], fake: FakeDiscord) -> Config:
+def _config(make_config: Callable[..., Config], fake: FakeDiscord, extra: str = "") -> Config:
     return make_config(
-        f'[discord]\napi_base = "{fake.api_base}"\ngateway_url = "{fake.gateway_url}"\nguild_ready_timeout_s = 0.05\n',
+        f'[discord]\napi_base = "{fake.api_base}"\ngateway_url = "{fake.gateway_url}"\nguild_ready_timeout_s = 0.05\n'
+        + extra,
         environ={"DISCORD_BOT_TOKEN": fake.token},
     )
 
@@ -30,8 +31,10 @@ async def fake() -> AsyncIterator[FakeDiscord]:
         yield server
 
 
-async def _started(fake: FakeDiscord, make_config: Callable[..., Config], backend: RecordingBackend) -> DiscordAdapter:
-    config = _config(make_config, fake)
+async def _started(
+    fake: FakeDiscord, make_config: Callable[..., Config], backend: RecordingBackend, extra: str = ""
+) -> DiscordAdapter:
+    config = _config(make_config, fake, extra)
     agent = await Agent.open(config, llm=backend)
     adapter = DiscordAdapter(agent, config)
     await adapter.start()
@@ -184,3 +187,27 @@ async def test_a_wrong_token_fails_start(fake: FakeDiscord, make_config: Callabl
             await DiscordAdapter(agent, config).start()
     finally:
         await agent.close()
+
+
+async def test_a_reply_is_shown_as_it_is_written_by_editing(
+    fake: FakeDiscord, make_config: Callable[..., Config]
+) -> None:
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    backend = RecordingBackend(lambda r: words, piece_delay_s=0.05)
+    adapter = await _started(fake, make_config, backend, "stream_edit_interval_s = 0.1\n")
+    try:
+        await fake.dispatch("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "letters please"))
+        draft = (await fake.wait(fake.sent_messages, 1))[0][1]
+        assert draft["content"].startswith("alpha") and draft["content"].endswith(" …")
+        async with asyncio.timeout(10):
+            while (row := await adapter.agent.store.db.fetchone(
+                "SELECT platform_message_id FROM messages WHERE role = 'assistant' AND platform_message_id IS NOT NULL"
+            )) is None:  # fmt: skip
+                await asyncio.sleep(0.02)
+        reply_id = str(row[0])
+        edits = [e["content"] for e in fake.requests("PATCH", f"channels/{DM_CHANNEL}/messages/{reply_id}")]
+        assert edits[-1] == words and len(edits) >= 2
+        assert len(fake.sent_messages()) == 1
+    finally:
+        await adapter.stop()
+        await adapter.agent.close()

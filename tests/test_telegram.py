@@ -230,3 +230,31 @@ def test_the_token_comes_from_the_environment(tmp_path: Path) -> None:
 
     assert not TelegramAdapter.configured(load_config(write_config(tmp_path), environ={}))
     assert TelegramAdapter.configured(load_config(write_config(tmp_path), environ={"TELEGRAM_BOT_TOKEN": "1:x"}))
+
+
+async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
+    fake: FakeTelegram, make_config: Callable[..., Config]
+) -> None:
+    config = _config(make_config, fake, "stream_edit_interval_s = 0.1\n")
+    words = "one two three four five six seven eight nine ten eleven twelve"
+    agent = await Agent.open(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.04))
+    adapter = TelegramAdapter(agent, config)
+    await adapter.start()
+    try:
+        await fake.push_text(ANN, ANN, "count for me")
+        draft = (await fake.wait_sent(1))[0]
+        assert draft["text"].startswith("one") and draft["text"].endswith(" …")
+        async with asyncio.timeout(10):
+            while not fake.sent("editMessageText") or fake.sent("editMessageText")[-1]["text"] != words:
+                await asyncio.sleep(0.02)
+        edits = [e["text"] for e in fake.sent("editMessageText")]
+        assert len(edits) >= 2 and all(e.endswith(" …") for e in edits[:-1])  # growing drafts, then the final text
+        assert len(edits) <= 8  # 12 words over ~0.5 s at one edit per 0.1 s: not one edit per word
+        assert len(fake.sent()) == 1  # one message, edited; not a second one
+        query = "SELECT platform_message_id, text FROM messages WHERE role = 'assistant'"
+        stored = await agent.store.db.fetchone(query)
+        assert stored is not None and stored[1] == words
+        assert stored[0] == fake.sent("editMessageText")[-1]["message_id"]  # reactions on it find the reply
+    finally:
+        await adapter.stop()
+        await agent.close()

@@ -84,6 +84,8 @@ class LocalBackend(LLMBackend):
         log.info("local model ready: %s", self.describe())
 
     def _batching_engine(self, model: Any) -> BatchingEngine | None:
+        import torch
+
         from agent_core.llm.decoder import BatchDecoder, supports
 
         assert self.batching is not None
@@ -91,9 +93,15 @@ class LocalBackend(LLMBackend):
             log.info("no batching for this model (%s): one request at a time", problem)
             return None
         eos = model.generation_config.eos_token_id
-        slots, length = self.batching.max_batch_size, self.context_window
+        slots, length, threads = self.batching.max_batch_size, self.context_window, self.threads
+
+        def build() -> BatchDecoder:  # on the engine thread; OpenMP's thread count is per thread
+            if threads:
+                torch.set_num_threads(threads)
+            return BatchDecoder(model, slots, length)
+
         engine = BatchingEngine(
-            lambda: BatchDecoder(model, slots, length),
+            build,
             self._tokenizer,
             self.batching,
             stop_ids=set(eos if isinstance(eos, list) else [eos]),
