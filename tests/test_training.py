@@ -179,7 +179,7 @@ async def test_an_adapter_is_trained_gated_promoted_and_serves_only_its_user(
         assert first is not None and other is not None
         assert await adapter_of(served, first.reply_id) == f"user-{ann}-v1"
         assert await adapter_of(served, other.reply_id) is None
-        assert f"user-{ann}-v1" in served.llm._adapters  # type: ignore[attr-defined]
+        assert f"user-{ann}-v1" in served.llm.loaded_adapters  # type: ignore[attr-defined]
         stats = await served.handle_command(Command(platform="web", chat_id="ann", sender_id="ann", name="stats"))
         assert stats is not None and "your own, version 1" in stats.text and "a new adapter was promoted" in stats.text
 

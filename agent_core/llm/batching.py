@@ -132,6 +132,11 @@ class BatchingEngine:
         return job
 
     @property
+    def loaded_adapters(self) -> list[str]:
+        """Names of the adapters held in memory, least recently used first."""
+        return list(self._adapters)
+
+    @property
     def load(self) -> tuple[int, int]:
         """(requests generating, requests waiting)."""
         return len(self._rows), len(self._pending)

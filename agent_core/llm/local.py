@@ -122,6 +122,11 @@ class LocalBackend(LLMBackend):
         return f"local {self.model_dir or self.model_setting} (context {self.context_window} tokens, CPU fp32, {mode})"
 
     @property
+    def loaded_adapters(self) -> list[str]:
+        """Names of the adapters held in memory, least recently used first."""
+        return list(self._engine.loaded_adapters if self._engine else self._adapters)
+
+    @property
     def generated_tokens(self) -> int:
         """New tokens produced since start, all requests together."""
         return self._plain_tokens + (self._engine.generated_tokens if self._engine else 0)
