@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from agent_core.llm.base import LLMError
+from agent_core.llm.kernels import MAX_ROWS as GEMV_ROWS
+from agent_core.llm.kernels import Gemv
 
 #: The linear layers of a decoder block an adapter may target.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -119,23 +121,28 @@ def _layer_and_projection(key: str) -> tuple[int, str]:
 
 class _Dense:
     """A linear layer (or several sharing an input, fused) prepared for small-batch CPU
-    matmuls: the weight is packed once for oneDNN, which on these CPUs reads it about
-    twice as fast at batch 1 to 16 as the plain ``F.linear`` (see bench/serving.py)."""
+    matmuls: the weight packed once for oneDNN, which here reads it about twice as fast
+    at batch 1 to 16 as plain ``F.linear``; one or two rows go through the compiled
+    ``gemv`` (:mod:`agent_core.llm.kernels`) when there is one, faster still."""
 
-    def __init__(self, modules: list[Any]) -> None:
+    def __init__(self, modules: list[Any], gemv: Gemv | None = None) -> None:
         weight = torch.cat([m.weight.detach() for m in modules]).float().contiguous()
         biases = [m.bias for m in modules]
         self.bias = torch.cat([b.detach() for b in biases]).float() if all(b is not None for b in biases) else None
         self.sizes = [m.weight.shape[0] for m in modules]
+        self.gemv = gemv
         self.weight: torch.Tensor | None = weight
         self.packed: torch.Tensor | None = None
         if _onednn():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
-            self.weight = None
+            if gemv is None:
+                self.weight = None  # only the packed copy is needed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.packed is not None:
+        if self.gemv is not None and flat.shape[0] <= GEMV_ROWS:
+            out = self.gemv(flat.contiguous(), self.weight, self.bias)
+        elif self.packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         else:
             out = F.linear(flat, self.weight, self.bias)
@@ -189,17 +196,19 @@ class BatchDecoder:
     one token each and returns their logits. Not thread-safe: one thread drives it.
     """
 
-    def __init__(self, model: Any, slots: int, max_length: int, *, initial_length: int = 256) -> None:
+    def __init__(
+        self, model: Any, slots: int, max_length: int, *, gemv: Gemv | None = None, initial_length: int = 256
+    ) -> None:
         problem = supports(model)
         if problem:
             raise LLMError(f"the batched decoder cannot run this model: {problem}")
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens
-        self.blocks = [_Block(block) for block in inner.layers]
+        self.blocks = [_Block(block, gemv) for block in inner.layers]
         self.norm = _RMSNorm(inner.norm)
         self.rotary = inner.rotary_emb
-        self.lm_head = _Dense([model.lm_head])
+        self.lm_head = _Dense([model.lm_head], gemv)
         first = self.blocks[0]
         self._sizes = {
             ("q_proj", "k_proj", "v_proj"): first.qkv.sizes,
@@ -377,14 +386,14 @@ class _Pass:
 class _Block:
     """One decoder block's weights: RMS norms, projections fused and packed."""
 
-    def __init__(self, block: Any) -> None:
+    def __init__(self, block: Any, gemv: Gemv | None) -> None:
         attn, mlp = block.self_attn, block.mlp
         self.attention_norm = _RMSNorm(block.input_layernorm)
         self.mlp_norm = _RMSNorm(block.post_attention_layernorm)
-        self.qkv = _Dense([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o = _Dense([attn.o_proj])
-        self.gate_up = _Dense([mlp.gate_proj, mlp.up_proj])
-        self.down = _Dense([mlp.down_proj])
+        self.qkv = _Dense([attn.q_proj, attn.k_proj, attn.v_proj], gemv)
+        self.o = _Dense([attn.o_proj], gemv)
+        self.gate_up = _Dense([mlp.gate_proj, mlp.up_proj], gemv)
+        self.down = _Dense([mlp.down_proj], gemv)
 
 
 class _RMSNorm:

@@ -87,6 +87,7 @@ class LocalBackend(LLMBackend):
         import torch
 
         from agent_core.llm.decoder import BatchDecoder, supports
+        from agent_core.llm.kernels import gemv
 
         assert self.batching is not None
         if problem := supports(model):
@@ -95,10 +96,12 @@ class LocalBackend(LLMBackend):
         eos = model.generation_config.eos_token_id
         slots, length, threads = self.batching.max_batch_size, self.context_window, self.threads
 
+        kernels = self.cache_dir / "kernels"
+
         def build() -> BatchDecoder:  # on the engine thread; OpenMP's thread count is per thread
             if threads:
                 torch.set_num_threads(threads)
-            return BatchDecoder(model, slots, length)
+            return BatchDecoder(model, slots, length, gemv=gemv(kernels))
 
         engine = BatchingEngine(
             build,
