@@ -141,3 +141,30 @@ async def test_the_agent_answers_busy_and_keeps_the_message(
         await running.aclose()
     finally:
         await agent.close()
+
+
+def test_the_compiled_gemv_equals_a_plain_matmul() -> None:
+    import torch
+
+    from agent_core.llm.kernels import gemv
+
+    kernel = gemv(MODEL_CACHE / "kernels")
+    assert kernel is not None  # gcc and ninja are part of the setup: it must build here
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 96), torch.randn(300)
+    for rows in (1, 2):
+        x = torch.randn(rows, 96)
+        assert torch.allclose(kernel(x, weight, None), x @ weight.t(), atol=1e-4)
+        assert torch.allclose(kernel(x, weight, bias), x @ weight.t() + bias, atol=1e-4)
+
+
+async def test_one_and_two_rows_decode_through_the_compiled_gemv(tiny_model_dir: Path, adapters: list[Path]) -> None:
+    async with serving(tiny_model_dir, max_batch_size=2) as backend:
+        assert backend._engine is not None
+        decoder = backend._engine.decoder
+        assert decoder.lm_head.gemv is not None and decoder.blocks[0].qkv.gemv is not None
+        two = await asyncio.gather(backend.generate(request(0, 16, adapters[0])), backend.generate(request(3, 16)))
+    assert two == [
+        plain_generate(tiny_model_dir, PROMPTS[0], 16, adapter=adapters[0], repetition_penalty=1.1),
+        plain_generate(tiny_model_dir, PROMPTS[3], 16, repetition_penalty=1.1),
+    ]
