@@ -83,6 +83,8 @@ def _build(build_dir: Path) -> Gemv | None:
 
         _ninja_on_path()
         build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob("*.so")):
+            log.info("building the decoding kernel into %s (once, about 30 s)", build_dir)
         module = load_inline(
             name="attune_gemv",
             cpp_sources=SOURCE,

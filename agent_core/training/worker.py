@@ -70,9 +70,10 @@ def train_task(
     spec: dict[str, Any], task: dict[str, Any], *, init: str | None, in_service: str | None
 ) -> tuple[Decision, str]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     settings = spec["training"]
+    set_seed(int(spec["seed"]))  # before the LoRA weights are drawn: the same data gives the same adapter
     started = time.monotonic()
     train = read_jsonl(Path(task["train"]))
     heldout = read_jsonl(Path(task["heldout"]))
