@@ -8,6 +8,7 @@ id of a sent reply so that a later reaction on it finds it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from agent_core.llm import (
 from agent_core.memory import note_to_remember
 from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
 from agent_core.prompts import PromptParts, build_prompt
-from agent_core.ratelimit import RateLimiter
+from agent_core.ratelimit import OneAtATime, RateLimiter
 from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style, finish, token_budget
 from agent_core.training.job import TrainingJob
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 OnText = Callable[[str], Awaitable[None]]
 APOLOGY = "Sorry, I couldn't come up with an answer just now. Your message is saved; please try again."
+CUT_NOTE = "(Your message was longer than I can read: I answered its first {limit} characters.)"
 BUSY = "I'm answering a lot of people at once right now. Your message is saved; please try again in a minute."
 
 
@@ -66,7 +68,11 @@ class Agent:
         self.commands = Commands(store, self.policy, describe_model=llm.describe)
         self.training = TrainingJob(store, settings, model_dir=lambda: base_model_dir(settings))
         self.rewards = RewardMap(settings.rewards)
-        self.limiter = RateLimiter(settings.limits.messages_per_minute)
+        limits = settings.limits
+        self.limiter = RateLimiter(limits.messages_per_minute)  # per person
+        everyone = limits.global_messages_per_minute
+        self.global_limiter = RateLimiter(everyone) if everyone else None  # all people together
+        self.one_at_a_time = OneAtATime()  # per person and chat
 
     @classmethod
     async def open(cls, config: Config, llm: LLMBackend | None = None) -> Agent:
@@ -87,6 +93,18 @@ class Agent:
             return await self.handle_command(Command(**_event_fields(msg), name=command[0], args=command[1]))
         if refusal := self._refusal(msg):
             return Reply(text=refusal, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="notice")
+        limit = self.settings.limits.max_message_chars
+        cut = len(msg.text) > limit
+        if cut:  # the model never sees more than the limit; the reply says so
+            msg = dataclasses.replace(msg, text=msg.text[:limit])
+        async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
+            reply = await self._answer(msg, on_text)
+        if cut and reply is not None:
+            reply = dataclasses.replace(reply, text=f"{reply.text}\n\n{CUT_NOTE.format(limit=limit)}")
+        return reply
+
+    async def _answer(self, msg: Message, on_text: OnText | None) -> Reply | None:
+        """Store the message, write the reply, store it: one person's turn in one chat."""
         user = await self.store.resolve_user(msg.platform, msg.sender_id, msg.sender_name)
         chat = await self.store.resolve_chat(msg.platform, msg.chat_id, msg.chat_kind)
         now = time.time()
@@ -128,11 +146,12 @@ class Agent:
     def _refusal(self, msg: Message) -> str | None:
         if not msg.text.strip():
             return "I got an empty message."
-        if len(msg.text) > self.settings.limits.max_message_chars:
-            return f"That message is too long for me: at most {self.settings.limits.max_message_chars} characters."
         wait = self.limiter.retry_after((msg.platform, msg.sender_id))
         if wait:
             return f"You're writing faster than I can answer; please wait {math.ceil(wait)} s."
+        wait = self.global_limiter.retry_after("all") if self.global_limiter else 0.0
+        if wait:
+            return f"I'm getting more messages than I can answer right now; please try again in {math.ceil(wait)} s."
         return None
 
     def _prompt(self, msg: Message, style: Style, context: ReplyContext) -> list[ChatMessage]:

@@ -169,6 +169,7 @@ class TrainingSettings(_Section):
 
 class LimitsSettings(_Section):
     messages_per_minute: int = Field(default=20, ge=1)
+    global_messages_per_minute: int = Field(default=600, ge=0)  # 0: no limit for the bot as a whole
     max_message_chars: int = Field(default=4000, ge=1)
 
 

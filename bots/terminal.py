@@ -141,20 +141,21 @@ class TerminalAdapter(Adapter):
                 await self.agent.handle_command(Command(**self._event(), name=command[0], args=command[1]))
             )
             return
-        streamed = False
+        shown: list[str] = []
 
         async def show(piece: str) -> None:
-            nonlocal streamed
-            if not streamed:
+            if not shown:
                 self._print(f"{self.agent.settings.agent.name}> ", end="")
-                streamed = True
+            shown.append(piece)
             self._print(piece, end="")
 
         reply = await self.agent.handle_message(Message(**self._event(), text=line), on_text=show)
         if reply is None:
             return
+        streamed = bool(shown)
         if streamed:
-            self._print()
+            text = "".join(shown).strip()
+            self._print(reply.text[len(text) :] if reply.text.startswith(text) else "")  # e.g. a note added after
         if streamed and reply.kind == "answer" and reply.reply_id is not None:
             platform_id: str | None = str(reply.reply_id)  # already shown, token by token
             await self.agent.delivered(reply, platform_id)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from agent_core.agent import APOLOGY, Agent
 from agent_core.config import Config
 from agent_core.events import Message, Reaction, Reply
+from agent_core.llm import GenerationRequest
 from agent_core.style import Style
 from agent_core.testing import RecordingBackend
 
@@ -130,19 +132,62 @@ async def test_a_slow_backend_times_out_with_an_apology(make_config: Callable[..
         await agent.close()
 
 
-async def test_rate_limit_and_size_limit_refuse_politely(make_config: Callable[..., Config]) -> None:
-    agent = await Agent.open(
-        make_config("[limits]\nmessages_per_minute = 2\nmax_message_chars = 50\n"), llm=RecordingBackend()
-    )
+async def test_per_person_and_global_rate_limits_answer_politely(make_config: Callable[..., Config]) -> None:
+    config = make_config("[limits]\nmessages_per_minute = 2\nglobal_messages_per_minute = 4\n")
+    agent = await Agent.open(config, llm=RecordingBackend())
     try:
         assert (await send(agent, msg("one"))).kind == "answer"
         assert (await send(agent, msg("two"))).kind == "answer"
         third = await send(agent, msg("three"))
         assert third.kind == "notice" and "please wait" in third.text
         assert (await send(agent, msg("fine", user="bob"))).kind == "answer"  # per person
-        long = await send(agent, msg("x" * 51, user="cat"))
-        assert long.kind == "notice" and "at most 50 characters" in long.text
-        assert (await send(agent, msg("   ", user="dan"))).kind == "notice"
+        assert (await send(agent, msg("fine too", user="cat"))).kind == "answer"
+        crowded = await send(agent, msg("me as well", user="dan"))  # 5th for the bot within the minute
+        assert crowded.kind == "notice" and "more messages than I can answer" in crowded.text
+        assert (await send(agent, msg("   ", user="eve"))).kind == "notice"
+        rows = await agent.store.db.fetchall("SELECT text FROM messages WHERE role = 'user'")
+        assert sorted(r[0] for r in rows) == ["fine", "fine too", "one", "two"]
+    finally:
+        await agent.close()
+
+
+async def test_a_long_message_is_cut_for_the_model_and_the_reply_says_so(make_config: Callable[..., Config]) -> None:
+    backend = RecordingBackend()
+    agent = await Agent.open(make_config("[limits]\nmax_message_chars = 50\n"), llm=backend)
+    try:
+        reply = await send(agent, msg("y" * 30 + " " + "z" * 100_000))
+        assert reply.kind == "answer" and "first 50 characters" in reply.text
+        asked = backend.requests[-1].messages[-1]["content"]
+        assert "z" * 19 in asked and "z" * 20 not in asked  # exactly the first 50 characters, never the whole
+        stored = await agent.store.db.fetchone("SELECT text FROM messages WHERE role = 'assistant'")
+        assert "first 50 characters" not in stored[0]  # the note is for the person, not the training data
+    finally:
+        await agent.close()
+
+
+async def test_one_reply_at_a_time_per_person_and_chat(make_config: Callable[..., Config]) -> None:
+    events: list[str] = []
+
+    class Logged(RecordingBackend):
+        async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+            asked = request.messages[-1]["content"]
+            events.append(f"start {asked}")
+            async for piece in super().stream(request):
+                yield piece
+            events.append(f"end {asked}")
+
+    backend = Logged(delay_s=0.1)
+    agent = await Agent.open(make_config(), llm=backend)
+    try:
+        replies = await asyncio.gather(
+            send(agent, msg("first")), send(agent, msg("second")), send(agent, msg("hi", user="bob"))
+        )
+        assert [r.kind for r in replies] == ["answer"] * 3
+        assert events.index("end first") < events.index("start second")  # ann's replies one after the other
+        assert events.index("start hi") < events.index("end first")  # bob's beside them
+        ann_second = next(r for r in backend.requests if r.messages[-1]["content"] == "second")
+        assert any(m["content"] == "echo: first" for m in ann_second.messages)  # it saw the first reply
+        assert not agent.one_at_a_time.busy(("test", "ann", "c1"))  # nothing left held
     finally:
         await agent.close()
 
