@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from agent_core.access import Access
 from agent_core.commands import Caller, Commands, parse_command
 from agent_core.config import Config, Settings
 from agent_core.events import Command, Event, Message, Reaction, Reply
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 OnText = Callable[[str], Awaitable[None]]
 APOLOGY = "Sorry, I couldn't come up with an answer just now. Your message is saved; please try again."
+NOT_ALLOWED = "Sorry, this bot only talks with the people it was set up for."
 CUT_NOTE = "(Your message was longer than I can read: I answered its first {limit} characters.)"
 BUSY = "I'm answering a lot of people at once right now. Your message is saved; please try again in a minute."
 
@@ -65,8 +67,9 @@ class Agent:
             if settings.policy.learn
             else DefaultsPolicy(settings.style)
         )
-        self.commands = Commands(store, self.policy, describe_model=llm.describe)
         self.training = TrainingJob(store, settings, model_dir=lambda: base_model_dir(settings))
+        self.commands = Commands(store, self.policy, describe_model=llm.describe, training=self.training)
+        self.access = Access(settings.access)
         self.rewards = RewardMap(settings.rewards)
         limits = settings.limits
         self.limiter = RateLimiter(limits.messages_per_minute)  # per person
@@ -82,13 +85,18 @@ class Agent:
         return cls(config.settings, Store(db), llm or create_backend(config))
 
     async def close(self) -> None:
+        if self.commands.background:  # an /admin training: stop it (the adapters in service stay)
+            self.training.cancel()
+            await asyncio.gather(*self.commands.background, return_exceptions=True)
         await self.llm.close()
         await self.store.db.close()
 
     # --- the message pipeline ------------------------------------------------------------
 
     async def handle_message(self, msg: Message, on_text: OnText | None = None) -> Reply | None:
-        """Answer one message; None if this event was already handled."""
+        """Answer one message; None if this event was already handled (or ignored)."""
+        if not self.access.allows(msg.platform, msg.sender_id, msg.chat_id):
+            return self._not_allowed(msg)
         if (command := parse_command(msg.text)) is not None:
             return await self.handle_command(Command(**_event_fields(msg), name=command[0], args=command[1]))
         if refusal := self._refusal(msg):
@@ -142,6 +150,14 @@ class Agent:
         return Reply(
             text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id, style=style.as_dict()
         )
+
+    def _not_allowed(self, event: Message | Command) -> Reply | None:
+        """Not on ``[access]``'s allowlists: a short answer in a private chat, silence elsewhere."""
+        log.info("%s:%s in chat %s is not on the allowlist; ignored", event.platform, event.sender_id, event.chat_id)
+        if event.chat_kind != "private":
+            return None
+        in_reply_to = event.message_id if isinstance(event, Message) else None
+        return Reply(text=NOT_ALLOWED, chat_id=event.chat_id, in_reply_to=in_reply_to, kind="notice")
 
     def _refusal(self, msg: Message) -> str | None:
         if not msg.text.strip():
@@ -207,6 +223,8 @@ class Agent:
 
     async def handle_reaction(self, reaction: Reaction) -> ReactionOutcome:
         """Store a reaction (or take one back) on one of the bot's replies."""
+        if not self.access.allows(reaction.platform, reaction.sender_id, reaction.chat_id):
+            return ReactionOutcome(stored=False)
         if reaction.event_id is not None and not await self.store.claim_event(reaction.platform, reaction.event_id):
             return ReactionOutcome(stored=False)
         reply = await self.store.find_reply(reaction.platform, reaction.chat_id, reaction.message_id)
@@ -228,10 +246,13 @@ class Agent:
 
     async def handle_command(self, command: Command) -> Reply | None:
         """Run a slash command; None if this event was already handled."""
+        if not self.access.allows(command.platform, command.sender_id, command.chat_id):
+            return self._not_allowed(command)
         if command.event_id is not None and not await self.store.claim_event(command.platform, command.event_id):
             return None
         user_id = await self.store.resolve_user(command.platform, command.sender_id, command.sender_name)
-        result = await self.commands.run(Caller(user_id, command.platform), command.name, command.args)
+        caller = Caller(user_id, command.platform, admin=self.access.is_admin(command.platform, command.sender_id))
+        result = await self.commands.run(caller, command.name, command.args)
         return Reply(
             text=result.text,
             chat_id=command.chat_id,

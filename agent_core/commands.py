@@ -7,8 +7,10 @@ through :func:`parse_command`. A wrong use gets the usage back, never a trace.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -19,8 +21,11 @@ from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
 from agent_core.policy import StylePolicy
 from agent_core.style import DIMENSIONS, is_valid
+from agent_core.training.job import TrainingBusy, TrainingJob
 from storage import Store
 from storage.training import TrainingRecords
+
+log = logging.getLogger(__name__)
 
 FORGET_CONFIRM_SECONDS = 120.0
 FREE_TEXT_PREFS = {"language": 60, "persona": 300}  # key -> longest value
@@ -40,10 +45,12 @@ class CommandResult:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who runs a command: the core's user, on which platform."""
+    """Who runs a command: the core's user, on which platform, and whether an admin
+    (``[access] admins``)."""
 
     user_id: int
     platform: str
+    admin: bool = False
 
 
 Handler = Callable[["Commands", Caller, str], Awaitable[CommandResult]]
@@ -70,10 +77,19 @@ def parse_command(text: str) -> tuple[str, str] | None:
 class Commands:
     """The command table and the state some commands keep (pending confirmations)."""
 
-    def __init__(self, store: Store, policy: StylePolicy, *, describe_model: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        policy: StylePolicy,
+        *,
+        describe_model: Callable[[], str],
+        training: TrainingJob | None = None,
+    ) -> None:
         self.store = store
         self.policy = policy
         self.describe_model = describe_model
+        self.training = training  # for /admin train
+        self.background: set[asyncio.Task[None]] = set()  # trainings started by /admin train
         self._forget_pending: dict[int, float] = {}  # user id -> deadline of "/forget all"
         self._link_failures: dict[int, list[float]] = {}  # user id -> times of wrong /link codes
         self.specs: dict[str, CommandSpec] = {s.name: s for s in SPECS}
@@ -297,6 +313,66 @@ async def _link(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     )
 
 
+ADMIN_ACTIONS = ("stats", "train", "rollback")
+
+
+async def _admin(cmds: Commands, caller: Caller, args: str) -> CommandResult:
+    """Operators only: totals, and one user's adapter trained now or rolled back."""
+    if not caller.admin:
+        return CommandResult("Only an admin of this bot can use /admin.", private=True)
+    action, _, who = args.partition(" ")
+    action = action.lower()
+    if action not in ADMIN_ACTIONS:
+        raise UsageError("Say what to do: stats, train <user> or rollback <user>.")
+    if action == "stats":
+        t = await cmds.store.totals()
+        lock = await TrainingRecords(cmds.store.db).lock_holder()
+        return CommandResult(
+            f"Users: {t['users']}. Messages: {t['messages']}, replies: {t['replies']}, reactions: {t['reactions']}.\n"
+            f"Adapters in service: {t['active_adapters']}. Training: {'running' if lock else 'idle'}.\n"
+            f"Model: {cmds.describe_model()}",
+            private=True,
+        )
+    user_id = await _user_arg(cmds, who.strip())
+    if action == "rollback":
+        taken, back = await TrainingRecords(cmds.store.db).rollback(user_id)
+        if taken is None:
+            return CommandResult(f"User {user_id} has no adapter in service.", private=True)
+        now = f"version {back.version}" if back else "the base model"
+        return CommandResult(f"User {user_id}: adapter version {taken.version} taken out; now {now}.", private=True)
+    if cmds.training is None:
+        return CommandResult("Training is not available in this process.", private=True)
+    if not (await cmds.training.plan([user_id])).tasks:
+        return CommandResult(f"User {user_id} has too little rated feedback to train on yet.", private=True)
+    task = asyncio.create_task(_train(cmds.training, user_id))
+    cmds.background.add(task)
+    task.add_done_callback(cmds.background.discard)
+    return CommandResult(f"Training user {user_id} now; /admin stats shows when it is done.", private=True)
+
+
+async def _user_arg(cmds: Commands, who: str) -> int:
+    """A user by the core's number (as on the dashboard) or by ``platform:id``."""
+    if not who:
+        raise UsageError("Which user? Give their number or platform:id.")
+    if who.isdigit() and await cmds.store.user_exists(int(who)):
+        return int(who)
+    platform, _, ident = who.partition(":")
+    found = await cmds.store.find_user(platform, ident) if ident else None
+    if found is None:
+        raise UsageError(f"No user {who}.")
+    return found
+
+
+async def _train(training: TrainingJob, user_id: int) -> None:
+    try:
+        plan = await training.run([user_id])
+        log.info("/admin training of user %d: %s", user_id, [(t.name, t.status) for t in plan.tasks] or plan.skipped)
+    except TrainingBusy as exc:
+        log.info("/admin training of user %d skipped: %s", user_id, exc)
+    except Exception:
+        log.exception("/admin training of user %d failed", user_id)
+
+
 SPECS: list[CommandSpec] = [
     CommandSpec("help", "/help [command]", "show the commands, or how to use one", _help),
     CommandSpec(
@@ -321,6 +397,13 @@ SPECS: list[CommandSpec] = [
         "/link [code]",
         "join your accounts on two platforms: get a code here, enter it there",
         _link,
+        private=True,
+    ),
+    CommandSpec(
+        "admin",
+        "/admin stats | /admin train <user> | /admin rollback <user>",
+        "for the bot's admins: totals, train or roll back a user's adapter",
+        _admin,
         private=True,
     ),
 ]

@@ -173,6 +173,21 @@ class LimitsSettings(_Section):
     max_message_chars: int = Field(default=4000, ge=1)
 
 
+class AccessSettings(_Section):
+    allowed_users: list[str] = Field(default_factory=list)  # "platform:id"; a platform listed answers only these
+    allowed_chats: list[str] = Field(default_factory=list)  # "platform:chat id"; likewise for chats
+    admins: list[str] = Field(default_factory=list)  # "platform:id": may use /admin
+
+    @field_validator("allowed_users", "allowed_chats", "admins")
+    @classmethod
+    def _platform_ids(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            platform, _, ident = entry.partition(":")
+            if not platform or not ident or platform != platform.strip().lower() or ident != ident.strip():
+                raise ValueError(f'{entry!r} is not "platform:id" (e.g. "telegram:12345")')
+        return entries
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -254,6 +269,7 @@ class Settings(_Section):
     policy: PolicySettings = PolicySettings()
     training: TrainingSettings = TrainingSettings()
     limits: LimitsSettings = LimitsSettings()
+    access: AccessSettings = AccessSettings()
     rewards: dict[str, Reward] = Field(default_factory=lambda: dict(DEFAULT_REWARDS))
     logging: LoggingSettings = LoggingSettings()
     run: RunSettings = RunSettings()

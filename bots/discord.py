@@ -44,6 +44,7 @@ INTENTS.message_content = True
 
 READY_TIMEOUT_S = 60.0
 PrefsSetting = Literal["length", "tone", "emoji", "format", "language", "persona", "reset"]
+AdminAction = Literal["stats", "train", "rollback"]
 
 
 class _Client(discord.Client):
@@ -207,6 +208,11 @@ class DiscordAdapter(Adapter):
         @app_commands.describe(code="the code from your other platform (leave out to get one)")
         async def link(interaction: discord.Interaction, code: str | None = None) -> None:
             await run(interaction, "link", code or "")
+
+        @tree.command(name="admin", description=specs["admin"].summary)
+        @app_commands.describe(action="what to do", user="the user's number or platform:id (train, rollback)")
+        async def admin(interaction: discord.Interaction, action: AdminAction, user: str | None = None) -> None:
+            await run(interaction, "admin", " ".join(p for p in (action, user) if p))
 
         @tree.error
         async def on_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:

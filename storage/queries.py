@@ -240,6 +240,28 @@ class Store:
         self._users.put(key, user_id)
         return user_id
 
+    async def find_user(self, platform: str, platform_user_id: str) -> int | None:
+        """The user behind a platform identity, or None if never seen (nothing is created)."""
+        row = await self.db.fetchone(
+            "SELECT user_id FROM identities WHERE platform = ? AND platform_user_id = ?", (platform, platform_user_id)
+        )
+        return int(row[0]) if row else None
+
+    async def user_exists(self, user_id: int) -> bool:
+        return await self.db.fetchone("SELECT 1 FROM users WHERE id = ?", (user_id,)) is not None
+
+    async def totals(self) -> dict[str, int]:
+        """Counts over all users, for operators."""
+        row = await self.db.fetchone(
+            "SELECT (SELECT COUNT(*) FROM users),"
+            " (SELECT COUNT(*) FROM messages WHERE role = 'user'),"
+            " (SELECT COUNT(*) FROM messages WHERE role = 'assistant'),"
+            " (SELECT COUNT(*) FROM reactions WHERE removed_at IS NULL),"
+            " (SELECT COUNT(*) FROM adapters WHERE status = 'active')"
+        )
+        assert row is not None
+        return dict(zip(("users", "messages", "replies", "reactions", "active_adapters"), map(int, row), strict=True))
+
     async def resolve_chat(self, platform: str, platform_chat_id: str, kind: str = "private") -> int:
         """The chat behind a platform's conversation id, created on first sight."""
         key = (platform, platform_chat_id)

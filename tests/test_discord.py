@@ -67,7 +67,9 @@ async def _eventually(read: Callable[[], object], expected: object, timeout: flo
 
 async def test_start_syncs_typed_application_commands(bot: DiscordAdapter, fake: FakeDiscord) -> None:
     synced = fake.requests("PUT", "/commands")[0]
-    assert {c["name"] for c in synced} == {"help", "prefs", "remember", "forget", "export", "stats", "link"}
+    assert {c["name"] for c in synced} == {"help", "prefs", "remember", "forget", "export", "stats", "link", "admin"}
+    admin = next(c for c in synced if c["name"] == "admin")
+    assert {c["value"] for c in admin["options"][0]["choices"]} == {"stats", "train", "rollback"}
     prefs = next(c for c in synced if c["name"] == "prefs")
     setting = next(o for o in prefs["options"] if o["name"] == "setting")
     assert {c["value"] for c in setting["choices"]} >= {"length", "tone", "emoji", "format", "reset"}
@@ -123,6 +125,7 @@ async def test_every_application_command_answers(bot: DiscordAdapter, fake: Fake
         ("forget", [], "I live in Oslo"),
         ("prefs", [], "tone: formal"),
         ("link", [], "Your link code"),
+        ("admin", [{"name": "action", "type": 3, "value": "stats"}], "Only an admin"),  # ann is not one
     ]
     for n, (name, options, expected) in enumerate(commands, start=2):
         await fake.dispatch("INTERACTION_CREATE", fake.interaction(name, ANN, options, guild=name == "stats"))

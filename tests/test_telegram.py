@@ -53,7 +53,8 @@ async def _rewards(agent: Agent, user_id: int) -> list[float]:
 
 async def test_start_registers_commands_and_asks_for_reactions(bot: TelegramAdapter, fake: FakeTelegram) -> None:
     commands = parsed(fake.sent("setMyCommands")[0]["commands"])
-    assert {c["command"] for c in commands} == {"help", "prefs", "remember", "forget", "export", "stats", "link"}
+    names = {"help", "prefs", "remember", "forget", "export", "stats", "link", "admin"}
+    assert {c["command"] for c in commands} == names
     await asyncio.sleep(0.2)
     polls = fake.sent("getUpdates")
     assert polls and parsed(polls[-1]["allowed_updates"]) == ALLOWED_UPDATES
