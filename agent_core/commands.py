@@ -194,6 +194,8 @@ async def _forget(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         if time.monotonic() > deadline:
             return CommandResult("Nothing to confirm: send /forget all first.", private=True)
         await cmds.store.delete_user(caller.user_id)
+        if cmds.training is not None:
+            cmds.training.delete_files(caller.user_id)
         return CommandResult("Done: everything I stored about you is deleted.", private=True)
     if len(words) == 1 and words[0].lstrip("#").isdigit():
         if await cmds.store.delete_memory(caller.user_id, int(words[0].lstrip("#"))):

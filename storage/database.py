@@ -115,6 +115,16 @@ class Database:
                 raise
             await self.conn.execute("COMMIT")
 
+    async def scrub(self) -> bool:
+        """Make deleted content unrecoverable from the files: merge the full-text index
+        (deleted terms otherwise linger in its old segments), copy every page back into
+        the database file (``secure_delete`` has zeroed what was freed) and empty the WAL,
+        which still holds earlier page images. False if a reader kept the WAL in use."""
+        async with self._write_lock:
+            await self.conn.execute("INSERT INTO memories_fts(memories_fts) VALUES ('optimize')")
+            busy, _, _ = next(iter(await self.conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")))
+        return not busy
+
     async def execute(self, sql: str, params: Params = ()) -> aiosqlite.Cursor:
         """One statement in a transaction of its own."""
         async with self._write_lock:

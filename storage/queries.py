@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections import OrderedDict
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from storage.database import Database
+
+log = logging.getLogger(__name__)
 
 _CACHE_SIZE = 50_000
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -651,10 +654,41 @@ class Store:
         for key in [k for k, v in self._users.items() if v == source]:
             self._users[key] = target
 
-    async def delete_user(self, user_id: int) -> None:
-        """Delete the user and every row about them (cascades), then reclaim the space."""
+    async def delete_user(self, user_id: int) -> dict[str, int]:
+        """Delete the user and every row about them (cascades: identities, messages and the
+        replies to them, memories and their index, preferences, reactions, policy state,
+        adapters and training records), their private chats and the ids of their handled
+        events; leave an audit record with counts only; then scrub the files. The counts."""
+        counted = await self.db.fetchone(
+            "SELECT (SELECT COUNT(*) FROM messages WHERE user_id = ?),"
+            " (SELECT COUNT(*) FROM memories WHERE user_id = ?), (SELECT COUNT(*) FROM reactions WHERE user_id = ?)",
+            (user_id, user_id, user_id),
+        )
+        counts = dict(zip(("messages", "memories", "reactions"), map(int, counted or (0, 0, 0)), strict=True))
         async with self.db.transaction() as conn:
+            chats = [int(r[0]) for r in await conn.execute_fetchall(
+                "SELECT DISTINCT c.id FROM chats c JOIN messages m ON m.chat_id = c.id"
+                " WHERE m.user_id = ? AND c.kind = 'private'", (user_id,))]  # fmt: skip
+            chat_ids = [str(r[0]) for r in await conn.execute_fetchall(
+                f"SELECT platform_chat_id FROM chats WHERE id IN ({','.join('?' * len(chats))})", chats)]  # fmt: skip
             await conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
             await conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
+            for chat in chats:  # a private chat was theirs alone; its id is often their own
+                await conn.execute(
+                    "DELETE FROM chats WHERE id = ? AND NOT EXISTS (SELECT 1 FROM messages WHERE chat_id = ?)",
+                    (chat, chat),
+                )
+            for chat_id in chat_ids:  # handled-event ids start with their chat's id ("<chat>:<message>")
+                await conn.execute(
+                    "DELETE FROM processed_events WHERE substr(event_id, 1, length(?) + 1) = ? || ':'",
+                    (chat_id, chat_id),
+                )
+            await conn.execute(
+                "INSERT INTO audit_log (at, action, subject, detail) VALUES (?, 'forget_all', ?, ?)",
+                (time.time(), user_id, json.dumps(counts)),
+            )
         for key in [k for k, v in self._users.items() if v == user_id]:
             del self._users[key]
+        if not await self.db.scrub():
+            log.warning("user %d deleted, but a reader kept the WAL from being emptied; it empties later", user_id)
+        return counts

@@ -112,6 +112,35 @@ async def test_forget_all_needs_a_confirmation_and_deletes_everything(agent: Age
     assert exported["messages"] == [] and exported["memories"] == []
 
 
+async def test_forget_all_leaves_nothing_of_the_user_in_the_files(agent: Agent) -> None:
+    """After /forget all, neither the user's words nor their ids are anywhere in the data
+    directory: not in the database file, its WAL, the full-text index or adapter files."""
+    who = {"user": "annq7731", "chat": "annq7731"}  # a Telegram-style private chat: its id is the user's
+    for i in range(3):
+        await send(agent, msg(f"my quokkaword number {i}", **who, message_id=f"m{i}"), platform_id=f"q{i}")
+        await agent.handle_reaction(react(f"q{i}", "👍", **who))
+    await run(agent, "/remember quokkanote about my garden", user=who["user"])
+    await run(agent, "/prefs persona quokkapersona", user=who["user"])
+    await send(agent, msg("bob stays here", user="bob", chat="g1", chat_kind="group"))
+    ann = await agent.store.find_user("test", who["user"])
+    assert ann is not None
+    adapter = agent.settings.storage.data_path / "adapters" / str(ann) / "1"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"note": "quokka adapter"}')
+    await run(agent, "/forget all", user=who["user"])
+    assert "deleted" in (await run(agent, "/forget all confirm", user=who["user"])).text
+
+    for path in agent.settings.storage.data_path.rglob("*"):
+        if path.is_file():
+            raw = path.read_bytes()
+            assert b"quokka" not in raw and who["user"].encode() not in raw, path
+    rows = await agent.store.db.fetchall("SELECT action, subject, detail FROM audit_log")
+    assert [(r[0], r[1]) for r in rows] == [("forget_all", ann)]
+    assert json.loads(rows[0][2]) == {"messages": 6, "memories": 1, "reactions": 3}  # counts, no content
+    assert (await agent.store.db.fetchone("SELECT text FROM messages WHERE role = 'user'"))[0] == "bob stays here"
+    assert tuple(await agent.store.db.fetchone("PRAGMA integrity_check")) == ("ok",)  # type: ignore[arg-type]
+
+
 async def test_export_holds_everything_about_me_and_nothing_about_others(agent: Agent) -> None:
     await send(agent, msg("ann writes"), platform_id="e1")
     await send(agent, msg("bob writes", user="bob", chat="c2"), platform_id="e2")

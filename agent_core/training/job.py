@@ -88,6 +88,12 @@ class TrainingJob:
     def adapters_dir(self) -> Path:
         return self.settings.storage.data_path / "adapters"
 
+    def delete_files(self, user_id: int) -> None:
+        """Remove a user's adapter files (after their records are gone: /forget all)."""
+        folder = self.adapters_dir / str(user_id)
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
     # --- planning ----------------------------------------------------------------------
 
     async def plan(self, users: list[int] | None = None) -> Plan:
