@@ -47,6 +47,7 @@ class StorageSettings(_Section):
     database: str = "attune.db"
     busy_timeout_ms: int = Field(default=5000, ge=0)
     synchronous: Literal["normal", "full"] = "normal"
+    retention_days: int = Field(default=0, ge=0)  # delete messages older than this, daily; 0 = keep them
 
     @property
     def data_path(self) -> Path:

@@ -1,5 +1,5 @@
-"""APScheduler jobs inside ``attune run``: the nightly training (retention comes later)."""
+"""APScheduler jobs inside ``attune run``: the nightly training and daily message retention."""
 
-from scheduler.nightly import JOB_ID, NightlyScheduler
+from scheduler.nightly import JOB_ID, RETENTION_ID, NightlyScheduler
 
-__all__ = ["JOB_ID", "NightlyScheduler"]
+__all__ = ["JOB_ID", "RETENTION_ID", "NightlyScheduler"]

@@ -1,10 +1,15 @@
-"""The nightly training schedule: APScheduler's cron trigger and a persistent job store.
+"""The bot's schedule: nightly training and daily message retention, through APScheduler's
+cron triggers and a persistent job store.
 
 The job lives in the bot's own database (table ``scheduler_jobs``, through APScheduler's
 SQLAlchemy job store), with its next run time. When the bot was down at the scheduled
 time, the stored run time has passed by the next start, and APScheduler runs the job
 then, once however many nights were missed (``coalesce``, no grace limit). Two bot
 processes may both fire it: the training lock in the database lets one train.
+
+With ``[storage] retention_days`` above 0 a second stored job deletes, every day at
+04:30 (the training time zone), the messages older than that; it is removed again
+when retention is turned off.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,7 @@ from agent_core.training.job import TrainingBusy, TrainingJob
 log = logging.getLogger(__name__)
 
 JOB_ID = "nightly-training"
+RETENTION_ID = "retention"
 _running: NightlyScheduler | None = None  # the stored job refers to this module's function, which finds it here
 
 
@@ -34,6 +41,14 @@ async def nightly_training() -> None:
         log.warning("nightly training fired with no scheduler running; skipped")
         return
     await _running.run_now()
+
+
+async def message_retention() -> None:
+    """The stored job: delete messages older than ``[storage] retention_days``."""
+    if _running is None:
+        log.warning("message retention fired with no scheduler running; skipped")
+        return
+    await _running.prune_now()
 
 
 def trigger_for(settings: TrainingSettings) -> CronTrigger:
@@ -65,8 +80,32 @@ class NightlyScheduler:
             self.scheduler.add_job(nightly_training, trigger, id=JOB_ID, name="nightly training")
         elif str(job.trigger) != str(trigger):
             job.modify(trigger=trigger)  # a new schedule; a run already due still runs now
+        self._schedule_retention()
         self.scheduler.resume()
         log.info("nightly training scheduled (%s); next run %s", self.settings.cron, self.next_run_time())
+
+    def _schedule_retention(self) -> None:
+        days = self.job.settings.storage.retention_days
+        stored = self.scheduler.get_job(RETENTION_ID)
+        if days and stored is None:
+            trigger = CronTrigger(hour=4, minute=30, timezone=self.settings.timezone or None)
+            self.scheduler.add_job(message_retention, trigger, id=RETENTION_ID, name="message retention")
+            log.info("messages older than %d days are deleted daily at 04:30", days)
+        elif not days and stored is not None:
+            stored.remove()
+
+    async def prune_now(self) -> int:
+        """Delete the messages older than ``retention_days`` now; how many."""
+        days = self.job.settings.storage.retention_days
+        if not days:
+            return 0
+        try:
+            deleted = await self.job.store.delete_messages_before(time.time() - days * 86400)
+        except Exception:
+            log.exception("message retention failed; it runs again tomorrow")
+            return 0
+        log.info("message retention: deleted %d messages older than %d days", deleted, days)
+        return deleted
 
     def next_run_time(self) -> Any:
         job = self.scheduler.get_job(JOB_ID)

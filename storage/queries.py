@@ -654,6 +654,22 @@ class Store:
         for key in [k for k, v in self._users.items() if v == source]:
             self._users[key] = target
 
+    async def delete_messages_before(self, cutoff: float) -> int:
+        """Retention: delete every message (and reply, and reactions on them) older than
+        ``cutoff``; notes, preferences, learned style and adapters stay. The number deleted."""
+        async with self.db.transaction() as conn:
+            rows = await conn.execute_fetchall("SELECT COUNT(*) FROM messages WHERE created_at < ?", (cutoff,))
+            deleted = int(next(iter(rows))[0])
+            if deleted:
+                await conn.execute("DELETE FROM messages WHERE created_at < ?", (cutoff,))
+                await conn.execute(
+                    "INSERT INTO audit_log (at, action, subject, detail) VALUES (?, 'retention', NULL, ?)",
+                    (time.time(), json.dumps({"messages": deleted, "before": cutoff})),
+                )
+        if deleted and not await self.db.scrub():
+            log.warning("old messages deleted, but a reader kept the WAL from being emptied; it empties later")
+        return deleted
+
     async def delete_user(self, user_id: int) -> dict[str, int]:
         """Delete the user and every row about them (cascades: identities, messages and the
         replies to them, memories and their index, preferences, reactions, policy state,

@@ -20,8 +20,9 @@ from scheduler import JOB_ID, NightlyScheduler
 class CountingJob(TrainingJob):
     """The real job with the training itself counted instead of run (this test is about when)."""
 
-    def __init__(self, agent: Agent) -> None:
-        super().__init__(agent.store, agent.settings, model_dir=lambda: Path("unused"))
+    def __init__(self, agent: Agent, config: Config | None = None) -> None:
+        settings = config.settings if config else agent.settings
+        super().__init__(agent.store, settings, model_dir=lambda: Path("unused"))
         self.calls = 0
 
     async def run(self, users: list[int] | None = None, **kwargs: Any) -> Plan:
@@ -104,3 +105,46 @@ def test_bad_schedule_settings_name_the_key(make_config: Callable[..., Config], 
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         make_config(f"[training]\n{line}\n")
+
+
+async def test_retention_deletes_old_messages_daily_and_keeps_what_was_learned(
+    make_config: Callable[..., Config],
+) -> None:
+    from scheduler import RETENTION_ID
+    from storage.training import TrainingRecords
+    from tests.test_agent import msg, react, send
+
+    config = make_config('[training]\ntimezone = "UTC"\n', environ={"ATTUNE_STORAGE__RETENTION_DAYS": "30"})
+    agent = await open_agent(config)
+    try:
+        await send(agent, msg("an old message"), platform_id="old")
+        await agent.handle_reaction(react("old", "👍"))
+        await agent.store.db.execute("UPDATE messages SET created_at = created_at - 40 * 86400")
+        await send(agent, msg("a recent one"), platform_id="new")
+        ann = await agent.store.resolve_user("test", "ann")
+        await TrainingRecords(agent.store.db).add_adapter(ann, 1, "/x/1", promote=True, parent="base", metrics={})
+        learned = await agent.policy.beliefs(ann)
+
+        nightly = scheduler_for(CountingJob(agent), config)
+        nightly.start()
+        stored = nightly.scheduler.get_job(RETENTION_ID)
+        assert stored is not None and "hour='4'" in str(stored.trigger) and "minute='30'" in str(stored.trigger)
+        assert await nightly.prune_now() == 2  # the old message and its reply
+        await nightly.stop()
+
+        texts = [r[0] for r in await agent.store.db.fetchall("SELECT text FROM messages WHERE role = 'user'")]
+        assert texts == ["a recent one"]
+        assert (await agent.store.db.fetchone("SELECT COUNT(*) FROM reactions"))[0] == 0  # went with its reply
+        assert await TrainingRecords(agent.store.db).active(ann) is not None  # the adapter stays
+        assert await agent.policy.beliefs(ann) == learned  # and what was learned
+        audit = await agent.store.db.fetchone("SELECT action, subject FROM audit_log")
+        assert tuple(audit) == ("retention", None)  # type: ignore[arg-type]
+
+        off = make_config('[training]\ntimezone = "UTC"\n')
+        again = scheduler_for(CountingJob(agent, off), off)
+        again.start()
+        assert again.scheduler.get_job(RETENTION_ID) is None  # turned off: the stored job is gone
+        assert await again.prune_now() == 0
+        await again.stop()
+    finally:
+        await agent.close()
