@@ -89,3 +89,60 @@ async def test_run_with_no_platform_serves_the_web_chat(tmp_path: Path, tiny_mod
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), timeout=60)
     assert proc.returncode == 0
+
+
+async def test_no_secret_reaches_the_log_or_config_show(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Every secret set, every platform failing against a closed port with DEBUG logging
+    (the failures print URLs, requests and tracebacks): none of the secrets is printed."""
+    secrets = {
+        "TELEGRAM_BOT_TOKEN": "777:telegram-secret-token",
+        "TELEGRAM_WEBHOOK_SECRET": "tg-webhook-secret-value",
+        "DISCORD_BOT_TOKEN": "discord-secret-token-value",
+        "SLACK_BOT_TOKEN": "xoxb-slack-secret-value",
+        "SLACK_APP_TOKEN": "xapp-slack-secret-value",
+        "SLACK_SIGNING_SECRET": "slack-signing-secret-value",
+        "OPENAI_API_KEY": "sk-openai-secret-value",
+        "ATTUNE_ADMIN_TOKEN": "admin-secret-token-value",
+    }
+    dead = f"http://127.0.0.1:{_dead_port()}"
+    config = write_config(
+        tmp_path,
+        tiny_config_text(tiny_model_dir)
+        + f'[telegram]\nbase_url = "{dead}/bot"\n[discord]\napi_base = "{dead}/api/v10"\n'
+        + f'[slack]\napi_url = "{dead}/api/"\n[logging]\nlevel = "DEBUG"\n'
+        + "[run]\ndefault_front_end = false\nretry_initial_s = 0.2\nretry_max_s = 0.5\n",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTUNE_", "SLACK_", "TELEGRAM_", "DISCORD_"))}
+    env |= secrets
+    show = await asyncio.create_subprocess_exec(
+        ATTUNE, "--config", str(config), "config", "show", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    shown = (await show.communicate())[0].decode()
+    assert show.returncode == 0 and "telegram" in shown
+    proc = await asyncio.create_subprocess_exec(
+        ATTUNE, "--config", str(config), "run", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    lines: list[str] = []
+
+    async def read_log() -> None:
+        async for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line.decode(errors="replace"))
+
+    reader = asyncio.create_task(read_log())
+    try:
+        async with asyncio.timeout(120):  # each platform fails at least twice
+            while not all(sum(f"{p} could not start" in line for line in lines) >= 2 for p in PLATFORMS):
+                await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), timeout=60)
+        await reader
+    output = shown + "".join(lines)
+    for name, value in secrets.items():
+        assert value not in output, name
+    assert "DEBUG" in output  # the log really was verbose
+
+
+PLATFORMS = ("telegram", "discord", "slack")
