@@ -19,7 +19,7 @@ from typing import Any
 from agent_core.access import Access
 from agent_core.commands import Caller, Commands, parse_command
 from agent_core.config import Config, Settings
-from agent_core.events import Command, Event, Message, Reaction, Reply
+from agent_core.events import Command, Event, Message, Reaction, Reply, well_formed
 from agent_core.llm import (
     AdapterRef,
     ChatMessage,
@@ -95,6 +95,7 @@ class Agent:
 
     async def handle_message(self, msg: Message, on_text: OnText | None = None) -> Reply | None:
         """Answer one message; None if this event was already handled (or ignored)."""
+        msg = well_formed(msg)
         if not self.access.allows(msg.platform, msg.sender_id, msg.chat_id):
             return self._not_allowed(msg)
         if (command := parse_command(msg.text)) is not None:
@@ -223,6 +224,7 @@ class Agent:
 
     async def handle_reaction(self, reaction: Reaction) -> ReactionOutcome:
         """Store a reaction (or take one back) on one of the bot's replies."""
+        reaction = well_formed(reaction)
         if not self.access.allows(reaction.platform, reaction.sender_id, reaction.chat_id):
             return ReactionOutcome(stored=False)
         if reaction.event_id is not None and not await self.store.claim_event(reaction.platform, reaction.event_id):
@@ -246,6 +248,7 @@ class Agent:
 
     async def handle_command(self, command: Command) -> Reply | None:
         """Run a slash command; None if this event was already handled."""
+        command = well_formed(command)
         if not self.access.allows(command.platform, command.sender_id, command.chat_id):
             return self._not_allowed(command)
         if command.event_id is not None and not await self.store.claim_event(command.platform, command.event_id):

@@ -65,6 +65,14 @@ class CommandSpec:
     private: bool = False
 
 
+def row_id(text: str) -> int | None:
+    """``text`` as a database row number, or None (not digits, or too big for SQLite)."""
+    if not text.isascii() or not text.isdigit():
+        return None
+    number = int(text)
+    return number if number < 2**63 else None
+
+
 def parse_command(text: str) -> tuple[str, str] | None:
     """``"/prefs tone formal"`` -> ``("prefs", "tone formal")``; None if not a command."""
     stripped = text.strip()
@@ -197,8 +205,8 @@ async def _forget(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         if cmds.training is not None:
             cmds.training.delete_files(caller.user_id)
         return CommandResult("Done: everything I stored about you is deleted.", private=True)
-    if len(words) == 1 and words[0].lstrip("#").isdigit():
-        if await cmds.store.delete_memory(caller.user_id, int(words[0].lstrip("#"))):
+    if len(words) == 1 and (number := row_id(words[0].lstrip("#"))) is not None:
+        if await cmds.store.delete_memory(caller.user_id, number):
             return CommandResult(f"Forgot note {words[0]}.", private=True)
         raise UsageError(f"You have no note {words[0]}; /forget lists yours.")
     raise UsageError("Say which note to forget.")
@@ -356,8 +364,8 @@ async def _user_arg(cmds: Commands, who: str) -> int:
     """A user by the core's number (as on the dashboard) or by ``platform:id``."""
     if not who:
         raise UsageError("Which user? Give their number or platform:id.")
-    if who.isdigit() and await cmds.store.user_exists(int(who)):
-        return int(who)
+    if (number := row_id(who)) is not None and await cmds.store.user_exists(number):
+        return number
     platform, _, ident = who.partition(":")
     found = await cmds.store.find_user(platform, ident) if ident else None
     if found is None:

@@ -8,8 +8,8 @@ to its users, chats and messages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, TypeVar
 
 ChatKind = Literal["private", "group"]
 
@@ -72,3 +72,26 @@ class Reply:
     attachment: Attachment | None = None
     kind: Literal["answer", "command", "notice", "error"] = "answer"
     style: dict[str, str] = field(default_factory=dict)
+
+
+E = TypeVar("E", bound=Event)
+
+
+def well_formed(event: E) -> E:
+    """``event`` with every text field made valid Unicode: a surrogate pair some JSON
+    decoders leave split becomes its character, a lone surrogate becomes U+FFFD. Such
+    strings cannot be stored (UTF-8 refuses them) or shown; platforms do send them."""
+    changes = {}
+    for f in fields(event):
+        value = getattr(event, f.name)
+        if isinstance(value, str) and (repaired := _repair(value)) is not value:
+            changes[f.name] = repaired
+    return replace(event, **changes) if changes else event
+
+
+def _repair(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
