@@ -88,3 +88,37 @@ async def test_no_command_reads_or_changes_another_users_data(guarded: Agent) ->
 def test_access_entries_must_name_the_platform(make_config: Callable[..., Config]) -> None:
     with pytest.raises(ConfigError, match=r"access\.admins.*platform:id"):
         make_config('[access]\nadmins = ["12345"]\n')
+
+
+async def test_in_a_group_each_persons_notes_prefs_style_and_adapter_stay_theirs(
+    make_config: Callable[..., Config],
+) -> None:
+    backend = RecordingBackend()
+    agent = await Agent.open(make_config(), llm=backend)
+    group = {"chat": "g1", "chat_kind": "group"}
+    try:
+        await command(agent, "/remember my hint is blue whale", chat="g1")
+        await command(agent, "/prefs tone formal", chat="g1")
+        await command(agent, "/prefs persona a pirate", chat="g1")
+        ann = await agent.store.resolve_user("test", "ann")
+        await TrainingRecords(agent.store.db).add_adapter(
+            ann, 3, "/adapters/ann/3", promote=True, parent="base", metrics={}
+        )
+        await send(agent, msg("hello from ann", **group))
+        ann_request = backend.requests[-1]
+        await send(agent, msg("hello from bob", user="bob", **group))
+        bob_request = backend.requests[-1]
+        assert ann_request.adapter is not None and ann_request.adapter.path == "/adapters/ann/3"
+        assert bob_request.adapter is None  # ann's adapter never answers bob
+        bob_prompt = " ".join(m["content"] for m in bob_request.messages)
+        assert "blue whale" not in bob_prompt, bob_prompt
+        assert "pirate" not in bob_prompt, bob_prompt
+        assert "hello from ann" not in bob_prompt  # not even ann's turn in the shared chat
+        for text in ("/stats", "/export", "/prefs", "/forget"):
+            answer = await command(agent, text, user="bob", chat="g1")
+            assert "version 3" not in answer and "blue whale" not in answer and "pirate" not in answer, text
+        bob = await agent.store.resolve_user("test", "bob")
+        exported = await agent.store.export_user(bob)
+        assert exported["adapters"] == [] and exported["memories"] == [] and exported["preferences"] == {}
+    finally:
+        await agent.close()
