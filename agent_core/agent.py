@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 OnText = Callable[[str], Awaitable[None]]
 APOLOGY = "Sorry, I couldn't come up with an answer just now. Your message is saved; please try again."
+NOT_SAVED = "Sorry, I couldn't save your message just now, so I haven't answered it. Please send it again."
 NOT_ALLOWED = "Sorry, this bot only talks with the people it was set up for."
 CUT_NOTE = "(Your message was longer than I can read: I answered its first {limit} characters.)"
 BUSY = "I'm answering a lot of people at once right now. Your message is saved; please try again in a minute."
@@ -106,8 +108,12 @@ class Agent:
         cut = len(msg.text) > limit
         if cut:  # the model never sees more than the limit; the reply says so
             msg = dataclasses.replace(msg, text=msg.text[:limit])
-        async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
-            reply = await self._answer(msg, on_text)
+        try:
+            async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
+                reply = await self._answer(msg, on_text)
+        except sqlite3.OperationalError as exc:  # locked past busy_timeout_ms, disk full...
+            log.error("the database refused a message from %s:%s (%s)", msg.platform, msg.sender_id, exc)
+            return Reply(text=NOT_SAVED, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         if cut and reply is not None:
             reply = dataclasses.replace(reply, text=f"{reply.text}\n\n{CUT_NOTE.format(limit=limit)}")
         return reply

@@ -233,3 +233,31 @@ async def test_text_commands_go_through_the_command_table(agent: Agent) -> None:
     assert reply.kind == "command" and "/prefs" in reply.text and "/export" in reply.text
     assert backend(agent).requests == []  # no model call for a command
     assert (await agent.store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 0
+
+
+async def test_a_database_locked_by_another_writer_waits_or_fails_clearly(make_config: Callable[..., Config]) -> None:
+    import sqlite3
+    import threading
+
+    from agent_core.agent import NOT_SAVED
+
+    config = make_config(environ={"ATTUNE_STORAGE__BUSY_TIMEOUT_MS": "2000"})
+    agent = await Agent.open(config, llm=RecordingBackend())
+    other = sqlite3.connect(config.settings.storage.database_path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process writing
+        threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+        waited = await send(agent, msg("patience"))  # within busy_timeout_ms: waits, then goes through
+        assert waited.kind == "answer" and waited.text == "echo: patience"
+
+        await agent.store.db.execute("PRAGMA busy_timeout = 100")  # the writer connection gives up sooner now
+        other.execute("BEGIN IMMEDIATE")  # held past the timeout
+        refused = await agent.handle_message(msg("too late"))
+        other.execute("ROLLBACK")
+        assert refused is not None and refused.kind == "error" and refused.text == NOT_SAVED
+        rows = await agent.store.db.fetchall("SELECT text FROM messages ORDER BY id")
+        assert [r[0] for r in rows] == ["patience", "echo: patience"]  # nothing half-written
+        assert (await send(agent, msg("again"))).kind == "answer"  # and it works once the lock is gone
+    finally:
+        other.close()
+        await agent.close()
