@@ -96,6 +96,7 @@ class BatchingEngine:
         self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._pending: deque[Job] = deque()
         self._rows: list[Job] = []  # row i generates in decoder slot i
+        self._admitting: Job | None = None  # taken from the queue, its prompt being read in
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="attune-batching", daemon=True)
@@ -123,7 +124,7 @@ class BatchingEngine:
         with self._wakeup:
             if self._stopping:
                 raise LLMError("the local model is shutting down")
-            free = self.limits.max_batch_size - len(self._rows)
+            free = self.limits.max_batch_size - len(self._rows) - (self._admitting is not None)
             waiting = sum(not j.cancelled for j in self._pending) - free  # those with no slot to go to
             if waiting >= self.limits.max_queue:
                 raise LLMBusy(f"{waiting} requests are already waiting (max_queue = {self.limits.max_queue})")
@@ -182,17 +183,19 @@ class BatchingEngine:
         while True:
             with self._wakeup:
                 if not self._pending or len(self._rows) >= self.limits.max_batch_size:
-                    expired = [j for j in self._pending if now - j.enqueued > self.limits.queue_timeout_s]
-                    for job in expired:
-                        self._pending.remove(job)
                     break
-                job = self._pending.popleft()
-            if job.cancelled:
-                continue
+                job = self._admitting = self._pending.popleft()  # still counted by submit() while read in
             try:
-                self._prefill(job)
+                if not job.cancelled:
+                    self._prefill(job)
             except Exception as exc:
                 self._fail(job, exc)
+            finally:
+                self._admitting = None
+        with self._wakeup:
+            expired = [j for j in self._pending if now - j.enqueued > self.limits.queue_timeout_s]
+            for job in expired:
+                self._pending.remove(job)
         for job in expired:
             waited = now - job.enqueued
             job.emit(LLMBusy(f"no free slot after {waited:.0f} s (queue_timeout_s = {self.limits.queue_timeout_s:g})"))
@@ -208,7 +211,9 @@ class BatchingEngine:
         slot = len(self._rows)
         self.decoder.assign(slot, self._adapter(request.adapter))
         logits = self.decoder.prefill(slot, job.ids)
-        self._rows.append(job)
+        with self._wakeup:
+            self._rows.append(job)
+            self._admitting = None
         if self._advance(job, logits):
             self._leave([job])
 
