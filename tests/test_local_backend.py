@@ -13,7 +13,7 @@ from agent_core.config import load_config
 from agent_core.llm import AdapterRef, GenerationRequest, LLMError, create_backend
 from agent_core.llm.local import LocalBackend
 from agent_core.llm.model_files import ModelNotFound, find_model
-from tests.conftest import MODEL_CACHE, random_lora, tiny_config_text, write_config
+from tests.conftest import MODEL_CACHE, plain_generate, random_lora, tiny_config_text, write_config
 
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"}]
 
@@ -39,19 +39,8 @@ async def test_generates_and_streams_the_same_text(tiny: LocalBackend) -> None:
     assert tiny.count_tokens("Hello there") == 2
 
 
-def _plain_generate(model_dir: Path, tokens: int) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    inputs = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**inputs, do_sample=False, max_new_tokens=tokens, repetition_penalty=1.0)
-    return tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
 async def test_greedy_output_matches_plain_transformers_generate(tiny: LocalBackend, tiny_model_dir: Path) -> None:
-    assert await tiny.generate(greedy(tokens=8)) == _plain_generate(tiny_model_dir, 8)
+    assert await tiny.generate(greedy(tokens=8)) == plain_generate(tiny_model_dir, PROMPT, 8)
 
 
 @pytest.fixture(scope="module")

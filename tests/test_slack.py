@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -197,33 +198,37 @@ def test_socket_mode_needs_the_app_token(fake: FakeSlack, make_config: Callable[
         SlackAdapter(None, config)  # type: ignore[arg-type]
 
 
-async def test_slack_sends_the_final_text_once_by_default(fake: FakeSlack, make_config: Callable[..., Config]) -> None:
-    config = _config(make_config, fake)
-    assert config.settings.slack.stream_edit_interval_s == 0
-    words = "slow words arrive one by one here"
-    agent = await Agent.open(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.03))
-    adapter = SlackAdapter(agent, config)
-    await adapter.start()
-    try:
-        await fake.connected()
-        await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "hello")))
-        posted = await fake.wait_for("chat.postMessage", 1)
-        assert posted[0]["text"] == words
-        await asyncio.sleep(0.2)
-        assert fake.posted("chat.update") == [] and len(fake.posted()) == 1
-    finally:
-        await adapter.stop()
-        await agent.close()
-
-
-async def test_slack_can_stream_by_editing_when_configured(fake: FakeSlack, make_config: Callable[..., Config]) -> None:
-    config = _config(make_config, fake, "stream_edit_interval_s = 0.1\n")
-    words = "slow words arrive one by one here at last"
+@contextlib.asynccontextmanager
+async def _writing_slowly(
+    fake: FakeSlack, make_config: Callable[..., Config], words: str, extra: str = ""
+) -> AsyncIterator[SlackAdapter]:
+    """A started Slack adapter whose backend writes ``words`` one by one, like a model."""
+    config = _config(make_config, fake, extra)
     agent = await Agent.open(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.04))
     adapter = SlackAdapter(agent, config)
     await adapter.start()
     try:
         await fake.connected()
+        yield adapter
+    finally:
+        await adapter.stop()
+        await agent.close()
+
+
+async def test_slack_sends_the_final_text_once_by_default(fake: FakeSlack, make_config: Callable[..., Config]) -> None:
+    words = "slow words arrive one by one here"
+    async with _writing_slowly(fake, make_config, words) as adapter:
+        assert adapter.config.settings.slack.stream_edit_interval_s == 0
+        await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "hello")))
+        posted = await fake.wait_for("chat.postMessage", 1)
+        assert posted[0]["text"] == words
+        await asyncio.sleep(0.2)
+        assert fake.posted("chat.update") == [] and len(fake.posted()) == 1
+
+
+async def test_slack_can_stream_by_editing_when_configured(fake: FakeSlack, make_config: Callable[..., Config]) -> None:
+    words = "slow words arrive one by one here at last"
+    async with _writing_slowly(fake, make_config, words, "stream_edit_interval_s = 0.1\n"):
         await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "hello")))
         draft = (await fake.wait_for("chat.postMessage", 1))[0]
         assert draft["text"].endswith(" …")
@@ -231,6 +236,3 @@ async def test_slack_can_stream_by_editing_when_configured(fake: FakeSlack, make
             while not fake.posted("chat.update") or fake.posted("chat.update")[-1]["text"] != words:
                 await asyncio.sleep(0.02)
         assert len(fake.posted()) == 1
-    finally:
-        await adapter.stop()
-        await agent.close()
