@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from agent_core.agent import Agent
 from agent_core.config import Config
+from agent_core.events import Reply
 from agent_core.testing import RecordingBackend
 from bots.telegram import ALLOWED_UPDATES, TelegramAdapter
 from tests.fakes.telegram import BOT, FakeTelegram, parsed
@@ -240,6 +243,18 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
     words = "one two three four five six seven eight nine ten eleven twelve"
     agent = await Agent.open(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.04))
     adapter = TelegramAdapter(agent, config)
+    shown: list[float] = []  # when each draft or edit went out
+    send, edit = adapter.send, adapter.edit
+
+    async def timed_send(reply: Reply) -> str | None:
+        shown.append(time.monotonic())
+        return await send(reply)
+
+    async def timed_edit(chat_id: str, message_id: str, text: str) -> None:
+        shown.append(time.monotonic())
+        await edit(chat_id, message_id, text)
+
+    adapter.send, adapter.edit = timed_send, timed_edit  # type: ignore[method-assign]
     await adapter.start()
     try:
         await fake.push_text(ANN, ANN, "count for me")
@@ -250,7 +265,8 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
                 await asyncio.sleep(0.02)
         edits = [e["text"] for e in fake.sent("editMessageText")]
         assert len(edits) >= 2 and all(e.endswith(" …") for e in edits[:-1])  # growing drafts, then the final text
-        assert len(edits) <= 8  # 12 words over ~0.5 s at one edit per 0.1 s: not one edit per word
+        drafts = shown[:-1]  # the final text goes out at once; the drafts before it keep the interval
+        assert all(later - earlier >= 0.09 for earlier, later in itertools.pairwise(drafts))
         assert len(fake.sent()) == 1  # one message, edited; not a second one
         query = "SELECT platform_message_id, text FROM messages WHERE role = 'assistant'"
         stored = await agent.store.db.fetchone(query)
