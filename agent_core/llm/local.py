@@ -147,8 +147,11 @@ class LocalBackend(LLMBackend):
         if self._model is None:
             raise LLMError("the local model is not loaded yet")
         stream = self._batched(request) if self._engine else self._one_at_a_time(request)
-        async for piece in stream:
-            yield piece
+        try:
+            async for piece in stream:
+                yield piece
+        finally:
+            await stream.aclose()  # at once, not when collected: it frees the request's slot
 
     async def _batched(self, request: GenerationRequest) -> AsyncIterator[str]:
         assert self._engine is not None
