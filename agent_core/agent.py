@@ -39,6 +39,7 @@ from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style, finish, token_budget
 from agent_core.training.job import TrainingJob
 from storage import ActiveAdapter, Database, ReplyContext, Store
+from storage.crypto import PLAIN, Cipher, Key
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,7 @@ class Agent:
     @classmethod
     async def open(cls, config: Config, llm: LLMBackend | None = None) -> Agent:
         """Open the database (migrating it) and build the configured backend (not started)."""
-        s = config.settings.storage
-        db = await Database.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous)
-        return cls(config.settings, Store(db), llm or create_backend(config))
+        return cls(config.settings, Store(await open_database(config)), llm or create_backend(config))
 
     async def close(self) -> None:
         if self.commands.background:  # an /admin training: stop it (the adapters in service stay)
@@ -285,3 +284,12 @@ def _adapter_name(adapter: ActiveAdapter | None) -> str | None:
 
 def _event_fields(msg: Message) -> dict[str, Any]:
     return {f.name: getattr(msg, f.name) for f in fields(Event)}
+
+
+async def open_database(config: Config) -> Database:
+    """The configured database, with the encryption key from the environment (if set)."""
+    s = config.settings.storage
+    key = config.secrets.get("encryption_key")
+    cipher = Cipher(Key.from_text(key)) if key else PLAIN
+    return await Database.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous,
+                               cipher=cipher)  # fmt: skip

@@ -5,6 +5,7 @@
     attune [--config PATH] config show         the effective settings, secrets masked
     attune [--config PATH] train [--user U | --all] [--dry-run]    the nightly training, now
     attune [--config PATH] adapters list | rollback --user U       the adapters it made
+    attune [--config PATH] keys new | rotate                        the database's encryption key
 
 This is the one place that wires the core to the platform adapters (``bots``).
 """
@@ -21,12 +22,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import tomli_w
 
-from agent_core import training_cli
+from agent_core import keys_cli, training_cli
 from agent_core.agent import Agent
 from agent_core.config import CONFIG_ENV, Config, ConfigError, effective_settings, load_config
 from agent_core.llm.model_files import ModelNotFound
 from agent_core.logs import setup_logging
 from storage import DatabaseError
+from storage.crypto import EncryptionError
 
 log = logging.getLogger("attune")
 
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     config_sub.add_parser("show", parents=[common], help="print the effective settings, secrets masked")
     training_cli.add_commands(sub, common)
+    keys_cli.add_commands(sub, common)
     return parser
 
 
@@ -87,8 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("train", "adapters"):
             return asyncio.run(training_cli.run(config, args))
+        if args.command == "keys":
+            return asyncio.run(keys_cli.run(config, args))
         return asyncio.run(_serve(config, user=getattr(args, "user", None), chat=args.command == "chat"))
-    except (DatabaseError, ModelNotFound) as exc:
+    except (DatabaseError, EncryptionError, ModelNotFound) as exc:
         print(f"attune: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     except KeyboardInterrupt:

@@ -292,6 +292,8 @@ class Secrets(BaseModel):
     slack_app_token: SecretStr | None = None
     slack_signing_secret: SecretStr | None = None
     admin_token: SecretStr | None = None
+    encryption_key: SecretStr | None = None
+    new_encryption_key: SecretStr | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Secrets:
@@ -317,6 +319,8 @@ SECRET_ENV: dict[str, str] = {
     "slack_app_token": "SLACK_APP_TOKEN",
     "slack_signing_secret": "SLACK_SIGNING_SECRET",
     "admin_token": "ATTUNE_ADMIN_TOKEN",
+    "encryption_key": "ATTUNE_ENCRYPTION_KEY",
+    "new_encryption_key": "ATTUNE_NEW_ENCRYPTION_KEY",  # for `attune keys rotate`
 }
 # Where someone might wrongly put a secret in the file -> the variable to use instead.
 SECRET_FILE_KEYS: dict[str, str] = {
@@ -328,6 +332,7 @@ SECRET_FILE_KEYS: dict[str, str] = {
     "slack.app_token": "SLACK_APP_TOKEN",
     "slack.signing_secret": "SLACK_SIGNING_SECRET",
     "web.admin_token": "ATTUNE_ADMIN_TOKEN",
+    "storage.encryption_key": "ATTUNE_ENCRYPTION_KEY",
 }
 
 

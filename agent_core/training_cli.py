@@ -21,10 +21,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agent_core.agent import open_database
 from agent_core.config import Config
 from agent_core.llm import base_model_dir
 from agent_core.training.job import POPULATION, Task, TrainingBusy, TrainingJob
-from storage import Database, Store
+from storage import Store
 from storage.training import TrainingRecords
 
 console = Console()
@@ -44,8 +45,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 async def run(config: Config, args: argparse.Namespace) -> int:
-    s = config.settings.storage
-    db = await Database.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous)
+    db = await open_database(config)
     try:
         if args.command == "train":
             return await _train(config, Store(db), args)

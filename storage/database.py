@@ -5,11 +5,17 @@ belong together go through :meth:`Database.transaction`, which serialises the
 coroutines of this process (``BEGIN IMMEDIATE`` serialises processes). Migrations are
 the files ``storage/migrations/NNNN_name.sql``, applied in order at start-up; the
 database records the last one applied in ``PRAGMA user_version``.
+
+Opening also checks the encryption key against the one the database records (see
+:mod:`storage.crypto`) before anything is written, and takes the database's run lock:
+shared by every attune process, exclusive for ``attune keys rotate``, which must have
+the database to itself. The kernel drops the lock when a process dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import re
 import sqlite3
@@ -17,9 +23,11 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiosqlite
+
+from storage.crypto import KEY_ENV, NEW_KEY_ENV, PLAIN, Cipher, EncryptionError
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +64,31 @@ class Database:
     sees every write committed before it started.
     """
 
-    def __init__(self, conn: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path) -> None:
+    def __init__(
+        self, conn: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path, cipher: Cipher = PLAIN
+    ) -> None:
         self.conn = conn
         self.reader = reader
         self.path = path
+        self.cipher = cipher  # how people's words are stored: sealed under a key, or plain
         self._write_lock = asyncio.Lock()
+        self._run_lock: IO[bytes] | None = None
 
     @classmethod
-    async def open(cls, path: Path, *, busy_timeout_ms: int = 5000, synchronous: str = "normal") -> Database:
+    async def open(
+        cls,
+        path: Path,
+        *,
+        busy_timeout_ms: int = 5000,
+        synchronous: str = "normal",
+        cipher: Cipher = PLAIN,
+        rotating: bool = False,
+    ) -> Database:
+        """Open (creating and migrating) the database. ``cipher`` must hold the key the
+        database is encrypted with, if any. ``rotating``: for ``attune keys rotate`` only,
+        which takes the run lock exclusively and checks the keys itself."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        run_lock = _take_run_lock(path, exclusive=rotating)
         opened: list[aiosqlite.Connection] = []
         try:
             conn = await _connect(path, busy_timeout_ms, opened)
@@ -73,15 +97,61 @@ class Database:
                 log.warning("SQLite refused WAL mode for %s (journal_mode=%s)", path, mode)
             await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             await conn.execute("PRAGMA secure_delete = ON")
-            db = cls(conn, await _connect(path, busy_timeout_ms, opened), path)
+            db = cls(conn, await _connect(path, busy_timeout_ms, opened), path, cipher)
+            db._run_lock = run_lock
+            if not rotating:
+                await db._check_key()
             await db._migrate()
+            if cipher.key is not None and not rotating:
+                await db.execute("INSERT OR IGNORE INTO encryption (id, key_id) VALUES (1, ?)", (cipher.key.id,))
         except sqlite3.DatabaseError as exc:
             await _close_all(opened)
+            run_lock.close()
             raise DatabaseError(f"{path}: cannot open the database: {exc}") from exc
         except BaseException:
             await _close_all(opened)
+            run_lock.close()
             raise
         return db
+
+    async def key_state(self) -> tuple[bytes | None, bytes | None]:
+        """(id of the key the text is under, id of the key a rotation is moving it to);
+        None for plain text and for no rotation."""
+        tables = {r[0] for r in await self.fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "encryption" not in tables:
+            return None, None
+        row = await self.fetchone("SELECT key_id, rotating_to FROM encryption WHERE id = 1")
+        return (row[0], row[1]) if row else (None, None)
+
+    async def holds_text(self) -> bool:
+        """Whether any message or note is stored."""
+        tables = {r[0] for r in await self.fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"messages", "memories"} <= tables:
+            return False
+        row = await self.fetchone("SELECT EXISTS (SELECT 1 FROM messages) OR EXISTS (SELECT 1 FROM memories)")
+        return bool(row and row[0])
+
+    async def _check_key(self) -> None:
+        """Refuse, before anything is written, a key that cannot read this database."""
+        key_id, rotating_to = await self.key_state()
+        key = self.cipher.key
+        if rotating_to is not None:
+            raise EncryptionError(
+                f"{self.path}: a key rotation was interrupted. Finish it: run `attune keys rotate` again "
+                f"with the same {KEY_ENV} and {NEW_KEY_ENV}."
+            )
+        if key_id is None:
+            if key is not None and await self.holds_text():
+                raise EncryptionError(
+                    f"{self.path} holds text stored without encryption, and {KEY_ENV} is set. To encrypt it, "
+                    f"stop attune and run `attune keys rotate` with {KEY_ENV} unset and the key in "
+                    f"{NEW_KEY_ENV}; or unset {KEY_ENV}."
+                )
+            return
+        if key is None:
+            raise EncryptionError(f"{self.path} is encrypted: set {KEY_ENV} to its key.")
+        if key.id != key_id:
+            raise EncryptionError(f"{KEY_ENV} is not the key {self.path} is encrypted with.")
 
     async def _migrate(self) -> None:
         known = migrations()
@@ -102,6 +172,9 @@ class Database:
 
     async def close(self) -> None:
         await _close_all([self.reader, self.conn])
+        if self._run_lock is not None:
+            self._run_lock.close()
+            self._run_lock = None
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -139,6 +212,18 @@ class Database:
 
     async def fetchall(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         return list(await self.reader.execute_fetchall(sql, params))
+
+
+def _take_run_lock(path: Path, *, exclusive: bool) -> IO[bytes]:
+    lock_file = path.with_name(path.name + ".lock").open("a+b")
+    try:
+        fcntl.flock(lock_file, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        if exclusive:
+            raise DatabaseError(f"{path} is in use by a running attune: stop it first.") from None
+        raise DatabaseError(f"`attune keys rotate` is working on {path}: wait for it to finish.") from None
+    return lock_file
 
 
 async def _connect(path: Path, busy_timeout_ms: int, opened: list[aiosqlite.Connection]) -> aiosqlite.Connection:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from storage.crypto import Cipher
 from storage.database import Database
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,10 @@ class _LRU(OrderedDict[tuple[str, str], int]):
             self.popitem(last=False)
 
 
-def note_terms(user_id: int, text: str) -> str:
-    """What the full-text index holds for a note: each word with the owner's prefix."""
-    return " ".join(f"u{int(user_id)}_{w}" for w in _WORD.findall(text.lower()))
+def note_terms(cipher: Cipher, user_id: int, text: str) -> str:
+    """What the full-text index holds for a note: each word (a keyed hash of it when
+    encrypted) with the owner's prefix."""
+    return " ".join(f"u{int(user_id)}_{cipher.word(w)}" for w in _WORD.findall(text.lower()))
 
 
 # Words that say nothing about which note matters; leaving them out of a search keeps it
@@ -196,12 +198,12 @@ STOP_WORDS = frozenset(
 )
 
 
-def fts_query(user_id: int, text: str) -> str | None:
+def fts_query(cipher: Cipher, user_id: int, text: str) -> str | None:
     """A safe FTS5 query for this user's notes with any word of ``text``; None if no words."""
     words = sorted({w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOP_WORDS})
     if not words:
         return None
-    return " OR ".join(f'"u{int(user_id)}_{w}"' for w in words)
+    return " OR ".join(f'"u{int(user_id)}_{cipher.word(w)}"' for w in words)
 
 
 async def _insert(conn: Any, sql: str, params: tuple[Any, ...]) -> int:
@@ -214,6 +216,7 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.cipher = db.cipher
         self._users = _LRU()  # (platform, platform user id) -> user id
         self._chats = _LRU()  # (platform, platform chat id) -> chat id
 
@@ -308,7 +311,7 @@ class Store:
         cur = await self.db.execute(
             "INSERT OR IGNORE INTO messages (chat_id, user_id, role, text, platform_message_id, event_id, created_at)"
             " VALUES (?, ?, 'user', ?, ?, ?, ?)",
-            (chat_id, user_id, text, platform_message_id, event_id, at),
+            (chat_id, user_id, self.cipher.seal(text, "messages.text"), platform_message_id, event_id, at),
         )
         if cur.rowcount != 1:
             return None
@@ -332,11 +335,11 @@ class Store:
             (
                 received.chat_id,
                 received.user_id,
-                text,
+                self.cipher.seal(text, "messages.text"),
                 received.message_id,
                 json.dumps(style),
                 adapter_version,
-                json.dumps(list(prompt), ensure_ascii=False),
+                self.cipher.seal(json.dumps(list(prompt), ensure_ascii=False), "messages.prompt"),
                 json.dumps(policy) if policy is not None else None,
                 time.time(),
             ),
@@ -365,7 +368,7 @@ class Store:
         Strictly this user's: in a group chat nobody else's turns or notes come back.
 
         One statement, so one round trip: the parts are tagged by ``kind``."""
-        query = fts_query(user_id, text)
+        query = fts_query(self.cipher, user_id, text)
         relevant = (
             " UNION ALL SELECT * FROM (SELECT 'note', m.id, m.text, bm25(memories_fts)"
             "  FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH :query"
@@ -389,14 +392,14 @@ class Store:
         for row in rows:
             by_kind[row[0]].append(row)
         adapter = next((ActiveAdapter(int(r[1]), str(r[2]), r[3]) for r in by_kind["adapter"]), None)
-        recalled: dict[int, str] = {}
+        recalled: dict[int, str | bytes] = {}
         for row in sorted(by_kind["note"], key=lambda r: r[3]) + by_kind["newest"]:
-            recalled.setdefault(int(row[1]), str(row[2]))
+            recalled.setdefault(int(row[1]), row[2])
         return ReplyContext(
             preferences={str(r[1]): str(r[2]) for r in by_kind["pref"]},
             adapter=adapter,
-            notes=list(recalled.values())[:notes] if notes > 0 else [],
-            turns=[(str(r[1]), str(r[2])) for r in reversed(by_kind["turn"])],
+            notes=[self.cipher.open(n, "memories.text") for n in list(recalled.values())[: max(notes, 0)]],
+            turns=[(str(r[1]), self.cipher.open(r[2], "messages.text")) for r in reversed(by_kind["turn"])],
         )
 
     async def history(self, user_id: int, chat_id: int, limit: int = 100) -> list[dict[str, Any]]:
@@ -410,7 +413,13 @@ class Store:
             (user_id, chat_id, limit),
         )
         return [
-            {"role": r[1], "text": r[2], "id": r[3], "reactions": str(r[4]).split(",") if r[4] else []} for r in rows
+            {
+                "role": r[1],
+                "text": self.cipher.open(r[2], "messages.text"),
+                "id": r[3],
+                "reactions": str(r[4]).split(",") if r[4] else [],
+            }
+            for r in rows
         ]
 
     # --- long-term memory ------------------------------------------------------------
@@ -418,10 +427,13 @@ class Store:
     async def add_memory(self, user_id: int, text: str) -> int:
         async with self.db.transaction() as conn:
             memory_id = await _insert(
-                conn, "INSERT INTO memories (user_id, text, created_at) VALUES (?, ?, ?)", (user_id, text, time.time())
+                conn,
+                "INSERT INTO memories (user_id, text, created_at) VALUES (?, ?, ?)",
+                (user_id, self.cipher.seal(text, "memories.text"), time.time()),
             )
             await conn.execute(
-                "INSERT INTO memories_fts (rowid, terms) VALUES (?, ?)", (memory_id, note_terms(user_id, text))
+                "INSERT INTO memories_fts (rowid, terms) VALUES (?, ?)",
+                (memory_id, note_terms(self.cipher, user_id, text)),
             )
         return memory_id
 
@@ -435,7 +447,7 @@ class Store:
             "SELECT id, text, created_at FROM memories WHERE user_id = ? ORDER BY id DESC LIMIT ?",
             (user_id, limit),
         )
-        return [MemoryNote(int(r[0]), str(r[1]), float(r[2])) for r in rows]
+        return [MemoryNote(int(r[0]), self.cipher.open(r[1], "memories.text"), float(r[2])) for r in rows]
 
     # --- preferences -----------------------------------------------------------------
 
@@ -535,15 +547,19 @@ class Store:
             " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ? ORDER BY m.id"
         )
         for message in messages:
+            message["text"] = self.cipher.open(message["text"], "messages.text")
             for key in ("style", "policy"):
                 message[key] = json.loads(message[key]) if message[key] else None
+        memories = await rows("SELECT id, text, created_at FROM memories WHERE user_id = ? ORDER BY id")
+        for memory in memories:
+            memory["text"] = self.cipher.open(memory["text"], "memories.text")
         return {
             "user": user[0] if user else None,
             "identities": await rows(
                 "SELECT platform, platform_user_id, display_name, created_at FROM identities WHERE user_id = ?"
             ),
             "preferences": await self.preferences(user_id),
-            "memories": await rows("SELECT id, text, created_at FROM memories WHERE user_id = ? ORDER BY id"),
+            "memories": memories,
             "messages": messages,
             "reactions": await rows(
                 "SELECT message_id, emoji, reward, created_at, removed_at FROM reactions WHERE user_id = ? ORDER BY id"
@@ -640,9 +656,8 @@ class Store:
             notes = await conn.execute_fetchall("SELECT id, text FROM memories WHERE user_id = ?", (source,))
             await conn.execute("UPDATE memories SET user_id = ? WHERE user_id = ?", (target, source))
             for note_id, text in notes:  # the search index carries the owner in every word
-                await conn.execute(
-                    "UPDATE memories_fts SET terms = ? WHERE rowid = ?", (note_terms(target, text), note_id)
-                )
+                terms = note_terms(self.cipher, target, self.cipher.open(text, "memories.text"))
+                await conn.execute("UPDATE memories_fts SET terms = ? WHERE rowid = ?", (terms, note_id))
             # The source's adapters were trained for the source alone: kept as history, retired.
             top = next(iter(await conn.execute_fetchall(
                 "SELECT COALESCE(MAX(version), 0) FROM adapters WHERE user_id = ?", (target,))))[0]  # fmt: skip

@@ -125,7 +125,18 @@ class TrainingRecords:
             " GROUP BY m.id ORDER BY m.created_at, m.id",
             (user_id, user_id),
         )
-        return [RatedReply(int(r[0]), int(r[1]), json.loads(r[2]), str(r[3]), float(r[4]), float(r[5])) for r in rows]
+        cipher = self.db.cipher
+        return [
+            RatedReply(
+                int(r[0]),
+                int(r[1]),
+                json.loads(cipher.open(r[2], "messages.prompt")),
+                cipher.open(r[3], "messages.text"),
+                float(r[4]),
+                float(r[5]),
+            )
+            for r in rows
+        ]
 
     # --- runs ----------------------------------------------------------------------------
 

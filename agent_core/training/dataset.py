@@ -4,10 +4,15 @@ A reply the user liked (net reward above 0) is desirable, one they disliked is
 undesirable, and the size of the reward is the example's weight; a reply whose
 reactions cancel out teaches nothing. Each user's newest replies are held out (a split
 by time), so the gate judges an adapter on feedback it never saw.
+
+On disk (for the training process) the examples are sealed, line by line, under a key
+made for the one run and handed to the worker in its environment (``DATA_KEY_ENV``):
+what a killed run leaves behind reads as noise.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -15,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from agent_core.training.redact import Redactor
+from storage.crypto import Key
 from storage.training import RatedReply
+
+DATA_KEY_ENV = "ATTUNE_TRAINING_DATA_KEY"
+_FIELD = "training.example"
 
 
 @dataclass(frozen=True)
@@ -59,16 +68,18 @@ def split_by_time(rows: list[Example], holdout_fraction: float) -> Split:
     return Split(rows[: len(rows) - held], rows[len(rows) - held :])
 
 
-def write_jsonl(path: Path, rows: list[Example]) -> None:
+def write_examples(path: Path, rows: list[Example], key: Key) -> None:
+    """One sealed example per line (base64)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with path.open("w", encoding="ascii") as f:
         for row in rows:
-            f.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+            sealed = key.seal(json.dumps(asdict(row), ensure_ascii=False), _FIELD)
+            f.write(base64.b64encode(sealed).decode("ascii") + "\n")
 
 
-def read_jsonl(path: Path) -> list[Example]:
-    with path.open(encoding="utf-8") as f:
-        return [Example(**json.loads(line)) for line in f if line.strip()]
+def read_examples(path: Path, key: Key) -> list[Example]:
+    with path.open(encoding="ascii") as f:
+        return [Example(**json.loads(key.open(base64.b64decode(line), _FIELD))) for line in f if line.strip()]
 
 
 def with_weights(rows: list[Example], max_copies: int = 3) -> list[Example]:

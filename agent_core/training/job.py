@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent_core.config import Settings
-from agent_core.training.dataset import Split, examples, split_by_time, summary, write_jsonl
+from agent_core.config import SECRET_ENV, Settings
+from agent_core.training.dataset import DATA_KEY_ENV, Split, examples, split_by_time, summary, write_examples
 from agent_core.training.redact import Redactor
 from storage import Store
+from storage.crypto import Key
 from storage.training import Candidate, RatedReply, TrainingRecords
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ class TrainingJob:
                 log.warning("%d training run(s) of a process that died were marked failed", stale)
             for leftover in self.adapters_dir.glob("*/.tmp-*"):  # half-written by a killed worker
                 shutil.rmtree(leftover, ignore_errors=True)
+            for leftover in work.parent.glob("run-*"):  # the data of a run whose process was killed
+                shutil.rmtree(leftover, ignore_errors=True)
             plan = await self.plan(users)
             if plan.tasks:
                 await self._train(plan.tasks, work, progress or (lambda task: None))
@@ -182,11 +185,13 @@ class TrainingJob:
 
     async def _train(self, tasks: list[Task], work: Path, progress: Progress) -> None:
         population = await self.records.active(None)
+        data_key = Key.generate()  # for this run's files only; never stored
+        sealer = Key.from_text(data_key)
         spec_tasks = []
         for task in tasks:
             folder = work / task.name
-            write_jsonl(folder / "train.jsonl", task.split.train)
-            write_jsonl(folder / "heldout.jsonl", task.split.heldout)
+            write_examples(folder / "train.jsonl", task.split.train, sealer)
+            write_examples(folder / "heldout.jsonl", task.split.heldout, sealer)
             task.version = await self.records.next_version(task.user_id)
             own = await self.records.active(task.user_id) if task.user_id is not None else population
             owner = POPULATION if task.user_id is None else str(task.user_id)
@@ -208,7 +213,7 @@ class TrainingJob:
         }
         (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
         by_name = {t.name: t for t in tasks}
-        returncode = await self._run_worker(work, by_name, progress)
+        returncode = await self._run_worker(work, by_name, progress, data_key)
         for task in tasks:
             if task.status in ("planned", "running"):
                 task.status = "cancelled" if self._cancelled else "failed"
@@ -217,10 +222,12 @@ class TrainingJob:
                 await self.records.finish_run(task.run_id, task.status)
                 progress(task)
 
-    async def _run_worker(self, work: Path, tasks: dict[str, Task], progress: Progress) -> int:
+    async def _run_worker(self, work: Path, tasks: dict[str, Task], progress: Progress, data_key: str) -> int:
         threads = str(self.training.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
-        env.pop("ATTUNE_ADMIN_TOKEN", None)  # the worker needs no secret
+        for name in SECRET_ENV.values():  # the worker needs none of attune's secrets
+            env.pop(name, None)
+        env[DATA_KEY_ENV] = data_key
         stderr_log = (work / "worker.log").open("wb")
         self._process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "agent_core.training.worker", str(work / "spec.json"),

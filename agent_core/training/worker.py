@@ -30,8 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent_core.training.dataset import Example, read_jsonl, with_weights
+from agent_core.training.dataset import DATA_KEY_ENV, Example, read_examples, with_weights
 from agent_core.training.evaluate import Decision, gate, measures, score
+from storage.crypto import Key
 
 _EVENTS = sys.stdout  # set in main: the real stdout, while library prints go to stderr
 
@@ -75,8 +76,9 @@ def train_task(
     settings = spec["training"]
     set_seed(int(spec["seed"]))  # before the LoRA weights are drawn: the same data gives the same adapter
     started = time.monotonic()
-    train = read_jsonl(Path(task["train"]))
-    heldout = read_jsonl(Path(task["heldout"]))
+    data_key = Key.from_text(os.environ[DATA_KEY_ENV], DATA_KEY_ENV)
+    train = read_examples(Path(task["train"]), data_key)
+    heldout = read_examples(Path(task["heldout"]), data_key)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     base = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     model = peft_model(base, settings, init)
