@@ -29,6 +29,7 @@ from agent_core.training.dataset import Example, split_by_time
 from agent_core.training.evaluate import gate
 from agent_core.training.job import Task, TrainingBusy
 from agent_core.training.redact import Redactor
+from storage.crypto import Key
 from storage.training import TrainingRecords
 from tests.conftest import MODEL_CACHE, tiny_config_text
 
@@ -147,7 +148,8 @@ async def test_training_data_comes_from_stored_reactions_redacted(
 async def test_an_adapter_is_trained_gated_promoted_and_serves_only_its_user(
     make_config: Callable[..., Config], tiny_model_dir: Path
 ) -> None:
-    config = make_config(training_text(tiny_model_dir))
+    # With encryption at rest: the job reads sealed prompts and hands the worker sealed files.
+    config = make_config(training_text(tiny_model_dir), environ={"ATTUNE_ENCRYPTION_KEY": Key.generate()})
     agent = await history_agent(config)
     try:
         await rate_history(agent, "ann", 18)
