@@ -13,6 +13,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from agent_core.training.job import Task, TrainingBusy
 from agent_core.training.redact import Redactor
 from storage.crypto import Key
 from storage.training import TrainingRecords
-from tests.conftest import MODEL_CACHE, tiny_config_text
+from tests.conftest import MODEL_CACHE, ROOT, tiny_config_text, write_config
 
 LIKED = "- apples\n- pears\n- plums"
 DISLIKED = "Well, that is a long story, and I will tell it slowly from the very beginning to the end."
@@ -250,6 +252,35 @@ async def test_a_kill_during_training_leaves_the_served_adapter_and_the_next_run
         assert not list((config.settings.storage.data_path / "adapters" / str(ann)).glob(".tmp-*"))
     finally:
         await agent.close()
+
+
+async def test_a_full_disk_while_saving_an_adapter_is_recorded_and_the_bot_keeps_serving(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """The adapters folder is an 8 KB tmpfs, in a mount namespace of the scenario's own
+    (unshare): the training fails when it saves, says why, leaves nothing half-written,
+    and ann is answered meanwhile; once the space is freed the next run promotes."""
+    config = write_config(tmp_path, training_text(tiny_model_dir))
+    adapters = tmp_path / "data" / "adapters"
+    adapters.mkdir(parents=True)
+    script = (
+        f'mount -t tmpfs -o size=8k tmpfs "{adapters}" && '
+        f'exec "{sys.executable}" -m tests.scenario_full_disk "{config}" "{adapters}"'
+    )
+    done = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ((_, status, reason),) = result["full"]
+    assert status == "failed" and "No space left on device" in reason, reason
+    answer, adapter = result["served_on_full_disk"]
+    assert answer and adapter is None  # answered, by the base model
+    assert result["freed"][0][1] == "promoted" and result["served_after"] == "user-1-v1"
+    with sqlite3.connect(tmp_path / "data" / "attune.db") as db:
+        runs = db.execute("SELECT status, log FROM training_runs ORDER BY id").fetchall()
+        assert [r[0] for r in runs] == ["failed", "succeeded"] and "No space left on device" in runs[0][1]
+        assert db.execute("SELECT version, status FROM adapters").fetchall() == [(1, "active")]
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 async def test_two_processes_never_train_at_once(make_config: Callable[..., Config], tiny_model_dir: Path) -> None:
