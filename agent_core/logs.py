@@ -38,4 +38,7 @@ def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
     # Libraries speak only when something is wrong.
     for noisy in ("httpx", "httpcore", "openai", "aiosqlite", "asyncio", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # The platform libraries' debug output carries what people write: DEBUG is for attune's own loggers.
+    for platform in ("telegram", "discord", "slack_bolt", "slack_sdk", "aiohttp"):
+        logging.getLogger(platform).setLevel(max(logging.INFO, logging.getLevelName(level)))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported

@@ -153,6 +153,20 @@ def split_text(text: str, limit: int | None) -> list[str]:
     return pieces
 
 
+def outline(value: Any, depth: int = 4) -> str:
+    """The shape of a platform payload for a log line, without its values (which may be
+    what someone wrote): ``{message: {message_id: int, chat: {id: int}, text: str[5]}}``."""
+    if isinstance(value, dict):
+        if depth == 0:
+            return "{...}"
+        return "{" + ", ".join(f"{str(k)[:40]}: {outline(v, depth - 1)}" for k, v in list(value.items())[:20]) + "}"
+    if isinstance(value, list):
+        return f"[{outline(value[0], depth - 1)}, ...]" if value and depth else f"list[{len(value)}]"
+    if isinstance(value, str):
+        return f"str[{len(value)}]"
+    return type(value).__name__
+
+
 def skip_broken(handler: Callable[P, Awaitable[Any]]) -> Callable[P, Awaitable[None]]:
     """Wrap a platform event handler: an event it cannot handle is logged and skipped,
     and the adapter keeps running."""

@@ -30,7 +30,7 @@ from discord import app_commands
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
-from bots.base import Adapter, skip_broken
+from bots.base import Adapter, outline, skip_broken
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _skipping_broken(name: str, parse: Callable[[Any], None]) -> Callable[[Any],
         try:
             parse(data)
         except Exception:
-            log.exception("discord: skipped a malformed %s event: %.200r", name, data)
+            log.exception("discord: skipped a malformed %s event: %s", name, outline(data))
 
     return parse_or_skip
 

@@ -26,7 +26,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
-from bots.base import Adapter, skip_broken
+from bots.base import Adapter, outline, skip_broken
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class SlackAdapter(Adapter):
                         event_id=command.get("trigger_id"))
             )  # fmt: skip
         except Exception:
-            log.exception("slack: the command %r failed", command.get("text"))
+            log.exception("slack: the command %s failed", outline(command))
             await respond(text="Sorry, that command failed.", response_type="ephemeral")
             return
         if reply is not None:

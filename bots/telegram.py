@@ -35,7 +35,7 @@ from telegram.request import HTTPXRequest
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
-from bots.base import Adapter, skip_broken
+from bots.base import Adapter, outline, skip_broken
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class TolerantBot(ExtBot[None]):
                 kept.append(item)
             except Exception:
                 update_id = item.get("update_id") if isinstance(item, dict) else None
-                log.warning("skipped a malformed Telegram update %s: %.200r", update_id, item)
+                log.warning("skipped a malformed Telegram update %s: %s", update_id, outline(item))
                 if isinstance(update_id, int):
                     kept.append({"update_id": update_id})
         return kept

@@ -126,7 +126,7 @@ class TerminalAdapter(Adapter):
             try:
                 await self._handle(line)
             except Exception:  # one bad line must not end the session
-                log.exception("could not handle %r", line[:80])
+                log.exception("could not handle a line of %d characters", len(line))
                 self._print("(something went wrong with that; see the log)")
 
     def _event(self) -> dict[str, str]:

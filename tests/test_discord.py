@@ -13,6 +13,7 @@ from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from bots.discord import DiscordAdapter
 from tests.fakes.discord import BOT_USER, DM_CHANNEL, GUILD_CHANNEL, FakeDiscord
+from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
 ANN, BOB = "111", "222"
 
@@ -211,6 +212,31 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing(
         edits = [e["content"] for e in fake.requests("PATCH", f"channels/{DM_CHANNEL}/messages/{reply_id}")]
         assert edits[-1] == words and len(edits) >= 2
         assert len(fake.sent_messages()) == 1
+    finally:
+        await adapter.stop()
+        await adapter.agent.close()
+
+
+async def test_fuzzed_gateway_events_are_skipped_or_answered_and_never_stop_the_bot(
+    fake: FakeDiscord, make_config: Callable[..., Config]
+) -> None:
+    """Message, reaction and slash-command gateway events with fields missing, of the
+    wrong type, huge or full of odd characters (hypothesis): the bot answers the next
+    good message and leaves no turn half-written."""
+    adapter = await _started(fake, make_config, RecordingBackend(), NO_LIMITS)
+    try:
+        events = [("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "hello")),
+                  ("MESSAGE_REACTION_ADD", fake.reaction(DM_CHANNEL, "1", ANN, "👍")),
+                  ("INTERACTION_CREATE", fake.interaction("remember", ANN, [{"name": "text", "type": 3,
+                                                                               "value": "a note"}]))]  # fmt: skip
+        for name, event in events:
+            for fuzzed in examples_of(mutated(event), 30):
+                await fake.dispatch(name, fuzzed)
+        await fake.dispatch("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "still there?"))
+        async with asyncio.timeout(60):
+            while "echo: still there?" not in [body.get("content") for _, body in fake.sent_messages()]:
+                await asyncio.sleep(0.05)
+        await settled_whole(adapter.agent)
     finally:
         await adapter.stop()
         await adapter.agent.close()

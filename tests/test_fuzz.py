@@ -15,15 +15,8 @@ from agent_core.commands import SPECS
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction
 from agent_core.testing import RecordingBackend
+from tests.fuzzing import ODD, TEXT, unanswered
 
-# lone surrogates, zero-width and right-to-left marks, NUL, BOM, emoji and a skin tone, SQL wildcards
-ODD = ["\ud800", "\udfff", "\ud83d", "\u200b", "\u200f", "\u202e", "\u2066", "\x00", "\ufeff", "👍", "\U0001f3fd"]
-ODD += ["\n", "%", "_"]
-TEXT = st.one_of(
-    st.text(),
-    st.text(alphabet=st.sampled_from(ODD) | st.characters(), max_size=50),
-    st.text(st.characters(codec="utf-8"), min_size=1, max_size=5).map(lambda s: s * 2000),  # long
-)
 IDS = st.text(alphabet=st.sampled_from([*ODD, "a", "1", ":"]), min_size=1, max_size=8)
 COMMAND_NAMES = st.sampled_from([s.name for s in SPECS] + ["unknown", "ADMIN", "prefs@bot"])
 # derandomize: the same examples every run, so CI is repeatable; raise max_examples to hunt
@@ -32,15 +25,6 @@ SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, suppress_
 
 def run(loop: asyncio.AbstractEventLoop, make: Callable[[], Any]) -> Any:
     return loop.run_until_complete(make())
-
-
-async def unanswered(agent: Agent) -> int:
-    """Stored messages with no reply: a half-written turn (the backend here never fails)."""
-    row = await agent.store.db.fetchone(
-        "SELECT COUNT(*) FROM messages m WHERE m.role = 'user'"
-        " AND NOT EXISTS (SELECT 1 FROM messages r WHERE r.reply_to = m.id AND r.role = 'assistant')"
-    )
-    return int(row[0]) if row else -1
 
 
 def test_any_message_command_or_reaction_is_handled_whole(make_config: Callable[..., Config]) -> None:

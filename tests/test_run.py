@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
+from agent_core.logs import setup_logging
 from tests.conftest import ATTUNE, tiny_config_text, write_config
 from tests.fakes.telegram import FakeTelegram
 
@@ -146,3 +148,19 @@ async def test_no_secret_reaches_the_log_or_config_show(tmp_path: Path, tiny_mod
 
 
 PLATFORMS = ("telegram", "discord", "slack")
+
+
+def test_debug_logging_leaves_the_platform_libraries_at_info() -> None:
+    """Their debug output holds whole updates, with what people wrote."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        setup_logging("DEBUG")
+        assert logging.getLogger("bots.telegram").isEnabledFor(logging.DEBUG)
+        for name in ("telegram.ext.Application", "discord.gateway", "slack_bolt.AsyncApp"):
+            assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
+            assert logging.getLogger(name).isEnabledFor(logging.INFO), name
+    finally:
+        root.handlers[:], root.level = saved
+        for name in ("telegram", "discord", "slack_bolt", "slack_sdk", "aiohttp"):
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -19,6 +19,7 @@ from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from bots.slack import SlackAdapter
 from tests.fakes.slack import FakeSlack
+from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
 DM, CHANNEL = "D100", "C200"
 ANN, BOB = "UANN", "UBOB"
@@ -236,3 +237,32 @@ async def test_slack_can_stream_by_editing_when_configured(fake: FakeSlack, make
             while not fake.posted("chat.update") or fake.posted("chat.update")[-1]["text"] != words:
                 await asyncio.sleep(0.02)
         assert len(fake.posted()) == 1
+
+
+async def test_fuzzed_events_and_commands_are_skipped_or_answered_and_never_stop_the_bot(
+    fake: FakeSlack, make_config: Callable[..., Config]
+) -> None:
+    """Message, mention, reaction and slash-command payloads with fields missing, of the
+    wrong type, huge or full of odd characters (hypothesis): the bot answers the next
+    good message and leaves no turn half-written."""
+    config = _config(make_config, fake, NO_LIMITS)
+    agent = await Agent.open(config, llm=RecordingBackend())
+    adapter = SlackAdapter(agent, config)
+    await adapter.start()
+    try:
+        await fake.connected()
+        events = [fake.message(DM, ANN, "hello", ts="1700.0001"), fake.mention(CHANNEL, ANN, "hi", ts="1700.0002"),
+                  fake.reaction("reaction_added", ANN, DM, "1700.0003", "thumbsup")]  # fmt: skip
+        for event in events:
+            for fuzzed in examples_of(mutated(event), 30):
+                await fake.push("events_api", fake.event_body(fuzzed))
+        for fuzzed in examples_of(mutated(fake.command(DM, ANN, "prefs tone formal")), 30):
+            await fake.push("slash_commands", fuzzed)
+        await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "still here?", ts="1800.0001")))
+        async with asyncio.timeout(60):
+            while "echo: still here?" not in [p.get("text") for p in fake.posted()]:
+                await asyncio.sleep(0.05)
+        await settled_whole(agent)
+    finally:
+        await adapter.stop()
+        await agent.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +20,7 @@ from agent_core.events import Reply
 from agent_core.testing import RecordingBackend
 from bots.telegram import ALLOWED_UPDATES, TelegramAdapter
 from tests.fakes.telegram import BOT, FakeTelegram, parsed
+from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
 ANN, BOB = 111, 222
 GROUP = -1001
@@ -272,6 +274,42 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
         stored = await agent.store.db.fetchone(query)
         assert stored is not None and stored[1] == words
         assert stored[0] == fake.sent("editMessageText")[-1]["message_id"]  # reactions on it find the reply
+    finally:
+        await adapter.stop()
+        await agent.close()
+
+
+async def test_fuzzed_updates_are_skipped_or_answered_and_never_stop_the_bot(
+    fake: FakeTelegram, make_config: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Text, command and reaction updates with fields missing, of the wrong type, huge
+    or full of odd characters (hypothesis): each is answered or skipped, and the bot
+    still answers the next good message; no turn is left half-written. What people
+    wrote stays out of the log, also from the skipped ones."""
+    caplog.set_level(logging.DEBUG, logger="bots")
+    caplog.set_level(logging.DEBUG, logger="agent_core")
+    config = _config(make_config, fake, NO_LIMITS)
+    agent = await Agent.open(config, llm=RecordingBackend())
+    adapter = TelegramAdapter(agent, config)
+    await adapter.start()
+    try:
+        command = fake.message(ANN, ANN, "/prefs tone formal", entities=[{"type": "bot_command", "offset": 0,
+                                                                          "length": 6}])  # fmt: skip
+        reaction = {"chat": {"id": ANN, "type": "private"}, "message_id": 1, "user": {"id": ANN, "is_bot": False,
+                    "first_name": "Ann"}, "date": 1, "old_reaction": [],
+                    "new_reaction": [{"type": "emoji", "emoji": "👍"}]}  # fmt: skip
+        templates = [{"message": fake.message(ANN, ANN, "hello quokkaword")}, {"message": command},
+                     {"message_reaction": reaction}]  # fmt: skip
+        for template in templates:
+            for update in examples_of(mutated(template), 40):
+                await fake.push(update)
+        await fake.push_text(ANN, ANN, "still there?")
+        async with asyncio.timeout(60):
+            while "echo: still there?" not in [m.get("text") for m in fake.sent()]:
+                await asyncio.sleep(0.05)
+        await settled_whole(agent)
+        assert "skipped a malformed Telegram update" in caplog.text
+        assert "quokkaword" not in caplog.text
     finally:
         await adapter.stop()
         await agent.close()

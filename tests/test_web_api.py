@@ -12,6 +12,7 @@ from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from bots.web import SECURITY_HEADERS, WebAdapter
+from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
 ADMIN = "admin-token-for-api-tests"
 
@@ -134,6 +135,44 @@ async def test_without_a_token_the_dashboard_is_off_and_says_how_to_enable_it(
         async with aiohttp.ClientSession() as http:
             response = await http.get(f"http://127.0.0.1:{web.port}/dashboard")
             assert response.status == 503 and "ATTUNE_ADMIN_TOKEN" in await response.text()
+    finally:
+        await web.stop()
+        await web.agent.close()
+
+
+async def test_fuzzed_requests_get_a_clear_answer_and_never_a_server_error(
+    make_config: Callable[..., Config],
+) -> None:
+    """Bodies with fields missing, of the wrong type, huge or full of odd characters,
+    and bytes that are not UTF-8 (hypothesis): each gets a 2xx or a 4xx with a reason,
+    never a 500, and the chat goes on; no turn is left half-written."""
+    config = make_config("[web]\nport = 0\nmax_body_bytes = 262144\n" + NO_LIMITS)
+    web = WebAdapter(await Agent.open(config, llm=RecordingBackend()), config)
+    await web.start()
+    statuses: dict[int, int] = {}
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            api = Client(http, f"http://127.0.0.1:{web.port}")
+            await api.start()
+            first = (await (await api.post("/api/messages", {"text": "hi"})).json())["reply"]
+            endpoints = {"/api/messages": {"text": "hello", "stream": False},
+                         "/api/reactions": {"message_id": first["id"], "emoji": "👍", "added": True},
+                         "/api/commands": {"text": "/prefs tone formal"}, "/api/name": {"name": "Ann"}}  # fmt: skip
+            for path, template in endpoints.items():
+                for body in examples_of(mutated(template), 40):
+                    response = await api.post(path, body)
+                    await response.read()
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+                for raw in (b"\xff\xfe{", b'{"text": "\xed\xa0\x80"}', b'{"text": "\\ud800"}', b"[1, 2]", b""):
+                    response = await http.post(f"{api.url}{path}", data=raw, headers={"X-CSRF-Token": api.csrf,
+                                               "Content-Type": "application/json"})  # fmt: skip
+                    await response.read()
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+            again = (await (await api.post("/api/messages", {"text": "still there?"})).json())["reply"]
+            assert again["text"] == "echo: still there?"
+        assert all(status < 500 for status in statuses), statuses
+        assert statuses.get(200, 0) > 10 and statuses.get(400, 0) > 10  # both kinds really happened
+        await settled_whole(web.agent)
     finally:
         await web.stop()
         await web.agent.close()
