@@ -576,9 +576,9 @@ class Store:
 
     async def rated_replies(self, user_id: int, since: float, limit: int) -> list[tuple[str, str | None, float]]:
         """The last ``limit`` replies this user rated (reactions given at or after
-        ``since``), oldest first: (style JSON, policy log JSON, mean standing reward)."""
+        ``since``), oldest first: (style JSON, the context the policy saw, mean standing reward)."""
         rows = await self.db.fetchall(
-            "SELECT * FROM (SELECT m.id, m.style, m.policy, AVG(r.reward) FROM messages m"
+            "SELECT * FROM (SELECT m.id, m.style, json_extract(m.policy, '$.context'), AVG(r.reward) FROM messages m"
             " JOIN reactions r ON r.message_id = m.id AND r.user_id = m.user_id AND r.removed_at IS NULL"
             " WHERE m.user_id = ? AND m.role = 'assistant' AND m.style IS NOT NULL AND r.created_at >= ?"
             " GROUP BY m.id ORDER BY m.id DESC LIMIT ?) ORDER BY id",

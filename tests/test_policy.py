@@ -203,3 +203,20 @@ def test_the_logged_probabilities_are_consistent() -> None:
     for dim, probs in decision.marginals.items():
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3), dim
     assert decision.marginals["tone"] == {"casual": 0.0, "formal": 1.0}
+
+
+def test_replaying_rated_replies_at_once_equals_observing_them_one_by_one() -> None:
+    """learn() replays up to 500 rated replies per reaction in one pass of matrix products."""
+    rng = np.random.default_rng(0)
+    config = StyleBandit().config
+    picks = zip(rng.integers(0, 16, 300), rng.choice(["chat", "task", "question"], 300), strict=True)
+    X = np.array([features(ALL_STYLES[i], str(c)) for i, c in picks])
+    y = rng.uniform(-1, 1, 300)
+    one_by_one = UserStats()
+    for x, reward in zip(X, y, strict=True):
+        one_by_one.observe(x, float(reward), config)
+    at_once = UserStats.replay(X, y, config)
+    for name in ("D", "d", "Dp", "dp", "X", "y"):
+        np.testing.assert_allclose(getattr(at_once, name), getattr(one_by_one, name), rtol=1e-12, atol=1e-12)
+    assert at_once.n == one_by_one.n == 300
+    assert UserStats.replay(np.zeros((0, X.shape[1])), np.zeros(0), config).n == 0
