@@ -23,12 +23,14 @@ class RecordingBackend(LLMBackend):
         delay_s: float = 0.0,
         piece_delay_s: float = 0.0,
         fail: bool = False,
+        record: bool = True,
     ) -> None:
         self.reply = reply or (lambda r: f"echo: {r.messages[-1]['content']}")
         self.context_window = context_window
         self.delay_s = delay_s
         self.piece_delay_s = piece_delay_s  # pause between words, like a model writing
         self.fail = fail
+        self.record = record  # off for long benchmarks: every prompt kept adds up
         self.requests: list[GenerationRequest] = []
 
     async def start(self) -> None:
@@ -44,7 +46,8 @@ class RecordingBackend(LLMBackend):
         return len(text.split())
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
-        self.requests.append(request)
+        if self.record:
+            self.requests.append(request)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.fail:

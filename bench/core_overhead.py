@@ -3,7 +3,8 @@
 1,000 simulated users (by default) talk to a real Agent on a real SQLite database
 through a backend that answers instantly, so what is measured is attune, not a model.
 Beside it, in the same run, the plain insert rate of the same database set-up (one
-INSERT and commit per message, through aiosqlite) as the ceiling.
+INSERT and commit per message, through aiosqlite) as the ceiling, and the same
+sequential run with encryption at rest on (ATTUNE_ENCRYPTION_KEY), as a ratio to it.
 
     python bench/core_overhead.py [--users 1000] [--messages 5] [--concurrency 32]
 
@@ -30,6 +31,7 @@ from agent_core.events import Message
 from agent_core.testing import RecordingBackend
 from bench import report
 from storage import Database
+from storage.crypto import Key
 
 # fmt: off
 WORDS = [
@@ -60,11 +62,15 @@ async def insert_ceiling(path: Path, count: int) -> float:
     return rate
 
 
-async def run_agent(path: Path, users: int, messages: int, concurrency: int, seed: int) -> dict[str, float]:
-    config = load_config(
-        environ={"ATTUNE_STORAGE__DATA_DIR": str(path), "ATTUNE_LIMITS__MESSAGES_PER_MINUTE": "100000"}
-    )
-    agent = await Agent.open(config, llm=RecordingBackend(context_window=2048))
+async def run_agent(
+    path: Path, users: int, messages: int, concurrency: int, seed: int, *, encrypted: bool = False
+) -> dict[str, float]:
+    environ = {"ATTUNE_STORAGE__DATA_DIR": str(path), "ATTUNE_LIMITS__MESSAGES_PER_MINUTE": "100000",
+               "ATTUNE_LIMITS__GLOBAL_MESSAGES_PER_MINUTE": "0"}  # fmt: skip
+    if encrypted:
+        environ["ATTUNE_ENCRYPTION_KEY"] = Key.generate()
+    config = load_config(environ=environ)
+    agent = await Agent.open(config, llm=RecordingBackend(context_window=2048, record=False))
     rng = random.Random(seed)
     # Each user arrives with a few notes, so recall has something to search.
     for u in range(users):
@@ -117,6 +123,7 @@ async def main() -> None:
         total = args.users * args.messages
         ceiling = await insert_ceiling(Path(tmp) / "ceiling" / "ceiling.db", total)
         sequential = await run_agent(Path(tmp) / "seq", args.users, args.messages, 1, args.seed)
+        sealed = await run_agent(Path(tmp) / "sealed", args.users, args.messages, 1, args.seed, encrypted=True)
         concurrent = await run_agent(Path(tmp) / "conc", args.users, args.messages, args.concurrency, args.seed)
 
     rows = [
@@ -125,11 +132,15 @@ async def main() -> None:
          sequential["p99_ms"], sequential["messages_per_s"] / ceiling],
         [f"Agent.handle_message, {args.concurrency} in flight", concurrent["messages_per_s"], concurrent["p50_ms"],
          concurrent["p99_ms"], concurrent["messages_per_s"] / ceiling],
+        ["Agent.handle_message, 1 in flight, encrypted", sealed["messages_per_s"], sealed["p50_ms"],
+         sealed["p99_ms"], sealed["messages_per_s"] / ceiling],
     ]  # fmt: skip
     print(f"core overhead: {args.users} users x {args.messages} messages, instant backend")
     print(report.table(["path", "messages/s", "p50 ms", "p99 ms", "vs ceiling"], rows))
     goal = sequential["p99_ms"] < 5 and sequential["messages_per_s"] >= 1000
     print(f"goal (p99 < 5 ms and >= 1,000 messages/s, 1 in flight): {'met' if goal else 'NOT met'}")
+    cost = sealed["messages_per_s"] / sequential["messages_per_s"]
+    print(f"encryption at rest: {cost:.2f}x the plain rate, 1 in flight")
     path = report.save(
         "core_overhead",
         {
@@ -137,6 +148,8 @@ async def main() -> None:
             "sqlite_insert_per_s": ceiling,
             "sequential": sequential,
             "concurrent": concurrent,
+            "sequential_encrypted": sealed,
+            "encrypted_vs_plain": cost,
             "ratio_to_ceiling": sequential["messages_per_s"] / ceiling,
             "goal_met": goal,
         },

@@ -46,7 +46,7 @@ from bots.web import WebAdapter
 async def main() -> None:
     setup_logging("WARNING")
     config = load_config(sys.argv[1], environ={})
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await Agent.open(config, llm=RecordingBackend(record=False))
     web = WebAdapter(agent, config)
     await web.start()
     print("ready", flush=True)
