@@ -114,19 +114,20 @@ class Database:
             raise
         return db
 
+    async def _tables(self) -> set[str]:
+        return {r[0] for r in await self.fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
     async def key_state(self) -> tuple[bytes | None, bytes | None]:
         """(id of the key the text is under, id of the key a rotation is moving it to);
-        None for plain text and for no rotation."""
-        tables = {r[0] for r in await self.fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "encryption" not in tables:
+        None for plain text and for no rotation. (Read before migrating: the table may not exist yet.)"""
+        if "encryption" not in await self._tables():
             return None, None
         row = await self.fetchone("SELECT key_id, rotating_to FROM encryption WHERE id = 1")
         return (row[0], row[1]) if row else (None, None)
 
     async def holds_text(self) -> bool:
         """Whether any message or note is stored."""
-        tables = {r[0] for r in await self.fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not {"messages", "memories"} <= tables:
+        if not {"messages", "memories"} <= await self._tables():
             return False
         row = await self.fetchone("SELECT EXISTS (SELECT 1 FROM messages) OR EXISTS (SELECT 1 FROM memories)")
         return bool(row and row[0])
