@@ -105,6 +105,7 @@ async def test_no_secret_reaches_the_log_or_config_show(tmp_path: Path, tiny_mod
         "SLACK_SIGNING_SECRET": "slack-signing-secret-value",
         "OPENAI_API_KEY": "sk-openai-secret-value",
         "ATTUNE_ADMIN_TOKEN": "admin-secret-token-value",
+        "ATTUNE_ENCRYPTION_KEY": "c2VjcmV0LWVuY3J5cHRpb24ta2V5LTMyLWJ5dGVzISE=",  # a real key: start-up checks it
     }
     dead = f"http://127.0.0.1:{_dead_port()}"
     config = write_config(
