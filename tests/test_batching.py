@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent_core.agent import BUSY, Agent
 from agent_core.config import Config
 from agent_core.events import Message
-from agent_core.llm import AdapterRef, GenerationRequest, LLMBusy, create_backend
+from agent_core.llm import AdapterRef, GenerationRequest, LLMBusy, LLMError, create_backend
 from agent_core.llm.batching import BatchLimits
 from agent_core.llm.local import LocalBackend
 from tests.conftest import MODEL_CACHE, plain_generate, random_lora, tiny_config_text
@@ -82,6 +83,38 @@ async def test_the_same_request_gives_the_same_reply_alone_and_in_a_batch(
         crowd = [request(i % 4, 10 + i, adapters[i % 2] if i % 3 else None) for i in range(7)]
         together = await asyncio.gather(backend.generate(request(3, 20, adapters[1])), *map(backend.generate, crowd))
         assert together[0] == alone
+
+
+async def test_a_row_leaving_after_the_cache_grew_moves_the_next_one_in(tiny_model_dir: Path) -> None:
+    """The cache starts at 256 tokens and grows inside inference mode; when the first row
+    leaves, the last moves into its slot. (That move once ran outside inference mode and
+    killed the engine thread: every later request waited for its timeout.)"""
+    long = GenerationRequest(messages=[{"role": "user", "content": "tell me more " * 100}], max_new_tokens=2,
+                             temperature=0.0)  # fmt: skip
+    async with serving(tiny_model_dir, max_batch_size=4, batch_wait_s=0.2) as backend:
+        got = await asyncio.wait_for(asyncio.gather(backend.generate(long), backend.generate(request(0, 16))), 60)
+        assert backend._engine is not None and backend._engine.decoder.keys[0].shape[2] > 256
+        again = await backend.generate(request(0, 16))
+    assert got[1] == again == plain_generate(tiny_model_dir, PROMPTS[0], 16, repetition_penalty=1.1)
+
+
+async def test_a_failing_step_answers_its_requests_with_an_error_and_the_engine_goes_on(tiny_model_dir: Path) -> None:
+    async with serving(tiny_model_dir, max_batch_size=4, batch_wait_s=0.05) as backend:
+        first = await backend.generate(request(0, 8))
+        engine = backend._engine
+        assert engine is not None
+        decode, calls = engine.decoder.decode, []
+
+        def fails_once(tokens: list[int]) -> Any:
+            calls.append(tokens)
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return decode(tokens)
+
+        engine.decoder.decode = fails_once  # type: ignore[method-assign]
+        with pytest.raises(LLMError, match="boom"):
+            await backend.generate(request(1, 8))
+        assert await backend.generate(request(0, 8)) == first
 
 
 async def test_a_full_queue_answers_busy_at_once(tiny_model_dir: Path) -> None:

@@ -154,21 +154,36 @@ class BatchingEngine:
             return
         finally:
             self._ready.set()
+        with torch.inference_mode():  # every tensor the cache holds is an inference tensor
+            self._serve()
+        for job in [*self._rows, *self._pending]:
+            job.emit(LLMError("the local model shut down"))
+
+    def _serve(self) -> None:
         while True:
             with self._wakeup:
                 while not (self._pending or self._rows or self._stopping):
                     self._wakeup.wait()
                 if self._stopping:
-                    break
+                    return
                 idle = not self._rows
-            if idle:
-                self._gather()
-            self._admit()
-            self._leave([job for job in self._rows if job.cancelled])
-            if self._rows:
-                self._step()
-        for job in [*self._rows, *self._pending]:
-            job.emit(LLMError("the local model shut down"))
+            try:
+                if idle:
+                    self._gather()
+                self._admit()
+                self._leave([job for job in self._rows if job.cancelled])
+                if self._rows:
+                    self._step()
+            except Exception as exc:  # the engine keeps serving; the requests in hand get an error
+                self._fail_rows(exc)
+
+    def _fail_rows(self, exc: Exception) -> None:
+        log.exception("a batched step failed; its %d requests get an error", len(self._rows))
+        failed, self._rows = self._rows, []
+        for slot in range(len(failed)):
+            self.decoder.assign(slot, None)
+        for job in failed:
+            job.emit(LLMError(f"local generation failed: {exc}"))
 
     def _gather(self) -> None:
         """Idle and a request arrived: wait a moment for others, to read them in together."""
@@ -220,14 +235,7 @@ class BatchingEngine:
     def _step(self) -> None:
         """One new token for every row."""
         self.largest_batch = max(self.largest_batch, len(self._rows))
-        try:
-            logits = self.decoder.decode([job.ids[-1] for job in self._rows])
-        except Exception as exc:
-            log.exception("a batched decode step failed; its %d requests get an error", len(self._rows))
-            failed, self._rows = self._rows, []
-            for job in failed:
-                job.emit(LLMError(f"local generation failed: {exc}"))
-            return
+        logits = self.decoder.decode([job.ids[-1] for job in self._rows])
         finished = [job for row, job in enumerate(self._rows) if self._advance(job, logits[row])]
         self._leave(finished)
 
