@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import math
 import sqlite3
@@ -38,7 +39,7 @@ from agent_core.ratelimit import OneAtATime, RateLimiter
 from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style, finish, token_budget
 from agent_core.training.job import TrainingJob
-from storage import ActiveAdapter, Database, ReplyContext, Store
+from storage import ActiveAdapter, Database, Received, ReplyContext, Store
 from storage.crypto import PLAIN, Cipher, Key
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Agent:
             return None
         if note := note_to_remember(msg.text):
             await self.store.add_memory(user, note)
-        choice = await self.policy.choose(user, msg.text, context.preferences, key=received.message_id)
+        choice = await self.policy.choose(user, msg.text, context.preferences, key=_draw_key(msg, received))
         style = choice.style
         prompt = self._prompt(msg, style, context)
         try:
@@ -284,6 +285,17 @@ def _adapter_name(adapter: ActiveAdapter | None) -> str | None:
 
 def _event_fields(msg: Message) -> dict[str, Any]:
     return {f.name: getattr(msg, f.name) for f in fields(Event)}
+
+
+def _draw_key(msg: Message, received: Received) -> int:
+    """What names this message in the policy's random draws: the platform's own ids where
+    it sends them, so that the same events give the same choices in every run, however
+    concurrent messages happened to be stored; else its row id."""
+    name = msg.event_id or msg.message_id
+    if name is None:
+        return received.message_id
+    digest = hashlib.sha256(f"{msg.platform}\x00{msg.chat_id}\x00{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 async def open_database(config: Config) -> Database:

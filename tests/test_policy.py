@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agent_core.agent import Agent
 from agent_core.bandit import ALL_STYLES, StyleBandit, UserStats, features
-from agent_core.config import Config
+from agent_core.config import Config, load_config
 from agent_core.events import Command, Message, Reaction, Reply
 from agent_core.policy import LearningPolicy, classify
 from agent_core.style import Style, measure_style
 from agent_core.testing import RecordingBackend
+from tests.conftest import write_config
 
 
 @pytest.mark.parametrize(
@@ -220,3 +223,28 @@ def test_replaying_rated_replies_at_once_equals_observing_them_one_by_one() -> N
         np.testing.assert_allclose(getattr(at_once, name), getattr(one_by_one, name), rtol=1e-12, atol=1e-12)
     assert at_once.n == one_by_one.n == 300
     assert UserStats.replay(np.zeros((0, X.shape[1])), np.zeros(0), config).n == 0
+
+
+async def test_the_same_events_get_the_same_styles_however_they_were_stored(tmp_path: Path) -> None:
+    """The policy's draws are keyed by the platform's message ids, not by row ids, which
+    depend on how concurrent messages happened to be stored."""
+    chosen = []
+    for run, crowd in enumerate((0, 3)):
+        (tmp_path / str(run)).mkdir()
+        config = load_config(write_config(tmp_path / str(run), "[limits]\nmessages_per_minute = 100000\n"), environ={})
+        agent = await Agent.open(config, llm=RecordingBackend())
+        try:
+            for i in range(crowd):  # messages in another chat first: every row id shifts
+                await agent.handle_message(Message(platform="t", chat_id="b", sender_id="ann", text="hi",
+                                                   message_id=f"b{i}"))  # fmt: skip
+            styles = []
+            for i in range(12):
+                reply = await agent.handle_message(Message(platform="t", chat_id="a", sender_id="ann",
+                                                           text=f"question {i}?", message_id=f"a{i}"))  # fmt: skip
+                assert reply is not None
+                styles.append(reply.style)
+        finally:
+            await agent.close()
+        chosen.append(styles)
+    assert chosen[0] == chosen[1]
+    assert len({json.dumps(s, sort_keys=True) for s in chosen[0]}) > 1  # the policy really drew

@@ -1,0 +1,266 @@
+"""Prove it learns: simulated users judge the text of real replies, over simulated days.
+
+Each simulated day, every user sends K everyday messages (bench/data/everyday_prompts.txt,
+different for each user and day) through the real ``Agent``: SQLite storage, memory,
+the style policy, the local model and the user's adapter. The user judges the reply's
+text: ``measure_style`` reads the style it really has, and the population file (the
+format of bench/learning.py) gives the chance they like it; they react 👍 or 👎 as
+often as the file says. After each day but the last the nightly job runs exactly as the
+scheduler runs it (``NightlyScheduler.run_now``).
+
+Arms, on the same users, prompts and random draws:
+- ``no_learning``: the base model, the configured [style], no policy, no training;
+- ``policy``: the online style policy, no training;
+- ``policy_adapters``: the policy plus the nightly per-user adapters.
+The oracle always gets each user's preferred style as observed in the text; beside it,
+``asked_best`` tells the model that preferred style outright (``/prefs``) and measures
+how often the reply really has it: how much of the oracle this model can reach at all.
+
+    python -m bench.personalization --preset small      # at most 20 minutes on 2 cores
+    python -m bench.personalization --preset full       # a GPU machine (see bench/README.md)
+
+Each figure is a like rate: the mean chance that the user likes a reply (the expected
+value, which has less noise than the sampled reactions), averaged over seeds. Replies
+are greedy by default (``--temperature``), so the arms differ only by what they learned
+and by the order concurrent messages were stored in (the policy's draws are keyed by it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a file: python bench/personalization.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent_core.agent import Agent
+from agent_core.bandit import ALL_STYLES
+from agent_core.config import load_config
+from agent_core.events import Command, Message, Reaction
+from agent_core.style import Style, measure_style
+from bench import report
+from bench.learning import POPULATIONS, SimUser, draw_users
+from scheduler.nightly import NightlyScheduler
+
+PROMPTS = Path(__file__).resolve().parent / "data" / "everyday_prompts.txt"
+ARMS = ("no_learning", "policy", "policy_adapters")
+REFERENCE = "asked_best"
+PRESETS: dict[str, dict[str, Any]] = {
+    "small": {"users": 4, "days": 3, "messages": 6, "seeds": 2, "max_new_tokens": 48},
+    "full": {"users": 32, "days": 7, "messages": 20, "seeds": 5, "max_new_tokens": 160},
+}
+
+
+def settings_for(arm: str, data_dir: Path, args: argparse.Namespace, seed: int) -> dict[str, str]:
+    """The arm's settings, as ``ATTUNE_*`` overrides of the defaults."""
+    env = {
+        "ATTUNE_STORAGE__DATA_DIR": str(data_dir),
+        "ATTUNE_LLM__MAX_NEW_TOKENS": str(args.max_new_tokens),
+        "ATTUNE_LLM__TEMPERATURE": str(args.temperature),
+        "ATTUNE_LLM__LOCAL__MODEL": args.model,
+        "ATTUNE_LLM__LOCAL__CACHE_DIR": str(Path(args.cache_dir).resolve()),
+        "ATTUNE_POLICY__LEARN": "false" if arm in ("no_learning", REFERENCE) else "true",
+        "ATTUNE_POLICY__SEED": str(seed),
+        "ATTUNE_TRAINING__ENABLED": "true" if arm == "policy_adapters" else "false",
+        "ATTUNE_TRAINING__MIN_NEW_RATED": str(max(2, args.messages - 1)),  # each night, whoever reacted enough
+        "ATTUNE_TRAINING__THREADS": str(os.cpu_count() or 1),  # nights here are not shared with live users
+        "ATTUNE_LIMITS__MESSAGES_PER_MINUTE": "100000",
+        "ATTUNE_LIMITS__GLOBAL_MESSAGES_PER_MINUTE": "0",
+    }
+    for item in args.set:
+        key, _, value = item.partition("=")
+        env["ATTUNE_" + key.upper().replace(".", "__")] = value
+    return env
+
+
+def prompts_for(seed: int, users: int, days: int, messages: int) -> list[list[list[str]]]:
+    """[day][user] -> K prompts; no prompt repeats within a user, days differ, users differ
+    as far as the shipped set allows."""
+    pool = [p for p in PROMPTS.read_text(encoding="utf-8").splitlines() if p.strip()]
+    rng = np.random.default_rng([seed, 99])
+    order = [pool[i] for i in rng.permutation(len(pool))]
+    per_user = days * messages
+    return [[[order[(u * per_user + d * messages + k) % len(order)] for k in range(messages)]
+             for u in range(users)] for d in range(days)]  # fmt: skip
+
+
+def best_style(user: SimUser, turn: int) -> tuple[Style, float]:
+    scored = [(user.like_prob(style, turn), style) for style in ALL_STYLES]
+    p, style = max(scored, key=lambda t: t[0])
+    return style, p
+
+
+async def run_arm(arm: str, seed: int, users: list[SimUser], react_probs: list[float], args: argparse.Namespace,
+                  work: Path) -> dict[str, Any]:  # fmt: skip
+    """One arm over every day: like rates by day, and what the nights did."""
+    config = load_config(None, environ=settings_for(arm, work / f"{arm}-{seed}", args, seed))
+    agent = await Agent.open(config)
+    await agent.llm.start()
+    nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.database_path)
+    prompts = prompts_for(seed, len(users), args.days, args.messages)
+    by_day: list[float] = []
+    matched: list[bool] = []
+    nights: list[dict[str, int]] = []
+    try:
+        if arm == REFERENCE:  # the user's preferred style, asked for outright
+            for u, user in enumerate(users):
+                style, _ = best_style(user, 0)
+                for dim, value in style.as_dict().items():
+                    await agent.handle_command(Command(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}",
+                                                       name="prefs", args=f"{dim} {value}"))  # fmt: skip
+        for day in range(args.days):
+
+            async def one_user(u: int, day: int = day) -> list[float]:
+                liked_p = []
+                for k, text in enumerate(prompts[day][u]):
+                    turn = day * args.messages + k
+                    msg = Message(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}", sender_name=f"user {u}",
+                                  text=text, message_id=f"d{day}-m{k}")  # fmt: skip
+                    reply = await agent.handle_message(msg)
+                    assert reply is not None and reply.kind == "answer", reply
+                    await agent.delivered(reply, f"d{day}-r{k}")
+                    observed = measure_style(reply.text)
+                    p = users[u].like_prob(observed, turn)
+                    liked_p.append(p)
+                    if arm == REFERENCE:
+                        matched.append(observed == best_style(users[u], turn)[0])
+                    draw = np.random.default_rng([seed, u, turn]).random(2)  # the same draws in every arm
+                    if draw[0] < react_probs[u]:
+                        emoji = "👍" if draw[1] < p else "👎"
+                        await agent.handle_reaction(Reaction(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}",
+                                                             message_id=f"d{day}-r{k}", emoji=emoji))  # fmt: skip
+                return liked_p
+
+            per_user = await asyncio.gather(*(one_user(u) for u in range(len(users))))  # batched by the engine
+            by_day.append(float(np.mean([p for ps in per_user for p in ps])))
+            print(f"  seed {seed} {arm}: day {day + 1} like rate {by_day[-1]:.3f}", file=sys.stderr, flush=True)
+            if config.settings.training.enabled and day < args.days - 1:
+                started = time.perf_counter()
+                await nightly.run_now()
+                rows = await agent.store.db.fetchall("SELECT status, COUNT(*) FROM adapters GROUP BY status")
+                nights.append({"day": day + 1, "seconds": round(time.perf_counter() - started, 1),
+                               **{str(r[0]): int(r[1]) for r in rows}})  # fmt: skip
+                print(f"  seed {seed} night {day + 1}: {nights[-1]}", file=sys.stderr, flush=True)
+    finally:
+        await agent.close()
+    return {"by_day": by_day, "matched": matched, "nights": nights}
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    population = json.loads(Path(args.population).read_text(encoding="utf-8"))
+    results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in (*ARMS, REFERENCE)}
+    oracle: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="attune-personalization-") as tmp:
+        for seed in range(args.seed, args.seed + args.seeds):
+            rng = np.random.default_rng([seed, 1])
+            users = draw_users(population, args.users, rng)
+            react_probs = [u.react_prob for u in users]
+            oracle.append(float(np.mean([best_style(u, 0)[1] for u in users])))
+            for arm in (*ARMS, REFERENCE):
+                results[arm].append(await run_arm(arm, seed, users, react_probs, args, Path(tmp)))
+    days = []
+    for day in range(args.days):
+        row: dict[str, Any] = {"day": day + 1}
+        for arm in (*ARMS, REFERENCE):
+            row[arm], row[f"{arm}_sd"] = mean_sd([r["by_day"][day] for r in results[arm]])
+        days.append(row)
+    achievable = [float(np.mean(r["matched"])) for r in results[REFERENCE]]
+    return {
+        "days": days,
+        "seeds": args.seeds,
+        "oracle": mean_sd(oracle)[0],
+        "oracle_sd": mean_sd(oracle)[1],
+        "achievable": mean_sd(achievable)[0],
+        "achievable_sd": mean_sd(achievable)[1],
+        "nights": [r["nights"] for r in results["policy_adapters"]],
+    }
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    days = [row["day"] for row in data["days"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in (*ARMS, REFERENCE):
+        ax.errorbar(days, [row[arm] for row in data["days"]], yerr=[row[f"{arm}_sd"] for row in data["days"]],
+                    label=arm, marker="o", capsize=3, linestyle="--" if arm == REFERENCE else "-")  # fmt: skip
+    ax.axhline(data["oracle"], color="grey", linestyle=":", label="oracle")
+    ax.set_xlabel("day")
+    ax.set_ylabel("like rate")
+    ax.set_xticks(days)
+    ax.set_title(f"attune personalization, {data['seeds']} seeds (mean ± sd)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    for name in ("users", "days", "messages", "seeds", "max_new_tokens"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="overrides the preset")
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--population", default=str(POPULATIONS / "personalization.json"))
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (greedy, the default): the arms differ only by what they learned")  # fmt: skip
+    parser.add_argument("--cache-dir", default="data/models", help="where the local model is cached")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="any other setting for every arm, e.g. training.epochs=4")  # fmt: skip
+    parser.add_argument("--json", metavar="OUT", help="also write the results here")
+    parser.add_argument("--plot", metavar="PNG", default=str(report.RESULTS / "personalization.png"))
+    args = parser.parse_args()
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+    started = time.perf_counter()
+    data = asyncio.run(run(args))
+    minutes = (time.perf_counter() - started) / 60
+    rows = [[row["day"], *(f"{row[a]:.3f} ± {row[f'{a}_sd']:.3f}" for a in (*ARMS, REFERENCE)),
+             *(f"{row[a] / data['oracle']:.0%}" for a in ARMS)] for row in data["days"]]  # fmt: skip
+    print(f"personalization: {args.users} users x {args.days} days x {args.messages} messages, {args.seeds} seeds, "
+          f"{args.preset} preset, {minutes:.1f} min")  # fmt: skip
+    print(report.table(["day", *ARMS, REFERENCE, *(f"{a} / oracle" for a in ARMS)], rows))
+    print(f"oracle (each user's preferred style, observed): {data['oracle']:.3f} ± {data['oracle_sd']:.3f}")
+    print(f"achievable: the reply has the preferred style, asked for outright, "
+          f"{data['achievable']:.0%} ± {data['achievable_sd']:.0%} of the time")  # fmt: skip
+    last = data["days"][-1]
+    a, b, c = (last[arm] for arm in ARMS)
+    spread = max(last[f"{arm}_sd"] for arm in ARMS)
+    goal = c - b > spread and b - a > spread
+    print(f"goal (day {last['day']}: policy_adapters > policy > no_learning, each gap above the spread "
+          f"{spread:.3f}): {'met' if goal else 'NOT met'}")  # fmt: skip
+    data |= {"params": vars(args), "minutes": round(minutes, 1), "goal_met": goal}
+    path = report.save("personalization", data)
+    print(f"wrote {path}")
+    if args.json:
+        Path(args.json).write_text(path.read_text())
+        print(f"wrote {args.json}")
+    try:
+        plot(data, Path(args.plot))
+        print(f"plot: {args.plot}")
+    except ImportError:
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]')")
+
+
+if __name__ == "__main__":
+    main()
