@@ -117,6 +117,7 @@ class LocalBackend(LLMBackend):
     async def close(self) -> None:
         if self._engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._engine.stop)
+            self._engine = None  # its decoder holds a second, packed copy of the weights
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._model = None
 
