@@ -57,7 +57,7 @@ ARMS = ("no_learning", "policy", "policy_adapters")
 REFERENCE = "asked_best"
 PRESETS: dict[str, dict[str, Any]] = {
     # small: the shared population adapter is not trained (it alone took minutes and 10 GB a night here)
-    "small": {"users": 4, "days": 3, "messages": 6, "seeds": 2, "max_new_tokens": 48,
+    "small": {"users": 4, "days": 3, "messages": 5, "seeds": 2, "max_new_tokens": 40,
               "set": ["training.min_population_liked=100000"]},
     "full": {"users": 32, "days": 7, "messages": 20, "seeds": 5, "max_new_tokens": 160, "set": []},
 }  # fmt: skip
