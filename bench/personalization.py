@@ -106,14 +106,14 @@ async def run_arm(arm: str, seed: int, users: list[SimUser], react_probs: list[f
                   work: Path) -> dict[str, Any]:  # fmt: skip
     """One arm over every day: like rates by day, and what the nights did."""
     config = load_config(None, environ=settings_for(arm, work / f"{arm}-{seed}", args, seed))
-    agent = await Agent.open(config)
-    await agent.llm.start()
-    nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.database_path)
     prompts = prompts_for(seed, len(users), args.days, args.messages)
     by_day: list[float] = []
     matched: list[bool] = []
     nights: list[dict[str, int]] = []
-    try:
+    agent = await Agent.open(config)
+    try:  # closed whatever happens: its database threads would keep the process alive
+        await agent.llm.start()
+        nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.database_path)
         if arm == REFERENCE:  # the user's preferred style, asked for outright
             for u, user in enumerate(users):
                 style, _ = best_style(user, 0)
