@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,8 @@ async def test_a_full_queue_answers_busy_at_once(tiny_model_dir: Path) -> None:
 
 async def test_a_request_waiting_too_long_for_a_slot_gets_busy(tiny_model_dir: Path) -> None:
     async with serving(tiny_model_dir, max_batch_size=1, queue_timeout_s=0.3) as backend:
-        running = backend.stream(request(0, 1000, temperature=1.0))
+        # seeded: an unseeded sample could end early (EOS) and free the slot before the message comes
+        running = backend.stream(dataclasses.replace(request(0, 1000, temperature=1.0), seed=7))
         assert await anext(running)
         with pytest.raises(LLMBusy, match="queue_timeout_s"):
             await backend.generate(request(1, 4))
@@ -165,7 +167,8 @@ async def test_the_agent_answers_busy_and_keeps_the_message(
     agent = await Agent.open(config, llm=backend)
     try:
         await backend.start()
-        running = backend.stream(request(0, 1000, temperature=1.0))
+        # seeded: an unseeded sample could end early (EOS) and free the slot before the message comes
+        running = backend.stream(dataclasses.replace(request(0, 1000, temperature=1.0), seed=7))
         assert await anext(running)
         reply = await agent.handle_message(Message(platform="test", chat_id="c", sender_id="u", text="anyone there?"))
         assert reply is not None and reply.kind == "error" and reply.text == BUSY
