@@ -298,10 +298,12 @@ def _draw_key(msg: Message, received: Received) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-async def open_database(config: Config) -> Database:
-    """The configured database, with the encryption key from the environment (if set)."""
+async def open_database(config: Config, *, cipher: Cipher | None = None, rotating: bool = False) -> Database:
+    """The configured database, with the encryption key from the environment (if set), or
+    ``cipher`` (``attune keys rotate``: both keys, and the database to itself)."""
     s = config.settings.storage
-    key = config.secrets.get("encryption_key")
-    cipher = Cipher(Key.from_text(key)) if key else PLAIN
+    if cipher is None:
+        key = config.secrets.get("encryption_key")
+        cipher = Cipher(Key.from_text(key)) if key else PLAIN
     return await Database.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous,
-                               cipher=cipher)  # fmt: skip
+                               cipher=cipher, rotating=rotating)  # fmt: skip

@@ -14,8 +14,8 @@ import argparse
 import time
 from typing import Any
 
+from agent_core.agent import open_database
 from agent_core.config import Config
-from storage import Database
 from storage.crypto import KEY_ENV, NEW_KEY_ENV, EncryptionError, Key
 from storage.keys import rotate, rotation_cipher
 
@@ -42,9 +42,7 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     old_text = config.secrets.get("encryption_key")
     old = Key.from_text(old_text) if old_text else None
     new = Key.from_text(new_text, NEW_KEY_ENV)
-    s = config.settings.storage
-    db = await Database.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous,
-                             cipher=rotation_cipher(old, new), rotating=True)  # fmt: skip
+    db = await open_database(config, cipher=rotation_cipher(old, new), rotating=True)
     shown = 0.0
 
     def progress(table: str, done: int, total: int) -> None:

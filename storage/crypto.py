@@ -98,11 +98,6 @@ class Cipher:
         self.key = key
         self._keys = {k.id: k for k in (key, *also) if k is not None}
 
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | os._Environ[str] = os.environ) -> Cipher:
-        text = environ.get(KEY_ENV)
-        return cls(Key.from_text(text) if text else None)
-
     def seal(self, text: str, field: str) -> str | bytes:
         return text if self.key is None else self.key.seal(text, field)
 
