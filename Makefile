@@ -6,6 +6,11 @@ VENV     := .venv
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed-stamp
 CHROMIUM := /usr/bin/chromium
+POSTGRES := /usr/lib/postgresql
+# The PostgreSQL pass leaves out the tests that never touch the database.
+PG_PASS  := --ignore=tests/test_web_browser.py --ignore=tests/test_batching.py --ignore=tests/test_local_backend.py \
+            --ignore=tests/test_real_model.py --ignore=tests/test_packaging.py --ignore=tests/test_prompts.py \
+            --ignore=tests/test_ray.py --ignore=tests/test_bench_personalization.py
 SUDO     := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run test install lint bench clean
@@ -23,14 +28,21 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji
 
+# The storage tests run a second time against a real PostgreSQL server that the test run
+# starts itself (storage/local_postgres.py) from Debian's binaries.
+$(POSTGRES):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+
 install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/attune run
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) $(POSTGRES)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+	ATTUNE_TEST_STORAGE=postgresql $(BIN)/pytest $(PG_PASS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
@@ -39,7 +38,16 @@ from agent_core.ratelimit import OneAtATime, RateLimiter
 from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style, finish, token_budget
 from agent_core.training.job import TrainingJob
-from storage import ActiveAdapter, Database, Received, ReplyContext, Store
+from storage import (
+    UNAVAILABLE,
+    ActiveAdapter,
+    Database,
+    PostgresDatabase,
+    Received,
+    ReplyContext,
+    SqliteDatabase,
+    Store,
+)
 from storage.crypto import PLAIN, Cipher, Key
 
 log = logging.getLogger(__name__)
@@ -111,7 +119,7 @@ class Agent:
         try:
             async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
                 reply = await self._answer(msg, on_text)
-        except sqlite3.OperationalError as exc:  # locked past busy_timeout_ms, disk full...
+        except UNAVAILABLE as exc:  # locked past busy_timeout_ms, disk full, server gone...
             log.error("the database refused a message from %s:%s (%s)", msg.platform, msg.sender_id, exc)
             return Reply(text=NOT_SAVED, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         if cut and reply is not None:
@@ -305,5 +313,7 @@ async def open_database(config: Config, *, cipher: Cipher | None = None, rotatin
     if cipher is None:
         key = config.secrets.get("encryption_key")
         cipher = Cipher(Key.from_text(key)) if key else PLAIN
-    return await Database.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous,
-                               cipher=cipher, rotating=rotating)  # fmt: skip
+    if s.url:
+        return await PostgresDatabase.open(s.url, cipher=cipher, rotating=rotating)
+    return await SqliteDatabase.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous,
+                                     cipher=cipher, rotating=rotating)  # fmt: skip

@@ -120,7 +120,7 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
         if not chat and config.settings.training.enabled:
             from scheduler import NightlyScheduler
 
-            nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.database_path)
+            nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.sqlalchemy_url)
             nightly.start()
         try:
             await run_adapters(adapters, config.settings.run, stop)

@@ -22,6 +22,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
@@ -45,6 +46,7 @@ class _Section(BaseModel):
 class StorageSettings(_Section):
     data_dir: str = "./data"
     database: str = "attune.db"
+    url: str = ""  # "postgresql://user@host:port/db" for PostgreSQL; empty: the SQLite file above
     busy_timeout_ms: int = Field(default=5000, ge=0)
     synchronous: Literal["normal", "full"] = "normal"
     retention_days: int = Field(default=0, ge=0)  # delete messages older than this, daily; 0 = keep them
@@ -53,9 +55,25 @@ class StorageSettings(_Section):
     def data_path(self) -> Path:
         return Path(self.data_dir).expanduser().resolve()
 
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError('must be empty (SQLite) or a PostgreSQL URL, "postgresql://user@host:port/database"')
+        if value and urlsplit(value).password is not None:
+            raise ValueError("holds a password: leave it out of the URL and set PGPASSWORD (or use ~/.pgpass)")
+        return value
+
     @property
     def database_path(self) -> Path:
         return self.data_path / self.database
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The same database for SQLAlchemy (APScheduler's job store)."""
+        if self.url:
+            return "postgresql+psycopg://" + self.url.split("://", 1)[1]
+        return f"sqlite:///{self.database_path}"
 
 
 class LocalLLMSettings(_Section):
@@ -78,6 +96,9 @@ class OpenAISettings(_Section):
     model: str = "gpt-4o-mini"
     context_window: int = Field(default=8192, ge=256)
     max_retries: int = Field(default=1, ge=0)
+    # vLLM: register each user's promoted adapter at run time (POST /v1/load_lora_adapter)
+    load_adapters: bool = False
+    adapter_dir: str = ""  # the adapters directory as the server sees it; "" = the same path as here
 
 
 class LLMSettings(_Section):
@@ -132,6 +153,9 @@ class TrainingSettings(_Section):
     batch_size: int = Field(default=8, ge=2)
     max_length: int = Field(default=512, ge=32)
     threads: int = Field(default=1, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, ge=1)
+    ray_address: str = ""
     margin: float = Field(default=0.02, ge=0.0, lt=1.0)
     redact_patterns: list[str] = Field(default_factory=list)
     lock_ttl_s: float = Field(default=600.0, ge=30.0)
@@ -294,6 +318,7 @@ class Secrets(BaseModel):
     admin_token: SecretStr | None = None
     encryption_key: SecretStr | None = None
     new_encryption_key: SecretStr | None = None
+    database_password: SecretStr | None = None  # read by libpq itself; known here to keep it out of logs
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Secrets:
@@ -321,6 +346,7 @@ SECRET_ENV: dict[str, str] = {
     "admin_token": "ATTUNE_ADMIN_TOKEN",
     "encryption_key": "ATTUNE_ENCRYPTION_KEY",
     "new_encryption_key": "ATTUNE_NEW_ENCRYPTION_KEY",  # for `attune keys rotate`
+    "database_password": "PGPASSWORD",  # [storage] url = "postgresql://..."
 }
 # Where someone might wrongly put a secret in the file -> the variable to use instead.
 SECRET_FILE_KEYS: dict[str, str] = {
@@ -349,7 +375,10 @@ def _describe(error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown key"
     msg = error["msg"]
-    return f"{msg[0].lower()}{msg[1:]} (got {error['input']!r})"
+    got = error["input"]
+    if isinstance(got, str) and "://" in got:  # a URL may carry a password: never echoed
+        got = re.sub(r"(://[^/@]*?):[^/@]*@", r"\1:***@", got)
+    return f"{msg[0].lower()}{msg[1:]} (got {got!r})"
 
 
 def _field_type(path: tuple[str, ...]) -> Any:

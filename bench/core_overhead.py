@@ -30,7 +30,7 @@ from agent_core.config import load_config
 from agent_core.events import Message
 from agent_core.testing import RecordingBackend
 from bench import report
-from storage import Database
+from storage import SqliteDatabase
 from storage.crypto import Key
 
 # fmt: off
@@ -48,7 +48,7 @@ def sentence(rng: random.Random, n: int = 10) -> str:
 
 async def insert_ceiling(path: Path, count: int) -> float:
     """Messages/s for one INSERT + commit each, same pragmas as attune's database."""
-    db = await Database.open(path)
+    db = await SqliteDatabase.open(path)
     await db.execute("INSERT INTO users (name, created_at) VALUES ('u', 0)")
     await db.execute("INSERT INTO chats (platform, platform_chat_id, kind, created_at) VALUES ('b', 'c', 'private', 0)")
     started = time.perf_counter()
@@ -63,17 +63,28 @@ async def insert_ceiling(path: Path, count: int) -> float:
 
 
 async def run_agent(
-    path: Path, users: int, messages: int, concurrency: int, seed: int, *, encrypted: bool = False
+    path: Path,
+    users: int,
+    messages: int,
+    concurrency: int,
+    seed: int,
+    *,
+    encrypted: bool = False,
+    environ: dict[str, str] | None = None,
+    first_user: int = 0,
 ) -> dict[str, float]:
+    """``users`` users (numbered from ``first_user``) send ``messages`` messages each
+    through a real Agent; its rate and latencies. ``environ``: more settings (a database URL)."""
     environ = {"ATTUNE_STORAGE__DATA_DIR": str(path), "ATTUNE_LIMITS__MESSAGES_PER_MINUTE": "100000",
-               "ATTUNE_LIMITS__GLOBAL_MESSAGES_PER_MINUTE": "0"}  # fmt: skip
+               "ATTUNE_LIMITS__GLOBAL_MESSAGES_PER_MINUTE": "0", **(environ or {})}  # fmt: skip
     if encrypted:
         environ["ATTUNE_ENCRYPTION_KEY"] = Key.generate()
     config = load_config(environ=environ)
     agent = await Agent.open(config, llm=RecordingBackend(context_window=2048, record=False))
     rng = random.Random(seed)
     # Each user arrives with a few notes, so recall has something to search.
-    for u in range(users):
+    numbers = range(first_user, first_user + users)
+    for u in numbers:
         user_id = await agent.store.resolve_user("bench", f"user{u}", f"User {u}")
         for _ in range(3):
             await agent.store.add_memory(user_id, sentence(rng, 6))
@@ -83,7 +94,7 @@ async def run_agent(
             text=sentence(rng), event_id=f"event-{u}-{i}",
         )
         for i in range(messages)
-        for u in range(users)
+        for u in numbers
     ]  # fmt: skip
     latencies: list[float] = []
     queue: asyncio.Queue[Message] = asyncio.Queue()

@@ -113,7 +113,7 @@ async def run_arm(arm: str, seed: int, users: list[SimUser], react_probs: list[f
     agent = await Agent.open(config)
     try:  # closed whatever happens: its database threads would keep the process alive
         await agent.llm.start()
-        nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.database_path)
+        nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.sqlalchemy_url)
         if arm == REFERENCE:  # the user's preferred style, asked for outright
             for u, user in enumerate(users):
                 style, _ = best_style(user, 0)

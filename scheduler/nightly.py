@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
@@ -56,14 +55,13 @@ def trigger_for(settings: TrainingSettings) -> CronTrigger:
 
 
 class NightlyScheduler:
-    def __init__(self, job: TrainingJob, settings: TrainingSettings, database: Path) -> None:
+    def __init__(self, job: TrainingJob, settings: TrainingSettings, database_url: str) -> None:
         self.job = job
         self.settings = settings
         self.runs = 0  # nightly runs started by this scheduler
         self._task: asyncio.Task[Any] | None = None  # the run under way, if any
-        store = SQLAlchemyJobStore(
-            url=f"sqlite:///{database}", tablename="scheduler_jobs", engine_options={"connect_args": {"timeout": 30}}
-        )
+        sqlite = {"connect_args": {"timeout": 30}} if database_url.startswith("sqlite") else {}
+        store = SQLAlchemyJobStore(url=database_url, tablename="scheduler_jobs", engine_options=sqlite)
         self.scheduler = AsyncIOScheduler(
             jobstores={"default": store},
             job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},

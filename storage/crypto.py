@@ -12,6 +12,10 @@ ciphertext with its tag. The key id names the key it was sealed under, so a data
 half way through ``attune keys rotate`` can hold values under two keys and each opens
 with its own. The field's name (``messages.text``) is the associated data: a value
 moved into another column does not open. Without a key, values stay plain text.
+
+PostgreSQL's TEXT columns take no bytes, so there the cipher is ``textual``: a sealed
+value is stored as ``\x01`` and the sealed bytes in base64, and a plain text that
+happens to start with ``\x01`` or ``\x02`` is stored behind a ``\x02``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ NEW_KEY_ENV = "ATTUNE_NEW_ENCRYPTION_KEY"
 SEALED_COLUMNS: dict[str, tuple[str, ...]] = {"messages": ("text", "prompt"), "memories": ("text",)}
 
 _FORMAT = 1
+_SEALED, _ESCAPE = "\x01", "\x02"  # the marks of a textual cipher (PostgreSQL)
 _HEADER = 1 + 8 + 12  # format, key id, nonce
 
 
@@ -94,16 +99,29 @@ class Cipher:
     """How text is stored: sealed under ``key``, or plain when there is none. Values
     sealed under the keys in ``also`` open too (while a rotation is under way)."""
 
-    def __init__(self, key: Key | None = None, *, also: Iterable[Key | None] = ()) -> None:
+    def __init__(self, key: Key | None = None, *, also: Iterable[Key | None] = (), textual: bool = False) -> None:
         self.key = key
+        self.textual = textual
+        self._also = tuple(also)
         self._keys = {k.id: k for k in (key, *also) if k is not None}
 
+    def as_text(self) -> Cipher:
+        """The same keys, storing sealed values as text (for PostgreSQL)."""
+        return Cipher(self.key, also=self._also, textual=True)
+
     def seal(self, text: str, field: str) -> str | bytes:
-        return text if self.key is None else self.key.seal(text, field)
+        if self.key is None:
+            return _ESCAPE + text if self.textual and text[:1] in (_SEALED, _ESCAPE) else text
+        sealed = self.key.seal(text, field)
+        return _SEALED + base64.b64encode(sealed).decode("ascii") if self.textual else sealed
 
     def open(self, value: str | bytes, field: str) -> str:
         if isinstance(value, str):
-            return value  # stored before encryption was turned on (only read during a rotation)
+            if not self.textual or value[:1] not in (_SEALED, _ESCAPE):
+                return value  # stored before encryption was turned on (only read during a rotation)
+            if value[:1] == _ESCAPE:
+                return value[1:]
+            value = base64.b64decode(value[1:])
         if len(value) < _HEADER or value[0] != _FORMAT:
             raise EncryptionError(f"a value in {field} is not in attune's sealed format")
         key = self._keys.get(value[1:9])
@@ -118,6 +136,8 @@ class Cipher:
 
     def current(self, value: str | bytes) -> bool:
         """Whether ``value`` is stored as this cipher stores text now."""
+        if isinstance(value, str) and self.textual and value[:1] == _SEALED:
+            value = base64.b64decode(value[1:])
         if self.key is None:
             return isinstance(value, str)
         return isinstance(value, bytes) and value[1:9] == self.key.id

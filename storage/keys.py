@@ -35,15 +35,15 @@ async def rotate(db: Database, old: Key | None, new: Key, progress: Progress, ba
         raise EncryptionError(f"{NEW_KEY_ENV} is the key the database is already under.")
     if rotating_to is not None and rotating_to != new.id:
         raise EncryptionError(
-            f"an interrupted rotation of {db.path} was moving it to another key: "
+            f"an interrupted rotation of {db.where} was moving it to another key: "
             f"finish that one first (set {NEW_KEY_ENV} to that key)."
         )
     if key_id is None and old is not None:
-        raise EncryptionError(f"{db.path} is not encrypted: leave {KEY_ENV} unset to encrypt it with {NEW_KEY_ENV}.")
+        raise EncryptionError(f"{db.where} is not encrypted: leave {KEY_ENV} unset to encrypt it with {NEW_KEY_ENV}.")
     if key_id is not None and old is None:
-        raise EncryptionError(f"{db.path} is encrypted: set {KEY_ENV} to its current key.")
+        raise EncryptionError(f"{db.where} is encrypted: set {KEY_ENV} to its current key.")
     if key_id is not None and old is not None and key_id != old.id:
-        raise EncryptionError(f"{KEY_ENV} is not the key {db.path} is encrypted with.")
+        raise EncryptionError(f"{KEY_ENV} is not the key {db.where} is encrypted with.")
     await db.execute(
         "INSERT INTO encryption (id, key_id, rotating_to) VALUES (1, ?, ?)"
         " ON CONFLICT (id) DO UPDATE SET rotating_to = excluded.rotating_to",

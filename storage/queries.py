@@ -198,12 +198,29 @@ STOP_WORDS = frozenset(
 )
 
 
-def fts_query(cipher: Cipher, user_id: int, text: str) -> str | None:
-    """A safe FTS5 query for this user's notes with any word of ``text``; None if no words."""
+def search_terms(cipher: Cipher, user_id: int, text: str) -> list[str]:
+    """The index terms that find this user's notes relevant to ``text`` (any of them)."""
     words = sorted({w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOP_WORDS})
-    if not words:
+    return [f"u{int(user_id)}_{cipher.word(w)}" for w in words]
+
+
+def _search_query(dialect: str, terms: list[str]) -> str | None:
+    if not terms:
         return None
-    return " OR ".join(f'"u{int(user_id)}_{cipher.word(w)}"' for w in words)
+    return " OR ".join(f'"{t}"' for t in terms) if dialect == "sqlite" else " ".join(terms)
+
+
+# Notes relevant to a message, best first, in each engine's full-text search: FTS5 with
+# BM25 on SQLite; on PostgreSQL the GIN-indexed term array, ranked by terms matched.
+_RELEVANT = {
+    "sqlite": " UNION ALL SELECT * FROM (SELECT 'note', CAST(m.id AS TEXT), m.text, bm25(memories_fts)"
+    "  FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH :query"
+    "  ORDER BY bm25(memories_fts) LIMIT :notes) AS note",
+    "postgresql": " UNION ALL SELECT * FROM (SELECT 'note', CAST(m.id AS TEXT), m.text,"
+    "  -(SELECT COUNT(*) FROM unnest(f.words) AS w WHERE w = ANY(attune_stems(:query))) AS rank"
+    "  FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE f.words && attune_stems(:query)"
+    "  ORDER BY rank, m.id DESC LIMIT :notes) AS note",
+}
 
 
 async def _insert(conn: Any, sql: str, params: tuple[Any, ...]) -> int:
@@ -308,14 +325,14 @@ class Store:
         self, user_id: int, chat_id: int, text: str, *, platform_message_id: str | None, event_id: str | None, at: float
     ) -> Received | None:
         """Commit an incoming message; None if its event id was seen before in this chat."""
-        cur = await self.db.execute(
+        message_id = await self.db.insert(
             "INSERT OR IGNORE INTO messages (chat_id, user_id, role, text, platform_message_id, event_id, created_at)"
             " VALUES (?, ?, 'user', ?, ?, ?, ?)",
             (chat_id, user_id, self.cipher.seal(text, "messages.text"), platform_message_id, event_id, at),
         )
-        if cur.rowcount != 1:
+        if message_id is None:
             return None
-        return Received(user_id=user_id, chat_id=chat_id, message_id=int(cur.lastrowid))
+        return Received(user_id=user_id, chat_id=chat_id, message_id=message_id)
 
     async def add_reply(
         self,
@@ -329,7 +346,7 @@ class Store:
     ) -> int:
         """Store the bot's answer to ``received``, with the exact prompt it came from and
         how its style was decided."""
-        cur = await self.db.execute(
+        reply_id = await self.db.insert(
             "INSERT INTO messages (chat_id, user_id, role, text, reply_to, style, adapter_version,"
             " prompt, policy, created_at) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -344,7 +361,8 @@ class Store:
                 time.time(),
             ),
         )
-        return int(cur.lastrowid)
+        assert reply_id is not None
+        return reply_id
 
     async def set_platform_message_id(self, message_id: int, platform_message_id: str) -> None:
         await self.db.execute(
@@ -368,24 +386,19 @@ class Store:
         Strictly this user's: in a group chat nobody else's turns or notes come back.
 
         One statement, so one round trip: the parts are tagged by ``kind``."""
-        query = fts_query(self.cipher, user_id, text)
-        relevant = (
-            " UNION ALL SELECT * FROM (SELECT 'note', m.id, m.text, bm25(memories_fts)"
-            "  FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH :query"
-            "  ORDER BY bm25(memories_fts) LIMIT :notes)"
-            if query
-            else ""
-        )
+        terms = search_terms(self.cipher, user_id, text)
+        query = _search_query(self.db.dialect, terms)
         rows = await self.db.fetchall(
             "SELECT 'pref' AS kind, key AS a, value AS b, NULL AS c FROM preferences WHERE user_id = :user"
-            " UNION ALL SELECT * FROM (SELECT 'adapter', version, path, user_id FROM adapters"
+            " UNION ALL SELECT * FROM (SELECT 'adapter', CAST(version AS TEXT), path, user_id FROM adapters"
             "  WHERE status = 'active' AND (user_id = :user OR user_id IS NULL)"
-            "  ORDER BY user_id IS NULL, version DESC LIMIT 1)"
+            "  ORDER BY user_id IS NULL, version DESC LIMIT 1) AS adapter"
             " UNION ALL SELECT * FROM (SELECT 'turn', role, text, id FROM messages"
-            "  WHERE user_id = :user AND chat_id = :chat AND created_at < :before ORDER BY id DESC LIMIT :turns)"
-            + relevant
-            + " UNION ALL SELECT * FROM (SELECT 'newest', id, text, -id FROM memories"
-            "  WHERE user_id = :user ORDER BY id DESC LIMIT :notes)",
+            "  WHERE user_id = :user AND chat_id = :chat AND created_at < :before"
+            "  ORDER BY id DESC LIMIT :turns) AS turn"
+            + (_RELEVANT[self.db.dialect] if terms else "")
+            + " UNION ALL SELECT * FROM (SELECT 'newest', CAST(id AS TEXT), text, -id FROM memories"
+            "  WHERE user_id = :user ORDER BY id DESC LIMIT :notes) AS newest",
             {"user": user_id, "chat": chat_id, "before": before, "turns": turns, "notes": notes, "query": query},
         )
         by_kind: dict[str, list[Any]] = {"pref": [], "adapter": [], "turn": [], "note": [], "newest": []}
@@ -409,7 +422,7 @@ class Store:
             "SELECT * FROM (SELECT m.id, m.role, m.text, m.platform_message_id,"
             " (SELECT GROUP_CONCAT(r.emoji) FROM reactions r WHERE r.message_id = m.id AND r.user_id = m.user_id"
             "  AND r.removed_at IS NULL) AS reactions"
-            " FROM messages m WHERE m.user_id = ? AND m.chat_id = ? ORDER BY m.id DESC LIMIT ?) ORDER BY id",
+            " FROM messages m WHERE m.user_id = ? AND m.chat_id = ? ORDER BY m.id DESC LIMIT ?) AS recent ORDER BY id",
             (user_id, chat_id, limit),
         )
         return [
@@ -519,7 +532,9 @@ class Store:
     async def stats(self, user_id: int) -> dict[str, Any]:
         """Counts and the reward history of the replies this user rated."""
         counts = await self.db.fetchone(
-            "SELECT SUM(role = 'user'), SUM(role = 'assistant') FROM messages WHERE user_id = ?", (user_id,)
+            "SELECT SUM(CASE WHEN role = 'user' THEN 1 ELSE 0 END), SUM(CASE WHEN role = 'assistant' THEN 1 ELSE 0 END)"
+            " FROM messages WHERE user_id = ?",
+            (user_id,),
         )
         rewards = await self.db.fetchall(
             "SELECT r.reward FROM reactions r JOIN messages m ON m.id = r.message_id"
@@ -581,7 +596,7 @@ class Store:
             "SELECT * FROM (SELECT m.id, m.style, json_extract(m.policy, '$.context'), AVG(r.reward) FROM messages m"
             " JOIN reactions r ON r.message_id = m.id AND r.user_id = m.user_id AND r.removed_at IS NULL"
             " WHERE m.user_id = ? AND m.role = 'assistant' AND m.style IS NOT NULL AND r.created_at >= ?"
-            " GROUP BY m.id ORDER BY m.id DESC LIMIT ?) ORDER BY id",
+            " GROUP BY m.id ORDER BY m.id DESC LIMIT ?) AS rated ORDER BY id",
             (user_id, since, limit),
         )
         return [(str(r[1]), r[2], float(r[3])) for r in rows]
@@ -595,7 +610,7 @@ class Store:
         await self.db.execute(
             "INSERT INTO policy_users (user_id, stats, reset_at, updated_at) VALUES (?, ?, COALESCE(?, 0), ?)"
             " ON CONFLICT (user_id) DO UPDATE SET stats = excluded.stats, updated_at = excluded.updated_at,"
-            " reset_at = COALESCE(?, reset_at)",
+            " reset_at = COALESCE(?, policy_users.reset_at)",
             (user_id, stats, reset_at, time.time(), reset_at),
         )
 
@@ -647,7 +662,11 @@ class Store:
         async with self.db.transaction() as conn:
             for table in ("identities", "messages", "training_runs"):
                 await conn.execute(f"UPDATE {table} SET user_id = ? WHERE user_id = ?", (target, source))
-            await conn.execute("UPDATE OR IGNORE reactions SET user_id = ? WHERE user_id = ?", (target, source))
+            await conn.execute(  # on a clash the source's reaction stays behind and goes with the source
+                "UPDATE reactions SET user_id = ? WHERE user_id = ? AND NOT EXISTS (SELECT 1 FROM reactions t"
+                " WHERE t.user_id = ? AND t.message_id = reactions.message_id AND t.emoji = reactions.emoji)",
+                (target, source, target),
+            )
             await conn.execute(
                 "INSERT OR IGNORE INTO preferences (user_id, key, value)"
                 " SELECT ?, key, value FROM preferences WHERE user_id = ?",
@@ -701,7 +720,8 @@ class Store:
                 "SELECT DISTINCT c.id FROM chats c JOIN messages m ON m.chat_id = c.id"
                 " WHERE m.user_id = ? AND c.kind = 'private'", (user_id,))]  # fmt: skip
             chat_ids = [str(r[0]) for r in await conn.execute_fetchall(
-                f"SELECT platform_chat_id FROM chats WHERE id IN ({','.join('?' * len(chats))})", chats)]  # fmt: skip
+                f"SELECT platform_chat_id FROM chats WHERE id IN ({','.join('?' * len(chats))})", chats)
+            ] if chats else []  # fmt: skip
             await conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
             await conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
             for chat in chats:  # a private chat was theirs alone; its id is often their own
@@ -710,9 +730,9 @@ class Store:
                     (chat, chat),
                 )
             for chat_id in chat_ids:  # handled-event ids start with their chat's id ("<chat>:<message>")
+                prefix = f"{chat_id}:"
                 await conn.execute(
-                    "DELETE FROM processed_events WHERE substr(event_id, 1, length(?) + 1) = ? || ':'",
-                    (chat_id, chat_id),
+                    "DELETE FROM processed_events WHERE substr(event_id, 1, ?) = ?", (len(prefix), prefix)
                 )
             await conn.execute(
                 "INSERT INTO audit_log (at, action, subject, detail) VALUES (?, 'forget_all', ?, ?)",

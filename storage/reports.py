@@ -69,7 +69,7 @@ class Reports:
             " SELECT date(created_at, 'unixepoch') AS day, 1 AS messages, 0 AS reactions FROM messages"
             "  WHERE role = 'user'"
             " UNION ALL SELECT date(created_at, 'unixepoch'), 0, 1 FROM reactions"
-            ") GROUP BY day ORDER BY day"
+            ") AS events GROUP BY day ORDER BY day"
         )
         return [{"day": str(r[0]), "messages": int(r[1]), "reactions": int(r[2])} for r in rows]
 

@@ -104,14 +104,15 @@ class TrainingRecords:
     async def candidates(self, user_ids: list[int] | None = None) -> list[Candidate]:
         """Every user with rated replies, with how many are new since their last good run."""
         rows = await self.db.fetchall(
-            "WITH rated AS (SELECT m.user_id, r.created_at FROM messages m"
+            "WITH rated AS (SELECT m.user_id, MAX(r.created_at) AS created_at FROM messages m"
             "   JOIN reactions r ON r.message_id = m.id AND r.user_id = m.user_id AND r.removed_at IS NULL"
-            "   WHERE m.role = 'assistant' AND m.prompt IS NOT NULL GROUP BY m.id),"
+            "   WHERE m.role = 'assistant' AND m.prompt IS NOT NULL GROUP BY m.id, m.user_id),"
             " last AS (SELECT user_id, MAX(started_at) AS at FROM training_runs"
             "   WHERE kind = 'user' AND status = 'succeeded' GROUP BY user_id)"
-            " SELECT u.id, u.name, SUM(rated.created_at > COALESCE(last.at, 0)), COUNT(*), COALESCE(last.at, 0)"
+            " SELECT u.id, u.name, SUM(CASE WHEN rated.created_at > COALESCE(last.at, 0) THEN 1 ELSE 0 END),"
+            " COUNT(*), COALESCE(last.at, 0)"
             " FROM rated JOIN users u ON u.id = rated.user_id LEFT JOIN last ON last.user_id = u.id"
-            " GROUP BY u.id ORDER BY u.id"
+            " GROUP BY u.id, u.name, last.at ORDER BY u.id"
         )
         found = [Candidate(int(r[0]), str(r[1]), int(r[2]), int(r[3]), float(r[4])) for r in rows]
         return [c for c in found if user_ids is None or c.user_id in user_ids]
@@ -121,7 +122,7 @@ class TrainingRecords:
         rows = await self.db.fetchall(
             "SELECT m.id, m.user_id, m.prompt, m.text, AVG(r.reward), MIN(r.created_at) FROM messages m"
             " JOIN reactions r ON r.message_id = m.id AND r.user_id = m.user_id AND r.removed_at IS NULL"
-            " WHERE m.role = 'assistant' AND m.prompt IS NOT NULL AND (? IS NULL OR m.user_id = ?)"
+            " WHERE m.role = 'assistant' AND m.prompt IS NOT NULL AND (CAST(? AS BIGINT) IS NULL OR m.user_id = ?)"
             " GROUP BY m.id ORDER BY m.created_at, m.id",
             (user_id, user_id),
         )
@@ -142,11 +143,11 @@ class TrainingRecords:
 
     async def start_run(self, user_id: int | None, rated: int) -> int:
         kind = "population" if user_id is None else "user"
-        cursor = await self.db.execute(
+        run_id = await self.db.insert(
             "INSERT INTO training_runs (user_id, kind, status, started_at, rated) VALUES (?, ?, 'running', ?, ?)",
             (user_id, kind, time.time(), rated),
         )
-        return int(cursor.lastrowid or 0)
+        return int(run_id or 0)
 
     async def log_run(self, run_id: int, line: str) -> None:
         await self.db.execute("UPDATE training_runs SET log = log || ? WHERE id = ?", (line.rstrip() + "\n", run_id))
@@ -185,7 +186,7 @@ class TrainingRecords:
     async def runs(self, user_id: int | None = None, limit: int = 20) -> list[dict[str, Any]]:
         rows = await self.db.fetchall(
             "SELECT id, user_id, kind, status, decision, adapter_version, rated, started_at, finished_at, metrics, log"
-            " FROM training_runs WHERE (? IS NULL OR user_id = ?) ORDER BY id DESC LIMIT ?",
+            " FROM training_runs WHERE (CAST(? AS BIGINT) IS NULL OR user_id = ?) ORDER BY id DESC LIMIT ?",
             (user_id, user_id, limit),
         )
         return [{**dict(r), "metrics": json.loads(r["metrics"]) if r["metrics"] else {}} for r in rows]

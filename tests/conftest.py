@@ -4,20 +4,39 @@ The tiny model is a randomly initialised 2-layer Llama with the real SmolLM2 tok
 saved once under .test-cache/ (the tokenizer conversion from the GGUF takes seconds).
 The real SmolLM2 is converted once into .test-cache/models and shared by the tests
 that use it.
+
+``ATTUNE_TEST_STORAGE=postgresql`` runs the tests on PostgreSQL: the session starts a
+throwaway server on 127.0.0.1 (storage/local_postgres.py) and every config written by
+:func:`write_config` gets a fresh database of its own. Tests about SQLite itself (its
+files, pragmas, locks) are marked ``sqlite_only`` and left out of that run; tests of
+several processes on one server are marked ``postgres_only`` and run only there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from agent_core.agent import Agent
 from agent_core.config import Config, load_config
 from agent_core.testing import RecordingBackend
+from storage import Database, PostgresDatabase, SqliteDatabase
+from storage.local_postgres import LocalPostgres
+
+STORAGE = os.environ.get("ATTUNE_TEST_STORAGE", "sqlite")
+_postgres: LocalPostgres | None = None
+_database_numbers = itertools.count(1)
+_urls: dict[Path, str] = {}  # each directory's database, in a PostgreSQL run
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CACHE = ROOT / ".test-cache"
@@ -26,10 +45,76 @@ SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 ATTUNE = str(Path(sys.executable).parent / "attune")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the tests about the other engine (deselected, not skipped)."""
+    other = "sqlite_only" if STORAGE == "postgresql" else "postgres_only"
+    left_out = [item for item in items if item.get_closest_marker(other)]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker(other)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def postgres_server() -> Iterator[LocalPostgres | None]:
+    """The PostgreSQL server of a PostgreSQL run (None on SQLite)."""
+    global _postgres
+    if STORAGE != "postgresql":
+        yield None
+        return
+    with LocalPostgres() as server:
+        _postgres = server
+        yield server
+        _postgres = None
+
+
+def fresh_database_url() -> str:
+    """A new empty database on the run's PostgreSQL server."""
+    assert _postgres is not None, "only in a PostgreSQL run (ATTUNE_TEST_STORAGE=postgresql)"
+    return _postgres.create_database(f"test_{os.getpid()}_{next(_database_numbers)}")
+
+
+async def open_database(path: Path, **options: Any) -> Database:
+    """A fresh database of the run's engine: the SQLite file ``path``, or a new PostgreSQL database."""
+    if STORAGE == "postgresql":
+        return await PostgresDatabase.open(fresh_database_url(), **options)
+    return await SqliteDatabase.open(path, **options)
+
+
+def other_connection(db: Database) -> AbstractContextManager[Any]:
+    """A second, plain (blocking) connection to ``db``'s database."""
+    if isinstance(db, PostgresDatabase):
+        return psycopg.connect(db.where)
+    return sqlite3.connect(db.path)  # type: ignore[attr-defined]
+
+
+def query(directory: Path, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of ``sql`` on the database of the config written in ``directory``, read
+    through a plain blocking connection of the run's engine (no parameters)."""
+    if STORAGE == "postgresql":
+        with psycopg.connect(_urls[directory]) as conn:
+            return [tuple(r) for r in conn.execute(sql)]  # type: ignore[call-overload]
+    with contextlib.closing(sqlite3.connect(directory / "data" / "attune.db")) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def integrity(directory: Path) -> str:
+    """The engine's own check of that database: "ok" or what is damaged."""
+    if STORAGE == "postgresql":
+        tables = query(directory, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+        for (table,) in tables:
+            query(directory, f"SELECT COUNT(*) FROM {table}")  # a damaged page fails the read
+        return "ok"
+    return "; ".join(str(r[0]) for r in query(directory, "PRAGMA integrity_check"))
+
+
 def write_config(directory: Path, text: str = "") -> Path:
-    """A config file whose data_dir is ``directory/data``, plus ``text``."""
+    """A config file whose data_dir is ``directory/data`` (and, in a PostgreSQL run, whose
+    database is a fresh one on the run's server), plus ``text``."""
     path = directory / "attune.toml"
-    path.write_text(f'[storage]\ndata_dir = "{directory / "data"}"\n' + text, encoding="utf-8")
+    if STORAGE == "postgresql" and directory not in _urls:
+        _urls[directory] = fresh_database_url()
+    url = f'url = "{_urls[directory]}"\n' if STORAGE == "postgresql" else ""
+    path.write_text(f'[storage]\ndata_dir = "{directory / "data"}"\n{url}' + text, encoding="utf-8")
     return path
 
 

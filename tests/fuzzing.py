@@ -103,5 +103,4 @@ async def settled_whole(agent: Agent, timeout: float = 30) -> None:
     async with asyncio.timeout(timeout):
         while await unanswered(agent):
             await asyncio.sleep(0.05)
-    row = await agent.store.db.fetchone("PRAGMA integrity_check")
-    assert row is not None and row[0] == "ok"
+    assert await agent.store.db.check() == "ok"

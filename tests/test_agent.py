@@ -6,12 +6,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 
+import pytest
+
 from agent_core.agent import APOLOGY, Agent
 from agent_core.config import Config
 from agent_core.events import Message, Reaction, Reply
 from agent_core.llm import GenerationRequest
 from agent_core.style import Style
 from agent_core.testing import RecordingBackend
+from tests.conftest import other_connection
 
 
 def msg(text: str, user: str = "ann", chat: str = "c1", **kw: object) -> Message:
@@ -58,9 +61,7 @@ async def test_the_message_is_committed_before_the_reply_is_generated(agent: Age
 
     def reply(request: object) -> str:
         # Another connection sees the committed message while the model is still working.
-        import sqlite3
-
-        with sqlite3.connect(agent.store.db.path) as other:
+        with other_connection(agent.store.db) as other:
             seen.append(other.execute("SELECT COUNT(*) FROM messages WHERE text = 'keep me'").fetchone()[0])
         return "ok"
 
@@ -235,6 +236,7 @@ async def test_text_commands_go_through_the_command_table(agent: Agent) -> None:
     assert (await agent.store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 0
 
 
+@pytest.mark.sqlite_only
 async def test_a_database_locked_by_another_writer_waits_or_fails_clearly(make_config: Callable[..., Config]) -> None:
     import sqlite3
     import threading

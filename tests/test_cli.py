@@ -9,6 +9,8 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from agent_core.logs import RedactSecrets
 from storage.database import migrations
 from tests.conftest import ATTUNE, write_config
@@ -23,6 +25,7 @@ def _attune(
     )
 
 
+@pytest.mark.sqlite_only
 def test_a_database_from_a_newer_attune_stops_start_up(tmp_path: Path) -> None:
     config = write_config(tmp_path, '[llm]\nbackend = "openai"\n')
     (tmp_path / "data").mkdir()

@@ -100,6 +100,19 @@ def test_bad_environment_values_name_the_variable(tmp_path: Path) -> None:
         load_config(path, environ={"ATTUNE_LLM__BACKEND": "gpt"})
 
 
+def test_the_database_url_names_its_problem_and_never_shows_a_password(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"storage\.url: .*a PostgreSQL URL.*ATTUNE_STORAGE__URL"):
+        load_config(path, environ={"ATTUNE_STORAGE__URL": "mysql://db.example/attune"})
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={"ATTUNE_STORAGE__URL": "postgresql://bot:hunter2@db.example/attune"})
+    assert "set PGPASSWORD" in str(caught.value) and "hunter2" not in str(caught.value)
+    url = "postgresql://bot@db.example:5433/attune"
+    config = load_config(path, environ={"ATTUNE_STORAGE__URL": url, "PGPASSWORD": "hunter2"})
+    assert config.settings.storage.url == url and config.secrets.get("database_password") == "hunter2"
+    assert config.settings.storage.sqlalchemy_url == "postgresql+psycopg://bot@db.example:5433/attune"
+
+
 def test_malformed_and_missing_files(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[llm\nbackend = local\n")

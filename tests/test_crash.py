@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import subprocess
 from pathlib import Path
 
-from tests.conftest import ATTUNE, tiny_config_text, write_config
+from tests.conftest import ATTUNE, integrity, query, tiny_config_text, write_config
 from tests.fakes.openai import FakeOpenAI
 
 MESSAGE = "please keep this message safe"
@@ -32,11 +31,9 @@ async def _start_chat(config: Path, cwd: Path) -> asyncio.subprocess.Process:
 
 
 def _check_after_crash(tmp_path: Path, config: Path) -> None:
-    db_path = tmp_path / "data" / "attune.db"
-    with sqlite3.connect(db_path) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        rows = db.execute("SELECT role, text FROM messages").fetchall()
-    assert rows == [("user", MESSAGE)]  # received and kept; no half-written reply
+    assert integrity(tmp_path) == "ok"
+    # Received and kept; no half-written reply.
+    assert query(tmp_path, "SELECT role, text FROM messages") == [("user", MESSAGE)]
     # Start again: the bot opens the same database and knows the message.
     again = subprocess.run(
         [ATTUNE, "--config", str(config), "chat", "--user", "alice"], input="/stats\n",
@@ -44,8 +41,7 @@ def _check_after_crash(tmp_path: Path, config: Path) -> None:
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert "Messages: 1 from you, 0 replies from me." in again.stdout
-    with sqlite3.connect(db_path) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert integrity(tmp_path) == "ok"
 
 
 async def test_sigkill_while_waiting_for_the_model_server(tmp_path: Path) -> None:

@@ -13,14 +13,15 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from agent_core.agent import Agent
+from agent_core.agent import Agent, open_database
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from agent_core.training.dataset import Example, read_examples, write_examples
-from storage import Database, Store
+from storage import SqliteDatabase, Store
 from storage.crypto import Cipher, EncryptionError, Key
 from storage.keys import rotate, rotation_cipher
 from tests.conftest import ATTUNE, write_config
@@ -28,6 +29,22 @@ from tests.test_agent import msg, react, send
 from tests.test_commands import run
 
 SECRET_WORDS = (b"quokka", b"marzipan", b"zanzibar")
+
+
+def _stored(config: Config, data_dir: Path, words: tuple[bytes, ...] = SECRET_WORDS) -> list[str]:
+    """Where the database keeps any of ``words``: on SQLite in which files (raw bytes),
+    on PostgreSQL in which tables (every value of every row)."""
+    url = config.settings.storage.url
+    if not url:
+        return _files_hold(data_dir, words)
+    found = []
+    with psycopg.connect(url) as conn:
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
+        for table in tables:
+            for row in conn.execute(f"SELECT * FROM {table}"):  # type: ignore[call-overload]
+                raw = " ".join(str(v) for v in row).lower().encode()
+                found += [f"{table}: {w.decode()}" for w in words if w in raw]
+    return found
 
 
 def _files_hold(data_dir: Path, words: tuple[bytes, ...] = SECRET_WORDS) -> list[str]:
@@ -54,7 +71,8 @@ async def _fill(agent: Agent) -> None:
 
 
 async def test_with_a_key_no_plaintext_reaches_the_files(make_config: Callable[..., Config], tmp_path: Path) -> None:
-    agent = await _open(make_config, Key.generate())
+    key = Key.generate()
+    agent = await _open(make_config, key)
     try:
         await _fill(agent)
         backend = agent.llm
@@ -68,10 +86,10 @@ async def test_with_a_key_no_plaintext_reaches_the_files(make_config: Callable[.
                                                                  "echo: I bake quokka shaped marzipan"]  # fmt: skip
         assert exported["memories"][0]["text"] == "my cat is called Zanzibar"
         raw = await agent.store.db.fetchone("SELECT text, prompt FROM messages WHERE role = 'assistant'")
-        assert isinstance(raw[0], bytes) and isinstance(raw[1], bytes)  # type: ignore[index]
+        assert raw is not None and all(agent.store.cipher.current(v) and "echo" not in str(v) for v in raw)
     finally:
         await agent.close()
-    assert _files_hold(tmp_path / "data") == []
+    assert _stored(make_config(), tmp_path / "data") == []
 
 
 async def test_without_a_key_the_words_are_in_the_file(make_config: Callable[..., Config], tmp_path: Path) -> None:
@@ -81,9 +99,11 @@ async def test_without_a_key_the_words_are_in_the_file(make_config: Callable[...
         await _fill(agent)
     finally:
         await agent.close()
-    assert len(_files_hold(tmp_path / "data")) == 3
+    found = _stored(make_config(), tmp_path / "data")
+    assert {f.split(": ")[1] for f in found} == {w.decode() for w in SECRET_WORDS}
 
 
+@pytest.mark.sqlite_only
 async def test_a_missing_or_wrong_key_stops_start_up_and_changes_nothing(
     make_config: Callable[..., Config], tmp_path: Path
 ) -> None:
@@ -114,9 +134,9 @@ async def test_a_key_on_a_plain_database_with_text_is_refused(make_config: Calla
         await _open(make_config, Key.generate())
 
 
-async def _rotate(path: Path, old: str | None, new: str) -> None:
-    db = await Database.open(path, cipher=rotation_cipher(Key.from_text(old) if old else None, Key.from_text(new)),
-                             rotating=True)  # fmt: skip
+async def _rotate(config: Config, old: str | None, new: str) -> None:
+    cipher = rotation_cipher(Key.from_text(old) if old else None, Key.from_text(new))
+    db = await open_database(config, cipher=cipher, rotating=True)
     try:
         await rotate(db, Key.from_text(old) if old else None, Key.from_text(new), lambda *_: None, batch=2)
     finally:
@@ -128,11 +148,10 @@ async def test_rotation_moves_everything_to_the_new_key(make_config: Callable[..
     agent = await _open(make_config, None)
     await _fill(agent)
     await agent.close()
-    db_file = tmp_path / "data" / "attune.db"
     first, second = Key.generate(), Key.generate()
-    await _rotate(db_file, None, first)
-    assert _files_hold(tmp_path / "data") == []
-    await _rotate(db_file, first, second)
+    await _rotate(make_config(), None, first)
+    assert _stored(make_config(), tmp_path / "data") == []
+    await _rotate(make_config(), first, second)
     with pytest.raises(EncryptionError, match="is not the key"):
         await _open(make_config, first)
     agent = await _open(make_config, second)
@@ -145,7 +164,7 @@ async def test_rotation_moves_everything_to_the_new_key(make_config: Callable[..
         assert history[0]["text"] == "I bake quokka shaped marzipan" and history[1]["reactions"] == ["👍"]
     finally:
         await agent.close()
-    assert _files_hold(tmp_path / "data") == []
+    assert _stored(make_config(), tmp_path / "data") == []
 
 
 async def test_rotation_refuses_a_running_bot_and_the_wrong_current_key(
@@ -156,13 +175,13 @@ async def test_rotation_refuses_a_running_bot_and_the_wrong_current_key(
     try:
         await _fill(agent)
         with pytest.raises(Exception, match="in use by a running attune"):
-            await _rotate(tmp_path / "data" / "attune.db", key, Key.generate())
+            await _rotate(make_config(), key, Key.generate())
     finally:
         await agent.close()
     with pytest.raises(EncryptionError, match="is not the key"):
-        await _rotate(tmp_path / "data" / "attune.db", Key.generate(), Key.generate())
+        await _rotate(make_config(), Key.generate(), Key.generate())
     with pytest.raises(EncryptionError, match="is encrypted: set ATTUNE_ENCRYPTION_KEY"):
-        await _rotate(tmp_path / "data" / "attune.db", None, Key.generate())
+        await _rotate(make_config(), None, Key.generate())
 
 
 def _key_ids(db_file: Path) -> dict[bytes | None, int]:
@@ -175,11 +194,12 @@ def _key_ids(db_file: Path) -> dict[bytes | None, int]:
     return counts
 
 
+@pytest.mark.sqlite_only
 async def test_sigkill_during_rotation_then_running_it_again_finishes_it(tmp_path: Path) -> None:
     old, new = Key.generate(), Key.generate()
     config = write_config(tmp_path)
     db_file = tmp_path / "data" / "attune.db"
-    db = await Database.open(db_file, cipher=Cipher(Key.from_text(old)))
+    db = await SqliteDatabase.open(db_file, cipher=Cipher(Key.from_text(old)))
     store = Store(db)
     user, chat = await store.resolve_user("test", "ann"), await store.resolve_chat("test", "c1")
     texts = [f"quokka message {i}" for i in range(4000)]
@@ -212,7 +232,7 @@ async def test_sigkill_during_rotation_then_running_it_again_finishes_it(tmp_pat
     with sqlite3.connect(db_file) as check:
         assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert _files_hold(tmp_path / "data") == []
-    db = await Database.open(db_file, cipher=Cipher(Key.from_text(new)))
+    db = await SqliteDatabase.open(db_file, cipher=Cipher(Key.from_text(new)))
     try:
         store = Store(db)
         assert [t for _, t in (await store.reply_context(user, chat, "marzipan", before=1e12, turns=4000,

@@ -69,8 +69,7 @@ def test_any_message_command_or_reaction_is_handled_whole(make_config: Callable[
         reaction()
         stored = run(loop, lambda: agent.store.db.fetchone("SELECT COUNT(*) FROM messages WHERE role = 'user'"))
         assert stored is not None and stored[0] > 50  # the examples really ran, and most were stored
-        integrity = run(loop, lambda: agent.store.db.fetchone("PRAGMA integrity_check"))
-        assert integrity is not None and integrity[0] == "ok"
+        assert run(loop, agent.store.db.check) == "ok"
     finally:
         run(loop, agent.close)
         loop.close()

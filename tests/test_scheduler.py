@@ -35,7 +35,7 @@ async def open_agent(config: Config) -> Agent:
 
 
 def scheduler_for(job: TrainingJob, config: Config) -> NightlyScheduler:
-    return NightlyScheduler(job, config.settings.training, config.settings.storage.database_path)
+    return NightlyScheduler(job, config.settings.training, config.settings.storage.sqlalchemy_url)
 
 
 async def test_a_missed_night_runs_once_at_the_next_start(make_config: Callable[..., Config]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from agent_core.agent import Agent
 from agent_core.config import load_config
 from bots import DEFAULT_FRONT_END, configured_adapters
 from bots.terminal import TerminalAdapter, as_reaction
-from tests.conftest import ATTUNE, tiny_config_text, write_config
+from tests.conftest import ATTUNE, query, tiny_config_text, write_config
 
 
 @pytest.mark.parametrize(
@@ -94,7 +93,5 @@ def test_attune_chat_reads_a_script_from_stdin(tmp_path: Path, tiny_model_dir: P
     assert "I'll remember that" in result.stdout
     assert "Messages: 1 from you, 1 replies from me." in result.stdout
     assert "Reactions: 1; reward +1.00" in result.stdout
-    with sqlite3.connect(tmp_path / "data" / "attune.db") as db:
-        names = [r[0] for r in db.execute("SELECT platform_user_id FROM identities")]
-        assert names == ["alice"]
-        assert db.execute("SELECT text FROM memories").fetchall() == [("I like tea",)]
+    assert query(tmp_path, "SELECT platform_user_id FROM identities") == [("alice",)]
+    assert query(tmp_path, "SELECT text FROM memories") == [("I like tea",)]
