@@ -46,6 +46,10 @@ def create_backend(config: Config) -> LLMBackend:
             context_window=llm.openai.context_window,
             timeout_s=llm.timeout_s,
             max_retries=llm.openai.max_retries,
+            load_adapters=llm.openai.load_adapters,
+            adapter_dirs=(config.settings.storage.data_path / "adapters", llm.openai.adapter_dir)
+            if llm.openai.adapter_dir
+            else None,
         )
     from agent_core.llm.batching import BatchLimits
     from agent_core.llm.local import LocalBackend
