@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,11 +28,12 @@ from agent_core.llm import GenerationRequest
 from agent_core.testing import RecordingBackend
 from agent_core.training.dataset import Example, split_by_time
 from agent_core.training.evaluate import gate
+from agent_core.training.executors import LocalPool
 from agent_core.training.job import Task, TrainingBusy
 from agent_core.training.redact import Redactor
 from storage.crypto import Key
 from storage.training import TrainingRecords
-from tests.conftest import MODEL_CACHE, ROOT, tiny_config_text, write_config
+from tests.conftest import MODEL_CACHE, ROOT, integrity, other_connection, query, tiny_config_text, write_config
 
 LIKED = "- apples\n- pears\n- plums"
 DISLIKED = "Well, that is a long story, and I will tell it slowly from the very beginning to the end."
@@ -130,11 +130,8 @@ async def test_training_data_comes_from_stored_reactions_redacted(
         rows = task.split.train + task.split.heldout
         assert len(rows) == 10 and all(e.label for e in rows) and {e.weight for e in rows} == {1.0}
         assert len(task.split.heldout) == 2 and max(e.at for e in task.split.train) <= task.split.heldout[0].at
-        stored = (
-            sqlite3.connect(agent.settings.storage.database_path)
-            .execute("SELECT prompt FROM messages WHERE role = 'assistant' ORDER BY id LIMIT 1")
-            .fetchone()[0]
-        )
+        with other_connection(agent.store.db) as db:
+            stored = db.execute("SELECT prompt FROM messages WHERE role = 'assistant' ORDER BY id").fetchone()[0]
         first = json.loads(stored)
         assert "ann@example.com" in first[-1]["content"]  # the stored prompt is as sent...
         assert rows[0].prompt[-1]["content"] == "list for [email] or [phone], #0"  # ...the training copy redacted
@@ -234,9 +231,11 @@ async def test_a_kill_during_training_leaves_the_served_adapter_and_the_next_run
         await rate_history(agent, "ann", 12, text=lambda i: f"give me a list again {i}", tag="-2")
 
         def kill_at_first_step(task: Task) -> None:
-            process = agent.training._process
-            if task.step >= 1 and process is not None and process.returncode is None:
-                os.kill(process.pid, signal.SIGKILL)
+            pool = agent.training._executor
+            assert isinstance(pool, LocalPool)
+            for process in pool._processes:
+                if task.step >= 1 and process.returncode is None:
+                    os.kill(process.pid, signal.SIGKILL)
 
         plan = await agent.training.run(progress=kill_at_first_step)
         assert plan.tasks[0].status == "failed" and "exited with -9" in plan.tasks[0].reason
@@ -276,11 +275,10 @@ async def test_a_full_disk_while_saving_an_adapter_is_recorded_and_the_bot_keeps
     answer, adapter = result["served_on_full_disk"]
     assert answer and adapter is None  # answered, by the base model
     assert result["freed"][0][1] == "promoted" and result["served_after"] == "user-1-v1"
-    with sqlite3.connect(tmp_path / "data" / "attune.db") as db:
-        runs = db.execute("SELECT status, log FROM training_runs ORDER BY id").fetchall()
-        assert [r[0] for r in runs] == ["failed", "succeeded"] and "No space left on device" in runs[0][1]
-        assert db.execute("SELECT version, status FROM adapters").fetchall() == [(1, "active")]
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    runs = query(tmp_path, "SELECT status, log FROM training_runs ORDER BY id")
+    assert [r[0] for r in runs] == ["failed", "succeeded"] and "No space left on device" in runs[0][1]
+    assert query(tmp_path, "SELECT version, status FROM adapters") == [(1, "active")]
+    assert integrity(tmp_path) == "ok"
 
 
 async def test_two_processes_never_train_at_once(make_config: Callable[..., Config], tiny_model_dir: Path) -> None:

@@ -3,7 +3,9 @@
 1. take the training lock in the database (a second process gets :class:`TrainingBusy`);
 2. pick the users with at least ``[training] min_new_rated`` new rated replies;
 3. build each one's examples (redacted, split by time) and the population's;
-4. run the worker process (:mod:`agent_core.training.worker`) with few threads;
+4. train the population's adapter, then every user's, each in a worker
+   (:mod:`agent_core.training.worker`) that the executor runs: a local process with
+   few threads, or a Ray task (:mod:`agent_core.training.executors`);
 5. record every run and every candidate as its results arrive; a promoted adapter
    serves that user's next message, since the agent looks it up per message;
 6. release the lock and delete the training files.
@@ -16,13 +18,10 @@ here makes it active. Runs left 'running' by a dead process are marked failed ne
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import shutil
 import socket
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -31,12 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent_core.config import SECRET_ENV, Settings
-from agent_core.training.dataset import DATA_KEY_ENV, Split, examples, split_by_time, summary, write_examples
+from agent_core.config import Settings
+from agent_core.training.dataset import Split, examples, split_by_time, summary, write_examples
+from agent_core.training.executors import Executor, WorkerFailed, create_executor
 from agent_core.training.redact import Redactor
 from storage import Store
 from storage.crypto import Key
-from storage.training import Candidate, RatedReply, TrainingRecords
+from storage.training import AdapterRow, Candidate, RatedReply, TrainingRecords
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class TrainingJob:
         self.training = settings.training
         self._model_dir = model_dir  # the base model as a transformers directory (may convert once)
         self.redact = Redactor(self.training.redact_patterns)
-        self._process: asyncio.subprocess.Process | None = None
+        self._executor: Executor | None = None
         self._cancelled = False
 
     @property
@@ -175,8 +175,8 @@ class TrainingJob:
     def cancel(self) -> None:
         """Stop the running training; adapters in service stay as they are."""
         self._cancelled = True
-        if self._process is not None and self._process.returncode is None:
-            self._process.terminate()
+        if self._executor is not None:
+            self._executor.cancel()
 
     async def _heartbeat(self, holder: str) -> None:
         while True:
@@ -184,72 +184,65 @@ class TrainingJob:
             await self.records.renew_lock(holder, self.training.lock_ttl_s)
 
     async def _train(self, tasks: list[Task], work: Path, progress: Progress) -> None:
-        population = await self.records.active(None)
+        """The population's adapter first (users' start from it), then every user's, spread
+        over the executor's workers."""
         data_key = Key.generate()  # for this run's files only; never stored
         sealer = Key.from_text(data_key)
-        spec_tasks = []
         for task in tasks:
             folder = work / task.name
             write_examples(folder / "train.jsonl", task.split.train, sealer)
             write_examples(folder / "heldout.jsonl", task.split.heldout, sealer)
             task.version = await self.records.next_version(task.user_id)
-            own = await self.records.active(task.user_id) if task.user_id is not None else population
-            owner = POPULATION if task.user_id is None else str(task.user_id)
             task.run_id = await self.records.start_run(task.user_id, len(task.split.train) + len(task.split.heldout))
-            spec_tasks.append({
-                "name": task.name, "user_id": task.user_id,
-                "train": str(folder / "train.jsonl"), "heldout": str(folder / "heldout.jsonl"),
-                "out_dir": str(self.adapters_dir / owner / str(task.version)),
-                "in_service": own.path if own else None,
-            })  # fmt: skip
         model_dir = await asyncio.to_thread(self._model_dir)
-        spec = {
+        self._executor = await asyncio.to_thread(create_executor, self.training, work)
+        try:
+            for group in ([t for t in tasks if t.user_id is None], [t for t in tasks if t.user_id is not None]):
+                population = await self.records.active(None)  # after the population's run: the new one
+                specs = [await self._spec(task, work, model_dir, population) for task in group]
+                await asyncio.gather(*(self._submit(task, spec, data_key, progress) for task, spec in zip(group, specs,
+                                     strict=True)))  # fmt: skip
+        finally:
+            await self._executor.close()
+            self._executor = None
+
+    async def _spec(self, task: Task, work: Path, model_dir: Path, population: AdapterRow | None) -> dict[str, Any]:
+        """The worker spec that trains ``task`` alone."""
+        own = await self.records.active(task.user_id) if task.user_id is not None else population
+        owner = POPULATION if task.user_id is None else str(task.user_id)
+        return {
             "model_dir": str(model_dir),
             "threads": self.training.threads,
             "seed": self.settings.policy.seed,
             "training": self.training.model_dump(),
             "population_in_service": population.path if population else None,
-            "tasks": spec_tasks,
-        }
-        (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
-        by_name = {t.name: t for t in tasks}
-        returncode = await self._run_worker(work, by_name, progress, data_key)
-        for task in tasks:
-            if task.status in ("planned", "running"):
-                task.status = "cancelled" if self._cancelled else "failed"
-                task.reason = "cancelled" if self._cancelled else f"the training process exited with {returncode}"
-                await self.records.log_run(task.run_id, task.reason)
-                await self.records.finish_run(task.run_id, task.status)
+            "tasks": [{
+                "name": task.name, "user_id": task.user_id,
+                "train": str(work / task.name / "train.jsonl"), "heldout": str(work / task.name / "heldout.jsonl"),
+                "out_dir": str(self.adapters_dir / owner / str(task.version)),
+                "in_service": own.path if own else None,
+            }],
+        }  # fmt: skip
+
+    async def _submit(self, task: Task, spec: dict[str, Any], data_key: str, progress: Progress) -> None:
+        async def on_event(event: dict[str, Any]) -> None:
+            if event.get("task") == task.name:
+                await self._on_event(task, event)
                 progress(task)
 
-    async def _run_worker(self, work: Path, tasks: dict[str, Task], progress: Progress, data_key: str) -> int:
-        threads = str(self.training.threads)
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
-        for name in SECRET_ENV.values():  # the worker needs none of attune's secrets
-            env.pop(name, None)
-        env[DATA_KEY_ENV] = data_key
-        stderr_log = (work / "worker.log").open("wb")
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent_core.training.worker", str(work / "spec.json"),
-            stdout=asyncio.subprocess.PIPE, stderr=stderr_log, env=env,
-        )  # fmt: skip
+        reason = ""
         try:
-            assert self._process.stdout is not None
-            async for raw in self._process.stdout:
-                with contextlib.suppress(ValueError, KeyError):
-                    event = json.loads(raw)
-                    task = tasks[event["task"]]
-                    await self._on_event(task, event)
-                    progress(task)
-            return await self._process.wait()
-        except BaseException:
-            if self._process.returncode is None:
-                self._process.kill()
-                await self._process.wait()
-            raise
-        finally:
-            stderr_log.close()
-            self._process = None
+            assert self._executor is not None
+            await self._executor.submit(spec, data_key, on_event)
+        except WorkerFailed as exc:
+            reason = str(exc)
+        if task.status in ("planned", "running"):  # no result came back
+            task.status = "cancelled" if self._cancelled else "failed"
+            task.reason = "cancelled" if self._cancelled else reason or "the training process ended without a result"
+            await self.records.log_run(task.run_id, task.reason)
+            await self.records.finish_run(task.run_id, task.status)
+            log.warning("training %s %s: %s", task.name, task.status, task.reason)
+            progress(task)
 
     async def _on_event(self, task: Task, event: dict[str, Any]) -> None:
         kind = event["event"]

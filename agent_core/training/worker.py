@@ -1,4 +1,5 @@
-"""The training process: ``python -m agent_core.training.worker SPEC.json``.
+"""The training process: ``python -m agent_core.training.worker SPEC.json``, or
+:func:`run` called in a Ray task (agent_core/training/executors.py).
 
 It trains the tasks of one night in order (the population adapter first, then each
 user's on top of it), judges each candidate against the adapter in service on held-out
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +37,25 @@ from agent_core.training.dataset import DATA_KEY_ENV, Example, read_examples, wi
 from agent_core.training.evaluate import Decision, gate, measures, score
 from storage.crypto import Key
 
-_EVENTS = sys.stdout  # set in main: the real stdout, while library prints go to stderr
+Emit = Callable[[dict[str, Any]], None]
+_emit: Emit = print  # where events go: set by run()
 
 
 def emit(event: str, task: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, "task": task, **fields}), file=_EVENTS, flush=True)
+    _emit({"event": event, "task": task, **fields})
 
 
 def main(argv: list[str]) -> int:
-    global _EVENTS
-    _EVENTS = sys.stdout
+    events = sys.stdout
     sys.stdout = sys.stderr  # libraries print progress and logs: keep stdout for events only
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    return run(spec, os.environ[DATA_KEY_ENV], lambda e: print(json.dumps(e), file=events, flush=True))
+
+
+def run(spec: dict[str, Any], data_key: str, events: Emit) -> int:
+    """Train the spec's tasks in order, sending each event to ``events``."""
+    global _emit
+    _emit = events
     import torch
 
     torch.set_num_threads(int(spec["threads"]))
@@ -57,18 +67,18 @@ def main(argv: list[str]) -> int:
     for task in spec["tasks"]:
         try:
             if task["user_id"] is None:
-                decision, path = train_task(spec, task, init=population, in_service=task["in_service"])
+                decision, path = train_task(spec, task, data_key, init=population, in_service=task["in_service"])
                 if decision.promote:
                     population = path
             else:
-                train_task(spec, task, init=population, in_service=task["in_service"] or population)
+                train_task(spec, task, data_key, init=population, in_service=task["in_service"] or population)
         except Exception as exc:  # one user's failure does not stop the others
             emit("error", task["name"], error=f"{type(exc).__name__}: {exc}")
     return 0
 
 
 def train_task(
-    spec: dict[str, Any], task: dict[str, Any], *, init: str | None, in_service: str | None
+    spec: dict[str, Any], task: dict[str, Any], data_key_text: str, *, init: str | None, in_service: str | None
 ) -> tuple[Decision, str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
@@ -76,7 +86,7 @@ def train_task(
     settings = spec["training"]
     set_seed(int(spec["seed"]))  # before the LoRA weights are drawn: the same data gives the same adapter
     started = time.monotonic()
-    data_key = Key.from_text(os.environ[DATA_KEY_ENV], DATA_KEY_ENV)
+    data_key = Key.from_text(data_key_text, DATA_KEY_ENV)
     train = read_examples(Path(task["train"]), data_key)
     heldout = read_examples(Path(task["heldout"]), data_key)
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
@@ -90,7 +100,8 @@ def train_task(
         train_seconds = time.monotonic() - started
         model.eval()
         metrics = _judge(model, tokenizer, heldout, in_service, settings)
-        metrics.update(train_seconds=round(train_seconds, 2), objective=objective, train_examples=len(train))
+        metrics.update(train_seconds=round(train_seconds, 2), objective=objective, train_examples=len(train),
+                       worker=f"{socket.gethostname()}:{os.getpid()}")  # fmt: skip
         decision = gate(metrics["candidate"], metrics["in_service"], float(settings["margin"]))
         if decision.promote:
             staged = Path(scratch) / "adapter"
