@@ -15,7 +15,7 @@
    worker has cores of its own; beside it the scaling measured here, where the workers
    share this machine's cores.
 
-    python bench/scale.py [--messages 2000] [--users 3] [--rated 20] [--workers 2] [--model smollm2]
+    python bench/scale.py [--messages 2000] [--users 4] [--rated 20] [--workers 2] [--model smollm2]
 """
 
 from __future__ import annotations
@@ -138,6 +138,10 @@ def _reply(request: GenerationRequest) -> str:
     return REPLY
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -151,7 +155,7 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=2000, help="messages per throughput run")
     parser.add_argument("--chat-users", type=int, default=200, help="distinct users in the throughput runs")
     parser.add_argument("--concurrency", type=int, default=16, help="messages in flight per bot process")
-    parser.add_argument("--users", type=int, default=3, help="users trained per training run")
+    parser.add_argument("--users", type=int, default=4, help="users trained per training run")
     parser.add_argument("--rated", type=int, default=20, help="rated replies per trained user")
     parser.add_argument("--workers", type=int, default=2, help="workers of the second training run")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per training worker")
@@ -203,19 +207,22 @@ async def main() -> None:
                 runs.append(await train_night(Path(tmp) / f"w{workers}", args, workers))
         per_user = runs[0]["wall_per_user_s"]
         speedup = runs[0]["wall_s"] / runs[-1]["wall_s"]
+        ideal = args.users / math.ceil(args.users / args.workers)  # whole tasks per worker
+        slowdown = _mean(runs[-1]["task_seconds"]) / _mean(runs[0]["task_seconds"]) - 1
         print(report.table(
             ["workers", "users", "wall s", "wall per user s", "per task s (mean)", "speed-up"],
             [[r["workers"], r["users"], r["wall_s"], r["wall_per_user_s"],
-              sum(r["task_seconds"]) / len(r["task_seconds"]), runs[0]["wall_s"] / r["wall_s"]] for r in runs],
+              _mean(r["task_seconds"]), runs[0]["wall_s"] / r["wall_s"]] for r in runs],
         ))  # fmt: skip
         hours = projection(per_user)
         print(f"projected nightly wall time for {NIGHT_USERS:,} users at {per_user:.1f} s per user "
               f"(each worker {args.threads} thread(s) of its own):")  # fmt: skip
         print(report.table(["workers", "hours"], [[w, h] for w, h in hours.items()]))
-        print(f"measured here ({os.cpu_count()} cores shared): {args.workers} workers ran {speedup:.2f}x "
-              f"as fast as 1 ({speedup / args.workers:.0%} of linear)")  # fmt: skip
+        print(f"measured here ({os.cpu_count()} cores shared): {args.workers} workers ran {speedup:.2f}x as fast as 1"
+              f" (at best {ideal:.2f}x for {args.users} users); each task took {slowdown:+.0%} longer")  # fmt: skip
         results |= {"training": runs, "training_seconds_per_user": per_user, "measured_speedup": speedup,
-                    "projected_nightly_hours": hours, "night_users": NIGHT_USERS}  # fmt: skip
+                    "ideal_speedup": ideal, "task_slowdown": slowdown, "projected_nightly_hours": hours,
+                    "night_users": NIGHT_USERS}  # fmt: skip
     print(f"wrote {report.save('scale', results)}")
 
 

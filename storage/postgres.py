@@ -135,6 +135,7 @@ class PostgresDatabase(Database):
         self.conn = writer
         self.reader = reader
         self.where = redacted(url)
+        self._url = url
         self._write_lock = asyncio.Lock()
 
     @classmethod
@@ -214,12 +215,13 @@ class PostgresDatabase(Database):
             yield self.conn
 
     async def scrub(self) -> bool:
-        """VACUUM the tables that hold people's words, so the space of deleted rows is
-        reused. PostgreSQL does not zero freed space: the bytes of a deleted row can stay
-        in the data files until overwritten (encryption at rest is the remedy)."""
-        async with self._write_lock:
+        """VACUUM the tables that hold people's words (on a connection of its own: writes
+        go on meanwhile), so the space of deleted rows is reused. PostgreSQL does not zero
+        freed space: the bytes of a deleted row can stay in the data files until
+        overwritten (encryption at rest is the remedy)."""
+        async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
             for table in ("messages", "memories", "memories_fts"):
-                await self.conn.raw.execute(f"VACUUM {table}")  # type: ignore[arg-type]
+                await conn.execute(f"VACUUM {table}")  # type: ignore[arg-type]
         return True
 
     async def execute(self, sql: str, params: Params = ()) -> psycopg.AsyncCursor[Row]:

@@ -31,6 +31,8 @@ def test_the_scale_benchmark_measures_both_databases_and_a_night_of_training(
         "messages_per_s"]  # fmt: skip
     assert [r["workers"] for r in results["training"]] == [1, 2]
     assert all(r["users"] == 2 and len(r["task_seconds"]) == 2 for r in results["training"])
+    assert results["ideal_speedup"] == 2.0  # two users, two workers
+    assert results["measured_speedup"] == results["training"][0]["wall_s"] / results["training"][1]["wall_s"]
     per_user = results["training_seconds_per_user"]
     assert per_user == results["training"][0]["wall_s"] / 2
     hours = results["projected_nightly_hours"]

@@ -19,6 +19,7 @@ import pytest
 
 from agent_core.config import Config
 from storage.training import TrainingRecords
+from tests.conftest import MODEL_CACHE
 from tests.test_training import history_agent, rate_history, training_text, user_id
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -94,3 +95,22 @@ async def test_a_failing_ray_task_is_recorded_as_a_failed_run(
         assert await TrainingRecords(agent.store.db).active(task.user_id) is None
     finally:
         await agent.close()
+
+
+async def test_the_real_smollm2_trains_in_a_ray_task(make_config: Callable[..., Config], ray_cluster: str) -> None:
+    """Two optimizer steps of the real SmolLM2 in a Ray task; the liked list becomes more likely."""
+    config = make_config(
+        f'[llm]\ntemperature = 0.0\nmax_new_tokens = 8\n[llm.local]\ncache_dir = "{MODEL_CACHE}"\n'
+        "[training]\nmin_new_rated = 6\nmin_population_liked = 1000\nepochs = 1\nbatch_size = 4\nthreads = 2\n"
+        f'executor = "ray"\nray_address = "{ray_cluster}"\n'
+    )
+    agent = await history_agent(config)
+    try:
+        await rate_history(agent, "ann", 12)
+        (task,) = (await agent.training.run()).tasks
+    finally:
+        await agent.close()
+    assert task.status == "promoted", task.reason
+    assert task.metrics["ray"]["task"] and task.steps == 2
+    base, new = task.metrics["base"]["nll_liked"], task.metrics["candidate"]["nll_liked"]
+    assert 0 < new < base < 10

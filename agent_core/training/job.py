@@ -195,13 +195,18 @@ class TrainingJob:
             task.version = await self.records.next_version(task.user_id)
             task.run_id = await self.records.start_run(task.user_id, len(task.split.train) + len(task.split.heldout))
         model_dir = await asyncio.to_thread(self._model_dir)
-        self._executor = await asyncio.to_thread(create_executor, self.training, work)
+        try:
+            self._executor = await asyncio.to_thread(create_executor, self.training, work)
+        except Exception as exc:  # Ray unreachable, or not installed
+            for task in tasks:
+                await self._no_result(task, f"cannot start the {self.training.executor} executor: {exc}", progress)
+            return
         try:
             for group in ([t for t in tasks if t.user_id is None], [t for t in tasks if t.user_id is not None]):
                 population = await self.records.active(None)  # after the population's run: the new one
-                specs = [await self._spec(task, work, model_dir, population) for task in group]
-                await asyncio.gather(*(self._submit(task, spec, data_key, progress) for task, spec in zip(group, specs,
-                                     strict=True)))  # fmt: skip
+                runs = [self._submit(t, await self._spec(t, work, model_dir, population), data_key, progress)
+                        for t in group]  # fmt: skip
+                await asyncio.gather(*runs)
         finally:
             await self._executor.close()
             self._executor = None
@@ -230,19 +235,23 @@ class TrainingJob:
                 await self._on_event(task, event)
                 progress(task)
 
-        reason = ""
+        reason = "the training process ended without a result"
         try:
             assert self._executor is not None
             await self._executor.submit(spec, data_key, on_event)
         except WorkerFailed as exc:
             reason = str(exc)
-        if task.status in ("planned", "running"):  # no result came back
-            task.status = "cancelled" if self._cancelled else "failed"
-            task.reason = "cancelled" if self._cancelled else reason or "the training process ended without a result"
-            await self.records.log_run(task.run_id, task.reason)
-            await self.records.finish_run(task.run_id, task.status)
-            log.warning("training %s %s: %s", task.name, task.status, task.reason)
-            progress(task)
+        if task.status in ("planned", "running"):
+            await self._no_result(task, reason, progress)
+
+    async def _no_result(self, task: Task, reason: str, progress: Progress) -> None:
+        """Record a task that ended without a result: failed (with why), or cancelled."""
+        task.status = "cancelled" if self._cancelled else "failed"
+        task.reason = "cancelled" if self._cancelled else reason
+        await self.records.log_run(task.run_id, task.reason)
+        await self.records.finish_run(task.run_id, task.status)
+        log.warning("training %s %s: %s", task.name, task.status, task.reason)
+        progress(task)
 
     async def _on_event(self, task: Task, event: dict[str, Any]) -> None:
         kind = event["event"]
