@@ -58,8 +58,11 @@ class LocalPostgres:
 
     def _run(self, *args: str) -> None:
         command = [str(a) for a in args]
-        if self._as_postgres:
-            command = ["runuser", "-u", "postgres", "--", *command]
+        if self._as_postgres:  # runuser lives in sbin, which a plain PATH may lack
+            runuser = shutil.which("runuser") or next(
+                (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if Path(p).exists()), "runuser"
+            )
+            command = [runuser, "-u", "postgres", "--", *command]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(args[:2])} failed ({done.returncode}): {done.stderr or done.stdout}")

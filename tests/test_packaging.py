@@ -25,7 +25,12 @@ def test_readme_opens_with_run_and_test_and_ci_runs_the_test_command() -> None:
     assert commands[1] in ci.splitlines()
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert re.search(r"^run: \$\(STAMP\)$", makefile, re.M), "make run must install first"
-    assert re.search(r"^test: \$\(STAMP\) \$\(CHROMIUM\)$", makefile, re.M), "make test must install chromium too"
+    assert re.search(r"^test: \$\(STAMP\) \$\(CHROMIUM\) \$\(POSTGRES\)$", makefile, re.M), (
+        "make test must install chromium and PostgreSQL too"
+    )
+    assert re.search(r"^\tATTUNE_TEST_STORAGE=postgresql \$\(BIN\)/pytest", makefile, re.M), (
+        "and run the PostgreSQL pass"
+    )
     assert "apt-get install -y -qq chromium" in makefile
 
 
