@@ -252,3 +252,20 @@ def test_training_data_on_disk_is_sealed(tmp_path: Path) -> None:
     assert read_examples(path, Key.from_text(key)) == rows
     with pytest.raises(InvalidTag):
         read_examples(path, Key.from_text(Key.generate()))
+
+
+def test_the_textual_cipher_for_postgresql_round_trips_anything_a_user_types() -> None:
+    """PostgreSQL text takes no bytes: sealed values are stored as marked base64, and a
+    plain text that starts with one of the marks is escaped, so it reads back as typed."""
+    key = Key.from_text(Key.generate())
+    plain, sealed = Cipher().as_text(), Cipher(key).as_text()
+    for text in ("hello", "\x01looks sealed", "\x02escaped", "", "\x01", "emoji 🎉 and \x02 inside"):
+        stored = plain.seal(text, "messages.text")
+        assert isinstance(stored, str) and plain.open(stored, "messages.text") == text
+        assert plain.current(stored) and not sealed.current(stored)
+        locked = sealed.seal(text, "messages.text")
+        assert isinstance(locked, str) and locked.startswith("\x01")
+        assert not text.strip("\x01\x02") or text.strip("\x01\x02") not in locked
+        assert sealed.open(locked, "messages.text") == text and sealed.current(locked)
+        with pytest.raises(EncryptionError):
+            sealed.open(locked, "memories.text")  # the field is still the associated data
