@@ -219,7 +219,7 @@ async def main() -> None:
               f"(each worker {args.threads} thread(s) of its own):")  # fmt: skip
         print(report.table(["workers", "hours"], [[w, h] for w, h in hours.items()]))
         print(f"measured here ({os.cpu_count()} cores shared): {args.workers} workers ran {speedup:.2f}x as fast as 1"
-              f" (at best {ideal:.2f}x for {args.users} users); each task took {slowdown:+.0%} longer")  # fmt: skip
+              f" (at best {ideal:.2f}x for {args.users} users); each task took {slowdown:+.1%} longer")  # fmt: skip
         results |= {"training": runs, "training_seconds_per_user": per_user, "measured_speedup": speedup,
                     "ideal_speedup": ideal, "task_slowdown": slowdown, "projected_nightly_hours": hours,
                     "night_users": NIGHT_USERS}  # fmt: skip
