@@ -65,6 +65,11 @@ class StorageSettings(_Section):
         return value
 
     @property
+    def adapters_path(self) -> Path:
+        """Where trained adapters live: ``<data_dir>/adapters/<user id | population>/<version>``."""
+        return self.data_path / "adapters"
+
+    @property
     def database_path(self) -> Path:
         return self.data_path / self.database
 

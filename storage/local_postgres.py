@@ -39,7 +39,8 @@ def server_bin() -> Path:
     return Path(found[-1]).parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -51,7 +52,7 @@ class LocalPostgres:
     def __init__(self, *, durable: bool = False) -> None:
         # durable=False: fsync off, for tests. The benchmarks keep PostgreSQL's defaults.
         self.durable = durable
-        self.port = _free_port()
+        self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="attune-pg-"))
         self.data = self.root / "data"
         self._as_postgres = os.geteuid() == 0

@@ -13,7 +13,6 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
 import pytest
 from cryptography.exceptions import InvalidTag
 
@@ -24,7 +23,7 @@ from agent_core.training.dataset import Example, read_examples, write_examples
 from storage import SqliteDatabase, Store
 from storage.crypto import Cipher, EncryptionError, Key
 from storage.keys import rotate, rotation_cipher
-from tests.conftest import ATTUNE, write_config
+from tests.conftest import ATTUNE, query, write_config
 from tests.test_agent import msg, react, send
 from tests.test_commands import run
 
@@ -34,16 +33,14 @@ SECRET_WORDS = (b"quokka", b"marzipan", b"zanzibar")
 def _stored(config: Config, data_dir: Path, words: tuple[bytes, ...] = SECRET_WORDS) -> list[str]:
     """Where the database keeps any of ``words``: on SQLite in which files (raw bytes),
     on PostgreSQL in which tables (every value of every row)."""
-    url = config.settings.storage.url
-    if not url:
+    if not config.settings.storage.url:
         return _files_hold(data_dir, words)
     found = []
-    with psycopg.connect(url) as conn:
-        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")]
-        for table in tables:
-            for row in conn.execute(f"SELECT * FROM {table}"):  # type: ignore[call-overload]
-                raw = " ".join(str(v) for v in row).lower().encode()
-                found += [f"{table}: {w.decode()}" for w in words if w in raw]
+    directory = data_dir.parent  # where the test's config was written
+    for (table,) in query(directory, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"):
+        for row in query(directory, f"SELECT * FROM {table}"):
+            raw = " ".join(str(v) for v in row).lower().encode()
+            found += [f"{table}: {w.decode()}" for w in words if w in raw]
     return found
 
 

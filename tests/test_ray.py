@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent_core.config import Config
+from storage.local_postgres import free_port
 from storage.training import TrainingRecords
 from tests.conftest import MODEL_CACHE
 from tests.test_training import history_agent, rate_history, training_text, user_id
@@ -25,16 +26,10 @@ from tests.test_training import history_agent, rate_history, training_text, user
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A one-node Ray cluster on 127.0.0.1 (`ray start --head`); its address."""
-    port = _free_port()
+    port = free_port()
     temp = Path("/tmp") / f"ray-{os.getpid()}"  # Ray's socket paths must stay short
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run(

@@ -35,10 +35,24 @@ def _config(make_config: Callable[..., Config], server: FakeOpenAI, **extra: str
 
 def _adapter_dir(config: Config, user_id: int, version: int) -> Path:
     """A directory laid out as a trained adapter (the fake reads only its config)."""
-    path = config.settings.storage.data_path / "adapters" / f"user-{user_id}" / f"v{version}"
+    path = config.settings.storage.adapters_path / f"user-{user_id}" / f"v{version}"
     path.mkdir(parents=True)
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     return path
+
+
+async def _agent_and_ann(config: Config) -> tuple[Agent, int]:
+    """An agent on the configured server, and the id of ann, who has said hello."""
+    agent = await Agent.open(config, llm=create_backend(config))
+    await _ask(agent, "ann", "hello")
+    ann = await agent.store.find_user("web", "ann")
+    assert ann is not None
+    return agent, ann
+
+
+async def _promote(agent: Agent, user_id: int, version: int, path: Path) -> None:
+    records = TrainingRecords(agent.store.db)
+    await records.add_adapter(user_id, version, str(path), promote=True, parent="base", metrics={})
 
 
 async def _ask(agent: Agent, user: str, text: str) -> str:
@@ -52,15 +66,11 @@ async def test_a_promoted_adapter_is_registered_once_then_asked_for_by_name(
 ) -> None:
     async with FakeOpenAI("fine thanks", vllm=True) as server:
         config = _config(make_config, server)
-        agent = await Agent.open(config, llm=create_backend(config))
+        agent, ann = await _agent_and_ann(config)
         try:
-            await _ask(agent, "ann", "hello")
             await _ask(agent, "bob", "hello")
-            ann = await agent.store.find_user("web", "ann")
-            assert ann is not None
-            records = TrainingRecords(agent.store.db)
             v1 = _adapter_dir(config, ann, 1)
-            await records.add_adapter(ann, 1, str(v1), promote=True, parent="base", metrics={})
+            await _promote(agent, ann, 1, v1)
             await _ask(agent, "ann", "and now?")
             await _ask(agent, "ann", "again")
             await _ask(agent, "bob", "me too")
@@ -70,7 +80,7 @@ async def test_a_promoted_adapter_is_registered_once_then_asked_for_by_name(
 
             # A new version replaces the old one on the server too.
             v2 = _adapter_dir(config, ann, 2)
-            await records.add_adapter(ann, 2, str(v2), promote=True, parent="base", metrics={})
+            await _promote(agent, ann, 2, v2)
             await _ask(agent, "ann", "newer?")
             assert server.lora_requests[1:] == [
                 ("load", {"lora_name": f"user-{ann}-v2", "lora_path": str(v2)}),
@@ -91,15 +101,10 @@ async def test_the_server_sees_adapters_under_its_own_path(make_config: Callable
     async with FakeOpenAI(vllm=True) as server:
         mount = tmp_path / "mnt-adapters"  # what the server calls the adapters directory
         config = _config(make_config, server, ATTUNE_LLM__OPENAI__ADAPTER_DIR=str(mount))
-        mount.symlink_to(config.settings.storage.data_path / "adapters", target_is_directory=True)
-        agent = await Agent.open(config, llm=create_backend(config))
+        mount.symlink_to(config.settings.storage.adapters_path, target_is_directory=True)
+        agent, ann = await _agent_and_ann(config)
         try:
-            await _ask(agent, "ann", "hello")
-            ann = await agent.store.find_user("web", "ann")
-            assert ann is not None
-            path = _adapter_dir(config, ann, 1)
-            records = TrainingRecords(agent.store.db)
-            await records.add_adapter(ann, 1, str(path), promote=True, parent="base", metrics={})
+            await _promote(agent, ann, 1, _adapter_dir(config, ann, 1))
             await _ask(agent, "ann", "hi")
             assert server.lora_requests == [
                 ("load", {"lora_name": f"user-{ann}-v1", "lora_path": str(mount / f"user-{ann}" / "v1")})
@@ -114,14 +119,9 @@ async def test_an_adapter_the_server_refuses_falls_back_to_the_base_model(
 ) -> None:
     async with FakeOpenAI("base answer", vllm=True) as server:
         config = _config(make_config, server)
-        agent = await Agent.open(config, llm=create_backend(config))
+        agent, ann = await _agent_and_ann(config)
         try:
-            await _ask(agent, "ann", "hello")
-            ann = await agent.store.find_user("web", "ann")
-            assert ann is not None
-            missing = config.settings.storage.data_path / "adapters" / "gone"
-            await TrainingRecords(agent.store.db).add_adapter(ann, 1, str(missing), promote=True, parent="base",
-                                                              metrics={})  # fmt: skip
+            await _promote(agent, ann, 1, config.settings.storage.adapters_path / "gone")
             with caplog.at_level(logging.WARNING):
                 assert (await _ask(agent, "ann", "hi")).strip() == "base answer"
             assert server.requests[-1]["model"] == "base-model"

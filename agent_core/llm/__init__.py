@@ -47,7 +47,7 @@ def create_backend(config: Config) -> LLMBackend:
             timeout_s=llm.timeout_s,
             max_retries=llm.openai.max_retries,
             load_adapters=llm.openai.load_adapters,
-            adapter_dirs=(config.settings.storage.data_path / "adapters", llm.openai.adapter_dir)
+            adapter_dirs=(config.settings.storage.adapters_path, llm.openai.adapter_dir)
             if llm.openai.adapter_dir
             else None,
         )

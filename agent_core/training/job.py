@@ -87,7 +87,7 @@ class TrainingJob:
 
     @property
     def adapters_dir(self) -> Path:
-        return self.settings.storage.data_path / "adapters"
+        return self.settings.storage.adapters_path
 
     def delete_files(self, user_id: int) -> None:
         """Remove a user's adapter files (after their records are gone: /forget all)."""
