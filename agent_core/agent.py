@@ -36,7 +36,7 @@ from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
 from agent_core.prompts import PromptParts, build_prompt
 from agent_core.ratelimit import OneAtATime, RateLimiter
 from agent_core.rewards import RewardMap, normalize
-from agent_core.style import Style, finish, token_budget
+from agent_core.style import Style, finish, measure_style, token_budget
 from agent_core.training.job import TrainingJob
 from storage import (
     UNAVAILABLE,
@@ -154,6 +154,7 @@ class Agent:
             return Reply(text=BUSY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         if text is None:
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
+        observed = measure_style(text)  # what the user will read: the policy learns from this
         reply_id = await self.store.add_reply(
             received,
             text=text,
@@ -161,7 +162,9 @@ class Agent:
             adapter_version=_adapter_name(context.adapter),
             prompt=prompt,
             policy=choice.log,
+            observed=observed.as_dict(),
         )
+        await self.policy.shown(style, observed)
         return Reply(
             text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id, style=style.as_dict()
         )
@@ -215,6 +218,7 @@ class Agent:
             temperature=llm.temperature,
             top_p=llm.top_p,
             adapter=AdapterRef(_adapter_name(adapter), adapter.path) if adapter else None,
+            style=style,
         )
         pieces: list[str] = []
         try:

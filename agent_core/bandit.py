@@ -88,6 +88,52 @@ def features(style: Style, context: str) -> np.ndarray:
     return x
 
 
+@dataclass(frozen=True)
+class Realisation:
+    """How often a requested value shows in the reply's text, per dimension and value:
+    ``rates[j, 0]`` is the chance that asking for dimension ``j``'s first value gives a
+    reply with it, ``rates[j, 1]`` the same for its second value.
+
+    The reward model is linear in the observed style's ±1 signs, so the expected reward
+    of a *request* is the reward model applied to its expected signs, ``2q - 1`` for a
+    first value realised with chance ``q`` and ``1 - 2q`` for a second one (dimensions
+    realised independently). Choosing over those expected features picks the request
+    that pays best in what the user will see."""
+
+    rates: np.ndarray = field(default_factory=lambda: np.ones((len(DIMS), 2)))
+
+    @classmethod
+    def from_counts(cls, asked: np.ndarray, shown: np.ndarray, prior: float = 2.0, prior_rate: float = 0.9
+                    ) -> Realisation:  # fmt: skip
+        """From counts per (dimension, value): ``asked`` requests, ``shown`` of them realised;
+        a prior of ``prior`` pseudo-replies realised at ``prior_rate`` (the backend means to
+        realise what it is asked), which a few dozen replies outweigh."""
+        return cls((shown + prior * prior_rate) / (asked + prior))
+
+    @property
+    def key(self) -> bytes:
+        return np.round(self.rates, 3).tobytes()
+
+    def signs(self) -> np.ndarray:
+        """(16, 4): each style's expected sign per dimension when it is requested."""
+        first = self.rates[:, 0] * 2 - 1  # asked first value: E[sign]
+        second = 1 - 2 * self.rates[:, 1]  # asked second value: E[sign]
+        return np.where(_STYLE_SIGNS > 0, first[None, :], second[None, :])
+
+    def expected_features(self, context: str) -> np.ndarray:
+        """(16, F): the expected features of the reply to each requested style."""
+        signs = self.signs()
+        x = np.zeros((len(ALL_STYLES), N_FEATURES))
+        x[:, 0] = 1.0
+        x[:, 1 : 1 + len(DIMS)] = signs
+        c = CONTEXTS.index(context) if context in CONTEXTS else CONTEXTS.index("chat")
+        start = 1 + len(DIMS) * (1 + c)
+        x[:, start : start + len(DIMS)] = signs
+        return x
+
+
+PERFECT = Realisation()
+
 RECENT = 100  # observations kept as they were, for telling groups apart exactly
 _STYLE_SIGNS = np.array([features(s, "chat")[1 : 1 + len(DIMS)] for s in ALL_STYLES])  # (16, 4) of ±1
 _FEATURES = {c: np.array([features(s, c) for s in ALL_STYLES]) for c in CONTEXTS}  # context -> (16, F)
@@ -217,7 +263,9 @@ class Posterior:
     means: np.ndarray  # (K, F)
     covs: np.ndarray  # (K, F, F)
     weights: np.ndarray  # (K,) posterior probability of each component
-    tables: dict[tuple[str, tuple[tuple[str, str], ...]], ChoiceTable] = field(default_factory=dict, compare=False)
+    tables: dict[tuple[str, tuple[tuple[str, str], ...], bytes], ChoiceTable] = field(
+        default_factory=dict, compare=False
+    )
 
     def mean(self) -> np.ndarray:
         return self.weights @ self.means
@@ -313,16 +361,26 @@ class StyleBandit:
         decay = (self.config.evidence_gamma**ages)[:, None]
         return np.sum(decay * (liked * np.log(p) + (1 - liked) * np.log(1 - p)), axis=0)
 
-    def choose(self, posterior: Posterior, context: str, fixed: dict[str, str], rng: np.random.Generator) -> Decision:
-        """The style for one reply, among those that agree with ``fixed``: one draw from
-        :meth:`choice_probabilities`, whose probability is logged as the propensity."""
-        table = self.choice_probabilities(posterior, context, fixed)
+    def choose(
+        self,
+        posterior: Posterior,
+        context: str,
+        fixed: dict[str, str],
+        rng: np.random.Generator,
+        realisation: Realisation = PERFECT,
+    ) -> Decision:
+        """The style to request for one reply, among those that agree with ``fixed``: one
+        draw from :meth:`choice_probabilities`, whose probability is logged as the propensity."""
+        table = self.choice_probabilities(posterior, context, fixed, realisation)
         i = min(int(np.searchsorted(table.cumulative, rng.random() * table.cumulative[-1], side="right")),
                 len(table.allowed) - 1)  # fmt: skip
         return Decision(ALL_STYLES[int(table.allowed[i])], context, float(table.probs[i]), table.marginals)
 
-    def choice_probabilities(self, posterior: Posterior, context: str, fixed: dict[str, str]) -> ChoiceTable:
-        """How likely each allowed style is to be chosen under this posterior.
+    def choice_probabilities(
+        self, posterior: Posterior, context: str, fixed: dict[str, str], realisation: Realisation = PERFECT
+    ) -> ChoiceTable:
+        """How likely each allowed style is to be requested under this posterior, each
+        judged by the reply it will give (``realisation``: how often a request shows).
 
         With the probability that the user is like nobody known (the broad component), a
         Thompson draw from it, tempered by ``explore_scale``: exploration that also teaches
@@ -333,11 +391,14 @@ class StyleBandit:
         the same table) and kept with the posterior, so a choice costs one random number
         until the user's next reaction, and the logged propensity is the exact probability
         the choice was drawn with."""
-        key = (context, tuple(sorted(fixed.items())))
+        key = (context, tuple(sorted(fixed.items())), realisation.key)
         if (cached := posterior.tables.get(key)) is not None:
             return cached
         allowed = _allowed(fixed)
-        X = _FEATURES[context if context in _FEATURES else "chat"][allowed]
+        if realisation is PERFECT:
+            X = _FEATURES[context if context in _FEATURES else "chat"][allowed]
+        else:
+            X = realisation.expected_features(context)[allowed]
         explore = float(posterior.weights[0]) if len(posterior.weights) > 1 else 1.0
         probs = np.zeros(len(allowed))
         if explore > 0:

@@ -20,7 +20,7 @@ from statistics import fmean
 from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
 from agent_core.policy import StylePolicy
-from agent_core.style import DIMENSIONS, is_valid
+from agent_core.style import DIMENSIONS, asked_and_shown, describe_asked_and_shown, is_valid
 from agent_core.training.job import TrainingBusy, TrainingJob
 from storage import Store
 from storage.training import TrainingRecords
@@ -238,6 +238,9 @@ def reward_trend(rewards: list[float], window: int = 10) -> str:
     return text
 
 
+SHOWN_WINDOW = 50  # /stats: the replies over which "asked for and shown" is counted
+
+
 async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     stats = await cmds.store.stats(caller.user_id)
     adapter = await cmds.store.active_adapter(caller.user_id)
@@ -252,6 +255,9 @@ async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         f"Reactions: {len(stats['rewards'])}; reward {reward_trend(stats['rewards'])}.",
         f"Notes: {stats['memories']}.",
         await cmds.policy.describe(caller.user_id, await cmds.store.preferences(caller.user_id)),
+        f"Style asked for and shown in my last {SHOWN_WINDOW} replies to you: "
+        + describe_asked_and_shown(asked_and_shown(await cmds.store.realisations(SHOWN_WINDOW, caller.user_id)))
+        + ".",
         f"Adapter: {adapter_line}.",
         await _training_line(cmds, caller.user_id),
         f"Model: {cmds.describe_model()}.",

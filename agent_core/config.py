@@ -87,6 +87,8 @@ class LocalLLMSettings(_Section):
     threads: int = Field(default=0, ge=0)
     context_window: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.1, ge=1.0, le=2.0)
+    no_repeat_ngram: int = Field(default=4, ge=0, le=16)  # the loop guard: no repeated n-gram of this size; 0 = off
+    style_control: bool = True  # steer decoding so the chosen style shows (agent_core/llm/style_control.py)
     max_loaded_adapters: int = Field(default=16, ge=1)
     # Serving many users at once (continuous batching; Llama-family models):
     batching: bool = True  # false: plain transformers generate, one request at a time

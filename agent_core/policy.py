@@ -25,7 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from agent_core.bandit import DIMS, BanditConfig, Population, Posterior, StyleBandit, UserStats, features
+from agent_core.bandit import (
+    DIMS,
+    BanditConfig,
+    Population,
+    Posterior,
+    Realisation,
+    StyleBandit,
+    UserStats,
+    features,
+)
 from agent_core.config import PolicySettings, StyleDefaults
 from agent_core.style import DIMENSIONS, Style
 from storage import Store
@@ -34,6 +43,7 @@ log = logging.getLogger(__name__)
 
 POLICY_NAME = "bandit-v1"
 HISTORY = 500  # rated replies replayed when relearning a user
+REALISATION_WINDOW = 2000  # the latest replies (everyone's) that say how often a requested value shows
 POSTERIOR_CACHE = 4096  # users whose posterior is kept between their messages
 
 _QUESTION = re.compile(r"\?\s*$|^\s*(what|why|how|when|where|who|which|whose|is|are|can|could|do|does|did|should"
@@ -72,6 +82,11 @@ class StylePolicy(ABC):
     @abstractmethod
     async def learn(self, user_id: int) -> None:
         """This user's reactions changed: update what is known about them."""
+
+    async def shown(self, requested: Style, observed: Style) -> None:
+        """A reply asked for ``requested`` came out as ``observed`` (read from its text).
+        Optional: a policy that plans for what the user will see learns from it."""
+        return None
 
     @abstractmethod
     async def reset(self, user_id: int) -> None:
@@ -122,6 +137,9 @@ class LearningPolicy(StylePolicy):
         self._population: Population | None = None
         self._fresh: Posterior | None = None  # the posterior of any user nothing is known about
         self._learned_since_refit = 0
+        self._asked: np.ndarray | None = None  # per (dimension, value): replies that asked for it...
+        self._shown = np.zeros((len(DIMS), 2))  # ...and of those, how many have it
+        self._realisation: Realisation | None = None
         # Before anyone has reacted, lean a little toward the configured [style].
         self.default_mean = np.zeros(len(features(Style.from_dict(defaults.model_dump()), "chat")))
         for j, dim in enumerate(DIMS):
@@ -167,10 +185,37 @@ class LearningPolicy(StylePolicy):
         population = self.bandit.population(users, prior_mean=self.default_mean)
         await self.store.save_policy_population(population.to_bytes(), len(users))
         self._population, self._learned_since_refit = population, 0
+        self._realisation = None  # recomputed from the counts at the next choice
         self._posteriors.clear()
         self._fresh = None
         log.info("style policy: population refit from %d users, %d prototypes", len(users), len(population.prototypes))
         return population
+
+    async def realisation(self) -> Realisation:
+        """How often each requested value shows in the text, from the latest replies: counted
+        at every reply, brought into the choices at each refit (with the population), so
+        that choices between two refits depend only on the user's own events."""
+        if self._asked is None:
+            self._asked = np.zeros((len(DIMS), 2))
+            for asked, shown, count in await self.store.realisations(REALISATION_WINDOW):
+                self._count(Style.from_dict(json.loads(asked)), Style.from_dict(json.loads(shown)), count)
+        if self._realisation is None:
+            self._realisation = Realisation.from_counts(self._asked, self._shown)
+        return self._realisation
+
+    def _count(self, requested: Style, observed: Style, count: int = 1) -> None:
+        assert self._asked is not None
+        for j, dim in enumerate(DIMS):
+            v = DIMENSIONS[dim].index(getattr(requested, dim))
+            self._asked[j, v] += count
+            self._shown[j, v] += count * (getattr(observed, dim) == getattr(requested, dim))
+        if self._asked.sum() > REALISATION_WINDOW * len(DIMS):  # a moving window: old replies fade
+            self._asked *= 0.5
+            self._shown *= 0.5
+
+    async def shown(self, requested: Style, observed: Style) -> None:
+        await self.realisation()
+        self._count(requested, observed)
 
     # --- deciding ------------------------------------------------------------------------------
 
@@ -179,7 +224,7 @@ class LearningPolicy(StylePolicy):
         context = classify(text)
         posterior = await self._posterior(user_id)
         rng = np.random.default_rng([self.settings.seed, user_id, key])
-        decision = self.bandit.choose(posterior, context, fixed_dims, rng)
+        decision = self.bandit.choose(posterior, context, fixed_dims, rng, await self.realisation())
         entry = {"policy": POLICY_NAME, "context": context, "propensity": round(decision.propensity, 4),
                  "marginals": decision.marginals, "fixed": sorted(fixed_dims)}  # fmt: skip
         return Choice(decision.style, entry)

@@ -60,20 +60,23 @@ class Style:
 # A small model does not keep to "brief" when only asked: a brief reply also gets a token
 # budget, and is cut after its last complete sentence.
 BRIEF_TOKENS = 64
-_SENTENCE_END = re.compile(r"[.!?…](?:[\"')\]]*)(?=\s|$)")
+_SENTENCE_END = re.compile(
+    "[.!?…][\"')\\]]*(?:\\s*[\U0001f300-\U0001faff\u2600-\u27bf\U0001f000-\U0001f2ff\ufe0f\u200d]+)*(?=\\s|$)"
+)
 
 
 def token_budget(style: Style, configured: int) -> int:
     return min(configured, BRIEF_TOKENS) if style.length == "brief" else configured
 
 
-def finish(text: str, style: Style) -> str:
-    """The reply as sent: a brief one that was cut mid-sentence ends at its last full stop."""
+def finish(text: str, style: Style | None = None) -> str:
+    """The reply as sent: one that was cut mid-sentence (it reached its token budget) ends
+    at its last full sentence, with the emoji that closed it; a lone list marker goes."""
     text = text.strip()
-    if style.length != "brief" or not text or text[-1] in ".!?…":
+    if not text or (_SENTENCE_END.search(text[-3:] + " ") and text[-1] not in "-*"):
         return text
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    return text[: ends[-1]] if ends and ends[-1] > len(text) * 0.3 else text
+    return text[: ends[-1]].rstrip() if ends and ends[-1] > len(text) * 0.3 else text
 
 
 def is_valid(dimension: str, value: str) -> bool:
@@ -110,3 +113,25 @@ def measure_style(text: str) -> Style:
         emoji="some" if _EMOJI.search(text) else "none",
         format="bullets" if len(_BULLET.findall(text)) >= 2 else "prose",
     )
+
+
+def asked_and_shown(rows: list[tuple[str, str, int]]) -> dict[str, dict[str, tuple[int, int]]]:
+    """From (requested style JSON, observed style JSON, count) rows: per dimension and
+    value, (replies that asked for it, how many of them have it)."""
+    import json
+
+    table = {dim: dict.fromkeys(values, (0, 0)) for dim, values in DIMENSIONS.items()}
+    for asked_json, shown_json, count in rows:
+        asked, shown = json.loads(asked_json), json.loads(shown_json)
+        for dim in DIMENSIONS:
+            value = asked.get(dim)
+            if value in table[dim]:
+                n, k = table[dim][value]
+                table[dim][value] = (n + count, k + count * (shown.get(dim) == value))
+    return table
+
+
+def describe_asked_and_shown(table: dict[str, dict[str, tuple[int, int]]]) -> str:
+    """One line: how often each value asked for showed in the text ("bullets 9/10")."""
+    parts = [f"{value} {k}/{n}" for values in table.values() for value, (n, k) in values.items() if n]
+    return "; ".join(parts) if parts else "no replies yet"

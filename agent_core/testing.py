@@ -10,6 +10,28 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from agent_core.llm.base import GenerationRequest, LLMBackend, LLMError
+from agent_core.style import Style
+
+
+def styled_reply(request: GenerationRequest, text: str | None = None) -> str:
+    """A reply to ``request`` that has the style it asks for (as ``measure_style`` reads
+    it): the echo of the last message (or ``text``), shaped as a perfectly steered model
+    would shape it. For tests of what the policy learns from the text."""
+    style = request.style or Style("brief", "formal", "none", "prose")
+    said = text or f"echo: {request.messages[-1]['content']}"
+    sentences = [said.rstrip(".!?") + ".", "That is the point."]
+    if style.length == "detailed":
+        sentences += [f"Here is more on it, in part {i}, with words that make this reply a longer one." for i in
+                      range(1, 6)]  # fmt: skip
+    if style.tone == "casual":
+        sentences[0] = sentences[0][:-1] + "! It's simple."
+    else:
+        sentences[1] = "Furthermore, that is the point."
+    if style.emoji == "some":
+        sentences[0] += " 🙂"
+    if style.format == "bullets":
+        return "\n".join(f"- {s}" for s in sentences)
+    return " ".join(sentences)
 
 
 class RecordingBackend(LLMBackend):

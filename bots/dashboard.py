@@ -22,10 +22,12 @@ from aiohttp import web
 
 from agent_core.agent import Agent
 from agent_core.config import Config
-from agent_core.style import DIMENSIONS
+from agent_core.style import DIMENSIONS, asked_and_shown
 from agent_core.training.job import TrainingBusy
 from storage.reports import Reports, UserSummary
 from storage.training import TrainingRecords
+
+SHOWN_WINDOW = 2000  # replies over which asked against shown is counted
 
 if TYPE_CHECKING:
     from bots.web import WebAdapter
@@ -162,6 +164,7 @@ class Dashboard:
             "reward_by_day": await self.reports.reward_by_day(),
             "adapters": await self.reports.adapters(),
             "training_runs": await self.reports.training_runs(),
+            "asked_and_shown": asked_and_shown(await self.agent.store.realisations(SHOWN_WINDOW)),
         }
 
     async def overview_json(self, request: web.Request) -> web.StreamResponse:
@@ -178,6 +181,8 @@ class Dashboard:
         csrf = escape(self.web.csrf_token(request))
         notice = NOTICES.get(request.query.get("notice", ""), "")
         daily = data["daily"]
+        shown = [[dim, value, n, k, f"{k / n:.0%}" if n else "–"]
+                 for dim, values in data["asked_and_shown"].items() for value, (n, k) in values.items()]  # fmt: skip
         parts = [
             f'<form method="post" action="/dashboard/logout" class="logout"><input type="hidden" name="csrf" '
             f'value="{csrf}"><button>Sign out</button></form>',
@@ -190,6 +195,10 @@ class Dashboard:
             "</section><section><h2>Reward over time</h2>"
             "<p>Mean reward of the reactions each person gave to replies meant for them, per day.</p>",
             reward_plot(data["reward_by_day"], names),
+            "</section><section><h2>Style: asked for and shown</h2>"
+            f"<p>Of the last {SHOWN_WINDOW} replies, how often the style the policy asked for is in the text "
+            "(read by <code>measure_style</code>). The policy learns from what was shown.</p>",
+            _table(["dimension", "value", "asked", "shown", "share"], shown, "No replies yet."),
             "</section><section><h2>Users</h2>",
             _users_table([UserSummary(**u) for u in users], {int(k): v for k, v in data["beliefs"].items()}, csrf),
             "</section><section><h2>Adapters</h2>",

@@ -343,12 +343,14 @@ class Store:
         adapter_version: str | None,
         prompt: Sequence[Mapping[str, str]],
         policy: Mapping[str, Any] | None = None,
+        observed: dict[str, str] | None = None,
     ) -> int:
-        """Store the bot's answer to ``received``, with the exact prompt it came from and
-        how its style was decided."""
+        """Store the bot's answer to ``received``, with the exact prompt it came from, how
+        its style was decided (``style``: the style asked for) and the style its text has
+        (``observed``)."""
         reply_id = await self.db.insert(
             "INSERT INTO messages (chat_id, user_id, role, text, reply_to, style, adapter_version,"
-            " prompt, policy, created_at) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?)",
+            " prompt, policy, created_at, observed_style) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 received.chat_id,
                 received.user_id,
@@ -359,6 +361,7 @@ class Store:
                 self.cipher.seal(json.dumps(list(prompt), ensure_ascii=False), "messages.prompt"),
                 json.dumps(policy) if policy is not None else None,
                 time.time(),
+                json.dumps(observed) if observed is not None else None,
             ),
         )
         assert reply_id is not None
@@ -591,15 +594,31 @@ class Store:
 
     async def rated_replies(self, user_id: int, since: float, limit: int) -> list[tuple[str, str | None, float]]:
         """The last ``limit`` replies this user rated (reactions given at or after
-        ``since``), oldest first: (style JSON, the context the policy saw, mean standing reward)."""
+        ``since``), oldest first: (the style the reply has as JSON, the context the policy
+        saw, mean standing reward). The style is the one observed in the text; for replies
+        stored before that was recorded, the requested one."""
         rows = await self.db.fetchall(
-            "SELECT * FROM (SELECT m.id, m.style, json_extract(m.policy, '$.context'), AVG(r.reward) FROM messages m"
+            "SELECT * FROM (SELECT m.id, COALESCE(m.observed_style, m.style), json_extract(m.policy, '$.context'),"
+            " AVG(r.reward) FROM messages m"
             " JOIN reactions r ON r.message_id = m.id AND r.user_id = m.user_id AND r.removed_at IS NULL"
             " WHERE m.user_id = ? AND m.role = 'assistant' AND m.style IS NOT NULL AND r.created_at >= ?"
             " GROUP BY m.id ORDER BY m.id DESC LIMIT ?) AS rated ORDER BY id",
             (user_id, since, limit),
         )
         return [(str(r[1]), r[2], float(r[3])) for r in rows]
+
+    async def realisations(self, recent: int, user_id: int | None = None) -> list[tuple[str, str, int]]:
+        """How the last ``recent`` replies (all users', or one user's) turned out: (style
+        asked for as JSON, style observed as JSON, how many replies)."""
+        mine = " AND user_id = ?" if user_id is not None else ""
+        params: tuple[Any, ...] = (user_id, recent) if user_id is not None else (recent,)
+        rows = await self.db.fetchall(
+            "SELECT style, observed_style, COUNT(*) FROM (SELECT style, observed_style FROM messages"
+            " WHERE role = 'assistant' AND style IS NOT NULL AND observed_style IS NOT NULL" + mine
+            + " ORDER BY id DESC LIMIT ?) AS recent GROUP BY style, observed_style",
+            params,
+        )  # fmt: skip
+        return [(str(r[0]), str(r[1]), int(r[2])) for r in rows]
 
     async def policy_user(self, user_id: int) -> tuple[bytes, float] | None:
         """What the policy learned about this user, and when they last reset it."""

@@ -51,7 +51,8 @@ class Reports:
                 users[user_id].preferences[str(key)] = str(value)
         totals: dict[int, list[float]] = defaultdict(list)
         by_style: dict[int, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
-        for user_id, reward, style in await self.db.fetchall(f"SELECT r.user_id, r.reward, m.style {_RATED}"):
+        shown = await self.db.fetchall(f"SELECT r.user_id, r.reward, COALESCE(m.observed_style, m.style) {_RATED}")
+        for user_id, reward, style in shown:
             totals[user_id].append(float(reward))
             for dim, value in (json.loads(style) if style else {}).items():
                 by_style[user_id][(dim, value)].append(float(reward))

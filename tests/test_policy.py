@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from agent_core.agent import Agent
-from agent_core.bandit import ALL_STYLES, StyleBandit, UserStats, features
+from agent_core.bandit import ALL_STYLES, Realisation, StyleBandit, UserStats, features
 from agent_core.config import Config, load_config
 from agent_core.events import Command, Message, Reaction, Reply
+from agent_core.llm import GenerationRequest
 from agent_core.policy import LearningPolicy, classify
 from agent_core.style import Style, measure_style
-from agent_core.testing import RecordingBackend
+from agent_core.testing import RecordingBackend, styled_reply
 from tests.conftest import write_config
 
 
@@ -53,8 +54,11 @@ def test_measure_style_reads_the_text(text: str, expected: dict[str, str]) -> No
 
 @pytest.fixture
 async def agent(make_config: Callable[..., Config]) -> AsyncIterator[Agent]:
-    """An agent whose users may write as fast as the tests do."""
-    opened = await Agent.open(make_config("[limits]\nmessages_per_minute = 100000\n"), llm=RecordingBackend())
+    """An agent whose users may write as fast as the tests do, and whose backend writes
+    each reply in the style asked for (a perfectly steered model): the policy learns from
+    the text, so the text must have the style."""
+    backend = RecordingBackend(reply=styled_reply)
+    opened = await Agent.open(make_config("[limits]\nmessages_per_minute = 100000\n"), llm=backend)
     yield opened
     await opened.close()
 
@@ -143,7 +147,7 @@ async def test_reset_learning_forgets_what_was_learned(agent: Agent) -> None:
 
 async def _fresh(make_config: Callable[..., Config], seed: int) -> Agent:
     text = f"[policy]\nseed = {seed}\n[limits]\nmessages_per_minute = 100000\n"
-    return await Agent.open(make_config(text), llm=RecordingBackend())
+    return await Agent.open(make_config(text), llm=RecordingBackend(reply=styled_reply))
 
 
 async def test_choices_are_reproducible_for_a_seed_and_survive_a_restart(
@@ -248,3 +252,84 @@ async def test_the_same_events_get_the_same_styles_however_they_were_stored(tmp_
         chosen.append(styles)
     assert chosen[0] == chosen[1]
     assert len({json.dumps(s, sort_keys=True) for s in chosen[0]}) > 1  # the policy really drew
+
+
+def _casual_half_the_time(request: GenerationRequest) -> str:
+    """A model that writes casual text for every other request asking for it (formal
+    text otherwise), and every other value as asked."""
+    assert request.style is not None
+    _casual_half_the_time.asked += request.style.tone == "casual"  # type: ignore[attr-defined]
+    tone = "formal" if request.style.tone == "formal" or _casual_half_the_time.asked % 2 else "casual"  # type: ignore[attr-defined]
+    shown = Style(request.style.length, tone, request.style.emoji, request.style.format)  # type: ignore[arg-type]
+    return styled_reply(GenerationRequest(messages=request.messages, style=shown))
+
+
+async def test_the_policy_learns_from_the_style_shown_and_asks_for_what_pays(
+    make_config: Callable[..., Config],
+) -> None:
+    """The user likes casual text and dislikes formal text. Asking for casual gives casual
+    text only half the time: the policy learns from what the user read (the replies that
+    came out formal count against formal, not against asking for casual), still asks for
+    casual, and says what it asked for against what was shown."""
+    _casual_half_the_time.asked = 0  # type: ignore[attr-defined]
+    agent = await Agent.open(make_config("[limits]\nmessages_per_minute = 100000\n"),
+                             llm=RecordingBackend(reply=_casual_half_the_time))  # fmt: skip
+    try:
+        asked = []
+        for _ in range(40):
+            reply = await _reply(agent, "ann")
+            shown = measure_style(reply.text)
+            asked.append(reply.style["tone"])
+            await _react(agent, "ann", reply, "👍" if shown.tone == "casual" else "👎")
+        assert asked[-10:].count("casual") >= 9, asked
+        user = await agent.store.resolve_user("t", "ann")
+        beliefs = await agent.policy.beliefs(user)
+        assert beliefs["prefers"]["tone"]["value"] == "casual"
+        stored = await agent.store.db.fetchall(
+            "SELECT style, observed_style FROM messages WHERE role = 'assistant' ORDER BY id"
+        )
+        assert len(stored) == 40
+        mismatched = [r for r, o in stored if json.loads(r)["tone"] != json.loads(o)["tone"]]
+        assert 10 <= len(mismatched) <= 30  # both stored: half the casual requests came out formal
+        stats = await agent.handle_command(Command(platform="t", chat_id="ann", sender_id="ann", name="stats"))
+        assert stats is not None and "asked for and shown" in stats.text
+        asked_casual, shown_casual = asked_and_shown_in(stats.text, "casual")
+        assert asked_casual > shown_casual > 0  # asked n times, shown fewer
+        assert "tone: casual (" in stats.text
+    finally:
+        await agent.close()
+
+
+def asked_and_shown_in(text: str, value: str) -> tuple[int, int]:
+    """From /stats' "casual 9/17": (17, 9)."""
+    import re
+
+    match = re.search(rf"\b{value} (\d+)/(\d+)", text)
+    assert match is not None, text
+    return int(match.group(2)), int(match.group(1))
+
+
+def test_choosing_by_realisation_prefers_the_request_that_is_realised() -> None:
+    """Two requests the user would like equally if shown; one is realised 20 % of the
+    time: the policy asks for the other. With realisation perfect, both stay open."""
+    bandit = StyleBandit()
+    stats = UserStats()
+    for i in range(60):  # the user likes emoji (shown) and bullets (shown), nothing else matters
+        style = ALL_STYLES[i % len(ALL_STYLES)]
+        good = (style.emoji == "some") + (style.format == "bullets")
+        stats.observe(features(style, "chat"), 1.0 if good == 2 else -1.0 if good == 0 else 0.0, bandit.config)
+    posterior = bandit.posterior(stats, bandit.population({}))
+    rates = np.ones((4, 2))
+    rates[2, 1] = 0.0  # asking for emoji never gives any
+    never = Realisation(rates)
+    picks = [bandit.choose(posterior, "chat", {}, np.random.default_rng(i), never).style for i in range(30)]
+    assert sum(p.format == "bullets" for p in picks) >= 27
+    perfect = [bandit.choose(posterior, "chat", {}, np.random.default_rng(i)).style for i in range(30)]
+    assert sum(p.emoji == "some" for p in perfect) >= 27  # when asked emoji show: ask for them
+    table = bandit.choice_probabilities(posterior, "chat", {"format": "bullets"}, never)
+    assert table.probs.sum() == pytest.approx(1.0)
+    inverted = np.ones((4, 2))
+    inverted[2] = 0.0  # asking for emoji gives none, asking for none gives some
+    picks = [bandit.choose(posterior, "chat", {}, np.random.default_rng(i), Realisation(inverted)).style
+             for i in range(30)]  # fmt: skip
+    assert sum(p.emoji == "none" for p in picks) >= 27  # the request whose reply has emoji

@@ -67,6 +67,8 @@ def create_backend(config: Config) -> LLMBackend:
         threads=llm.local.threads,
         context_window=llm.local.context_window,
         repetition_penalty=llm.local.repetition_penalty,
+        no_repeat_ngram=llm.local.no_repeat_ngram,
+        style_control=llm.local.style_control,
         max_loaded_adapters=llm.local.max_loaded_adapters,
         batching=limits if local.batching else None,
     )

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
+from agent_core.style import Style
+
 
 class ChatMessage(TypedDict):
     role: Literal["system", "user", "assistant"]
@@ -41,6 +43,9 @@ class GenerationRequest:
     top_p: float = 0.9
     adapter: AdapterRef | None = None
     seed: int | None = None
+    #: The style the reply is to have. The prompt asks for it already; a backend that can
+    #: steer decoding (the local one: agent_core.llm.style_control) also makes the text have it.
+    style: Style | None = None
 
 
 class LLMBackend(ABC):

@@ -27,6 +27,7 @@ import torch
 
 from agent_core.llm.base import AdapterRef, GenerationRequest, LLMBusy, LLMError
 from agent_core.llm.decoder import BatchDecoder, LoraAdapter
+from agent_core.llm.style_control import StyleVocab, logits_processors
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,12 @@ class BatchingEngine:
         stop_ids: set[int],
         repetition_penalty: float = 1.0,
         max_loaded_adapters: int = 16,
+        vocab: StyleVocab | None = None,
+        no_repeat_ngram: int = 0,
     ) -> None:
         self._build_decoder = build_decoder
+        self.vocab = vocab  # None: no style control and no loop guard
+        self.no_repeat_ngram = no_repeat_ngram
         self.decoder: BatchDecoder  # built on the engine thread, see _run
         self.tokenizer = tokenizer
         self.limits = limits
@@ -219,8 +224,8 @@ class BatchingEngine:
         request = job.request
         prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_dict=True)
         job.ids = list(prompt["input_ids"])
-        job.processors = self._processors(request)
         job.prompt_length = len(job.ids)
+        job.processors = self._processors(request, job.prompt_length)
         if job.prompt_length >= self.decoder.max_length:
             raise LLMError(f"the prompt has {job.prompt_length} tokens; the context holds {self.decoder.max_length}")
         slot = len(self._rows)
@@ -264,24 +269,11 @@ class BatchingEngine:
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs[0], 1, generator=job.generator))
 
-    def _processors(self, request: GenerationRequest) -> Any:
-        """What transformers' ``generate`` would apply to the scores, in its order."""
-        from transformers import (
-            LogitsProcessorList,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
-        processors = LogitsProcessorList()
-        if self.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
-        if request.temperature > 0:
-            processors.append(TemperatureLogitsWarper(request.temperature))
-            processors.append(TopKLogitsWarper(50))  # generate's default top_k
-            processors.append(TopPLogitsWarper(request.top_p))
-        return processors
+    def _processors(self, request: GenerationRequest, prompt_length: int) -> Any:
+        """What transformers' ``generate`` would apply to the scores, plus the style control."""
+        return logits_processors(request, prompt_length=prompt_length, vocab=self.vocab,
+                                 repetition_penalty=self.repetition_penalty, no_repeat_ngram=self.no_repeat_ngram,
+                                 eos=self.stop_ids)  # fmt: skip
 
     def _finish(self, job: Job) -> None:
         text = self.tokenizer.decode(job.reply_tokens, skip_special_tokens=True)

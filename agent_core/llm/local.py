@@ -10,6 +10,7 @@ runs on one thread of its own, so the event loop stays free.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from typing import Any
 from agent_core.llm.base import GenerationRequest, LLMBackend, LLMError
 from agent_core.llm.batching import DONE, BatchingEngine, BatchLimits
 from agent_core.llm.model_files import cached_directory, find_model
+from agent_core.llm.style_control import StyleVocab, logits_processors, vocab_for
 
 DEFAULT_LIMITS = BatchLimits()
 
@@ -36,11 +38,16 @@ class LocalBackend(LLMBackend):
         threads: int = 0,
         context_window: int = 0,
         repetition_penalty: float = 1.0,
+        no_repeat_ngram: int = 0,
+        style_control: bool = True,
         max_loaded_adapters: int = 16,
         batching: BatchLimits | None = DEFAULT_LIMITS,  # None: plain generate, one at a time
     ) -> None:
         self.model_setting = model
         self.repetition_penalty = repetition_penalty
+        self.no_repeat_ngram = no_repeat_ngram  # the loop guard: no repeated n-gram of this size (0: off)
+        self.style_control = style_control  # steer decoding so a requested style shows (style_control.py)
+        self._vocab: StyleVocab | None = None
         self.cache_dir = cache_dir
         self.max_loaded_adapters = max_loaded_adapters
         self.threads = threads
@@ -77,6 +84,8 @@ class LocalBackend(LLMBackend):
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         model.eval()
         self._model = model
+        if self.style_control or self.no_repeat_ngram > 1:
+            self._vocab = vocab_for(self._tokenizer)
         own = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_window = min(self._context_window_setting or own, own)
         if self.batching is not None:
@@ -110,6 +119,8 @@ class LocalBackend(LLMBackend):
             stop_ids=set(eos if isinstance(eos, list) else [eos]),
             repetition_penalty=self.repetition_penalty,
             max_loaded_adapters=self.max_loaded_adapters,
+            vocab=self._vocab,
+            no_repeat_ngram=self.no_repeat_ngram,
         )
         engine.start()
         return engine
@@ -147,6 +158,8 @@ class LocalBackend(LLMBackend):
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         if self._model is None:
             raise LLMError("the local model is not loaded yet")
+        if not self.style_control and request.style is not None:
+            request = dataclasses.replace(request, style=None)  # the prompt's instructions alone
         stream = self._batched(request) if self._engine else self._one_at_a_time(request)
         try:
             async for piece in stream:
@@ -206,9 +219,16 @@ class LocalBackend(LLMBackend):
             inputs = self._tokenizer.apply_chat_template(
                 request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
             )
+            eos = model.generation_config.eos_token_id
+            # The same processors as the batching engine, in its order (the warpers among them).
+            processors = logits_processors(
+                request, prompt_length=int(inputs["input_ids"].shape[1]), vocab=self._vocab,
+                repetition_penalty=self.repetition_penalty, no_repeat_ngram=self.no_repeat_ngram,
+                eos=set(eos if isinstance(eos, list) else [eos]),
+            )  # fmt: skip
             sampling: dict[str, Any] = {"do_sample": False}
-            if request.temperature > 0:
-                sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
+            if request.temperature > 0:  # temperature, top-k and top-p are among the processors
+                sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
                 if request.seed is not None:
                     torch.manual_seed(request.seed)
             with torch.inference_mode():
@@ -216,7 +236,7 @@ class LocalBackend(LLMBackend):
                     **inputs,
                     **sampling,
                     max_new_tokens=request.max_new_tokens,
-                    repetition_penalty=self.repetition_penalty,
+                    logits_processor=processors,
                     pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
                     streamer=Streamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True),
                     stopping_criteria=StoppingCriteriaList([Cancelled()]),
