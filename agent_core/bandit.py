@@ -59,6 +59,7 @@ class BanditConfig:
     near_sd_context: float = 0.08
     broad_weight: float = 0.05  # prior weight of "unlike anyone seen so far" once there are prototypes
     explore_scale: float = 0.05  # posterior variance scale of the draws that explore an unknown taste
+    explore_after: float = 3.0  # reactions after which a user is explored for half as much as at full
     population_ridge: float = 5.0  # shrinks the population fit toward "no preference" when data is scarce
     prototype_min_obs: int = 15  # reactions a user needs before their taste counts in the population
     max_prototypes: int = 512  # the best-known users' tastes that are grouped into prototypes
@@ -263,6 +264,7 @@ class Posterior:
     means: np.ndarray  # (K, F)
     covs: np.ndarray  # (K, F, F)
     weights: np.ndarray  # (K,) posterior probability of each component
+    evidence: float = 0.0  # the user's reactions behind it (undiscounted count)
     tables: dict[tuple[str, tuple[tuple[str, str], ...], bytes], ChoiceTable] = field(
         default_factory=dict, compare=False
     )
@@ -322,7 +324,7 @@ class StyleBandit:
         sizes = np.array([population.sizes[i] if population.sizes else 1 for i in keep], dtype=float)
         broad_mean, broad_cov = self._single(stats, population.mean, self.P_broad)
         if not len(prototypes):
-            return Posterior(broad_mean[None], broad_cov[None], np.ones(1))
+            return Posterior(broad_mean[None], broad_cov[None], np.ones(1), evidence=stats.n)
         P = self.P_near + stats.D
         near_cov = np.linalg.inv(P)
         near_cov = (near_cov + near_cov.T) / 2
@@ -348,7 +350,7 @@ class StyleBandit:
         weights = np.exp(log_w - log_w.max())
         means = np.vstack([broad_mean[None], near_means])
         covs = np.concatenate([broad_cov[None], np.broadcast_to(near_cov, (len(prototypes), *near_cov.shape))])
-        return Posterior(means, covs, weights / weights.sum())
+        return Posterior(means, covs, weights / weights.sum(), evidence=stats.n)
 
     def _bernoulli_evidence(self, stats: UserStats, prototypes: np.ndarray) -> np.ndarray:
         """Discounted log likelihood of the user's recent rewards under each prototype,
@@ -400,6 +402,9 @@ class StyleBandit:
         else:
             X = realisation.expected_features(context)[allowed]
         explore = float(posterior.weights[0]) if len(posterior.weights) > 1 else 1.0
+        # Exploring pays back only through the user's own reactions: until they have given
+        # some, take what is best for people like them (the population's best, at first).
+        explore *= posterior.evidence / (posterior.evidence + self.config.explore_after)
         probs = np.zeros(len(allowed))
         if explore > 0:
             rng = np.random.default_rng([TABLE_SEED, zlib.crc32(posterior.means[0].tobytes())])
@@ -407,8 +412,12 @@ class StyleBandit:
             draws = posterior.means[0] + rng.standard_normal((self.config.samples, N_FEATURES)) @ chol.T
             probs += explore * np.bincount(np.argmax(draws @ X.T, axis=1), minlength=len(allowed)) / len(draws)
         if explore < 1:
-            near = posterior.weights[1:] / posterior.weights[1:].sum()
-            probs[int(np.argmax((near @ posterior.means[1:]) @ X.T))] += 1 - explore
+            if len(posterior.weights) > 1:
+                near = posterior.weights[1:] / posterior.weights[1:].sum()
+                best = (near @ posterior.means[1:]) @ X.T
+            else:
+                best = posterior.means[0] @ X.T
+            probs[int(np.argmax(best))] += 1 - explore
         firsts = probs @ (_STYLE_SIGNS[allowed] > 0)  # per dimension, the probability of its first value
         marginals = {dim: {DIMENSIONS[dim][0]: round(float(f), 4), DIMENSIONS[dim][1]: round(1 - float(f), 4)}
                      for dim, f in zip(DIMS, firsts, strict=True)}  # fmt: skip

@@ -36,11 +36,14 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: python bench/learning.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent_core.bandit import ALL_STYLES, CONTEXTS, Population, StyleBandit, UserStats, features
-from agent_core.style import Style
+from agent_core.bandit import ALL_STYLES, CONTEXTS, DIMS, Population, Realisation, StyleBandit, UserStats, features
+from agent_core.style import DIMENSIONS, Style
 from bench import report
 
 POPULATIONS = Path(__file__).resolve().parent / "populations"
+# How often SmolLM2-135M shows a value asked for with instructions alone (bench/style_adherence.py,
+# its "instructions only" column): the imperfect realisation --all runs beside the perfect one.
+IMPERFECT = str(Path(__file__).resolve().parent / "data" / "realisation_smollm2.json")
 METHODS = ("attune", "adaptkit", "random", "best_fixed", "known_archetypes")
 
 
@@ -82,13 +85,53 @@ def draw_users(population: dict[str, Any], count: int, rng: np.random.Generator)
     return users
 
 
+def realisation_rates(spec: Any) -> np.ndarray:
+    """[dimension, value] -> the chance that asking for the value gives a reply with it,
+    from a number (every value) or ``{dimension: {value: chance}}`` (others: 1)."""
+    rates = np.ones((len(DIMS), 2))
+    if isinstance(spec, int | float):
+        return rates * float(spec)
+    for j, dim in enumerate(DIMS):
+        for v, value in enumerate(DIMENSIONS[dim]):
+            rates[j, v] = float((spec or {}).get(dim, {}).get(value, 1.0))
+    if (rates < 0).any() or (rates > 1).any():
+        raise ValueError(f"realisation chances must be between 0 and 1: {spec}")
+    return rates
+
+
+def transitions(rates: np.ndarray) -> np.ndarray:
+    """(16, 16): the chance that requesting style i gives a reply of style j."""
+    T = np.ones((len(ALL_STYLES), len(ALL_STYLES)))
+    for i, asked in enumerate(ALL_STYLES):
+        for k, shown in enumerate(ALL_STYLES):
+            for j, dim in enumerate(DIMS):
+                p = rates[j, DIMENSIONS[dim].index(getattr(asked, dim))]
+                T[i, k] *= p if getattr(asked, dim) == getattr(shown, dim) else 1 - p
+    return T
+
+
+def realise(style: Style, rates: np.ndarray, draws: np.ndarray) -> Style:
+    """The reply's style when ``style`` is asked for: each value shows when its draw is below its chance."""
+    shown = {}
+    for j, dim in enumerate(DIMS):
+        value = getattr(style, dim)
+        v = DIMENSIONS[dim].index(value)
+        shown[dim] = value if draws[j] < rates[j, v] else DIMENSIONS[dim][1 - v]
+    return Style.from_dict(shown)
+
+
 class Chooser:
-    """One method: picks a style for (user, turn, context) and hears the reaction, if any."""
+    """One method: picks a style to request for (user, turn, context), then sees what the
+    reply looked like (``shown``) and hears the reaction to it, if any."""
 
     def choose(self, user: int, turn: int, context: str) -> Style:
         raise NotImplementedError
 
-    def react(self, user: int, turn: int, context: str, style: Style, liked: bool) -> None:
+    def shown(self, style: Style, shown: Style) -> None:
+        """Every reply: asked for ``style``, it came out as ``shown``."""
+        return None
+
+    def react(self, user: int, turn: int, context: str, style: Style, shown: Style, liked: bool) -> None:
         return None
 
     def end_of_turn(self) -> None:
@@ -102,16 +145,28 @@ class Attune(Chooser):
         self.population = Population.empty()
         self.seed = seed
 
+        self.asked = np.zeros((len(DIMS), 2))  # what the bot counts, as LearningPolicy does
+        self.realised = np.zeros((len(DIMS), 2))
+        self.realisation = Realisation.from_counts(self.asked, self.realised)
+
     def choose(self, user: int, turn: int, context: str) -> Style:
         posterior = self.bandit.posterior(self.stats[user], self.population, user)
         rng = np.random.default_rng([self.seed, user, turn])
-        return self.bandit.choose(posterior, context, {}, rng).style
+        return self.bandit.choose(posterior, context, {}, rng, self.realisation).style
 
-    def react(self, user: int, turn: int, context: str, style: Style, liked: bool) -> None:
-        self.stats[user].observe(features(style, context), 1.0 if liked else -1.0, self.bandit.config)
+    def shown(self, style: Style, shown: Style) -> None:
+        for j, dim in enumerate(DIMS):
+            v = DIMENSIONS[dim].index(getattr(style, dim))
+            self.asked[j, v] += 1
+            self.realised[j, v] += getattr(shown, dim) == getattr(style, dim)
+
+    def react(self, user: int, turn: int, context: str, style: Style, shown: Style, liked: bool) -> None:
+        # it learns from the text the user read
+        self.stats[user].observe(features(shown, context), 1.0 if liked else -1.0, self.bandit.config)
 
     def end_of_turn(self) -> None:  # the bot refits the population prior now and then
         self.population = self.bandit.population(self.stats)
+        self.realisation = Realisation.from_counts(self.asked, self.realised)
 
 
 class AdaptKit(Chooser):
@@ -128,8 +183,8 @@ class AdaptKit(Chooser):
         self.decisions[(user, turn)] = decision
         return self.by_key[decision.action]
 
-    def react(self, user: int, turn: int, context: str, style: Style, liked: bool) -> None:
-        decision = self.decisions.pop((user, turn))
+    def react(self, user: int, turn: int, context: str, style: Style, shown: Style, liked: bool) -> None:
+        decision = self.decisions.pop((user, turn))  # it knows only what it asked for
         record = self.profiles[user].like if liked else self.profiles[user].dislike
         record(decision, idempotency_key=f"{user}-{turn}")
 
@@ -154,7 +209,8 @@ class KnownArchetypes(Chooser):
     """Knows every archetype's like probabilities (not a user's own noise); infers which
     archetype a user is from their reactions and picks its best style."""
 
-    def __init__(self, population: dict[str, Any], users: int) -> None:
+    def __init__(self, population: dict[str, Any], users: int, T: np.ndarray) -> None:
+        self.T = T  # it is told how often each request is realised, too
         self.types = [SimUser(float(a["base"]), _effects(a.get("effects", {}), 0.0, np.random.default_rng(0)),
                               int(a["drift"]["turn"]) if a.get("drift") else None,
                               _effects(a["drift"]["effects"], 0.0, np.random.default_rng(0)) if a.get("drift") else {},
@@ -164,10 +220,11 @@ class KnownArchetypes(Chooser):
 
     def choose(self, user: int, turn: int, context: str) -> Style:
         post = np.exp(self.log_post[user] - self.log_post[user].max())
-        return max(ALL_STYLES, key=lambda s: float(post @ [t.like_prob(s, turn) for t in self.types]))
+        shown = np.array([[t.like_prob(s, turn) for s in ALL_STYLES] for t in self.types])  # (types, 16)
+        return ALL_STYLES[int(np.argmax(self.T @ (post @ shown)))]
 
-    def react(self, user: int, turn: int, context: str, style: Style, liked: bool) -> None:
-        p = np.array([t.like_prob(style, turn) for t in self.types])
+    def react(self, user: int, turn: int, context: str, style: Style, shown: Style, liked: bool) -> None:
+        p = np.array([t.like_prob(shown, turn) for t in self.types])
         self.log_post[user] += np.log(p if liked else 1 - p)
 
 
@@ -176,28 +233,44 @@ def _key(style: Style) -> str:
 
 
 def simulate(
-    population: dict[str, Any], users: int, turns: int, seed: int, gap: float, warmup: int = 0
-) -> dict[str, dict[str, float]]:
+    population: dict[str, Any], users: int, turns: int, seed: int, gap: float, warmup: int = 0,
+    realisation: Any = None,
+) -> dict[str, dict[str, float]]:  # fmt: skip
     """Share of the oracle's expected likes per window, for every method, on one seed.
 
     Users join one by one, a new one every ``gap`` rounds (0: all at the first round), and
     each then takes ``turns`` turns, one per round; the windows count a user's own turns.
     The first ``warmup`` users are the bot's existing users: they are served like the
-    others but not counted, so the figures are those of people joining a running bot."""
+    others but not counted, so the figures are those of people joining a running bot.
+
+    ``realisation`` (else the population file's, else 1): how often a requested value
+    shows in the reply. The user reacts to the reply as shown; each method's figure is
+    the expected like rate of its requests, and the oracle makes the best request."""
     rng = np.random.default_rng(seed)
+    rates = realisation_rates(population.get("realisation", 1.0) if realisation is None else realisation)
+    T = transitions(rates)
     users += warmup
     people = draw_users(population, users, rng)
     starts = [int(u * gap) for u in range(users)]
     contexts = rng.choice(len(CONTEXTS), size=(turns, users))
     reacts = rng.random((turns, users))
     likes = rng.random((turns, users))
-    mean_prob = {s: np.mean([[u.like_prob(s, t) for t in range(1, turns + 1)] for u in people]) for s in ALL_STYLES}
-    best_fixed = max(ALL_STYLES, key=lambda s: mean_prob[s])
-    oracle = np.array([[max(u.like_prob(s, t) for s in ALL_STYLES) for u in people] for t in range(1, turns + 1)])
+    shows = rng.random((turns, users, len(DIMS)))
+    # like[u, phase, style shown]; a request's expected like rate: T @ that
+    phases = [(1, p.drift_turn or 1) for p in people]
+    like = np.array([[[p.like_prob(s, t) for s in ALL_STYLES] for t in ph]
+                     for p, ph in zip(people, phases, strict=True)])  # fmt: skip
+    asked_like = like @ T.T  # [u, phase, style asked]
+    phase = np.array([[int(p.drift_turn is not None and t >= p.drift_turn) for p in people]
+                      for t in range(1, turns + 1)])  # [t, u]  # fmt: skip
+    per_turn = asked_like[np.arange(users)[None, :], phase]  # [t, u, 16]
+    best_fixed = ALL_STYLES[int(np.argmax(per_turn.mean(axis=(0, 1))))]
+    oracle = per_turn.max(axis=2)
+    index = {s: i for i, s in enumerate(ALL_STYLES)}
     methods: dict[str, Callable[[], Chooser]] = {
         "attune": lambda: Attune(users, seed), "adaptkit": lambda: AdaptKit(users, seed),
         "random": lambda: Uniform(seed), "best_fixed": lambda: Fixed(best_fixed),
-        "known_archetypes": lambda: KnownArchetypes(population, users),
+        "known_archetypes": lambda: KnownArchetypes(population, users, T),
     }  # fmt: skip
     shares: dict[str, dict[str, float]] = {}
     for name, make in methods.items():
@@ -213,10 +286,12 @@ def simulate(
                     continue
                 context = CONTEXTS[contexts[t, u]]
                 style = chooser.choose(u, t + 1, context)
-                p = person.like_prob(style, t + 1)
-                expected[t, u] = p
+                expected[t, u] = per_turn[t, u, index[style]]
+                shown = realise(style, rates, shows[t, u])
+                chooser.shown(style, shown)
                 if reacts[t, u] < person.react_prob:
-                    chooser.react(u, t + 1, context, style, liked=bool(likes[t, u] < p))
+                    p = person.like_prob(shown, t + 1)
+                    chooser.react(u, t + 1, context, style, shown, liked=bool(likes[t, u] < p))
             chooser.end_of_turn()
         shares[name] = {
             w: float(expected[:n, warmup:].sum() / oracle[:n, warmup:].sum()) for w, n in windows(turns).items()
@@ -228,11 +303,34 @@ def windows(turns: int) -> dict[str, int]:
     return {"1-10": min(10, turns), "1-50": min(50, turns), "1-T": turns}
 
 
+def parse_realisation(text: str | None) -> Any:
+    """``--realisation``: "perfect" (1), a number, a JSON object, or a JSON file; None: the population's."""
+    if text is None:
+        return None
+    if text == "perfect":
+        return 1.0
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    path = Path(text)
+    return json.loads(path.read_text() if path.is_file() else text)
+
+
+def realisation_name(spec: Any) -> str:
+    if spec is None:
+        return "as in the file"
+    if isinstance(spec, int | float):
+        return "perfect" if spec == 1 else f"{spec:g} for every value"
+    return ", ".join(f"{d} {v} {p:.0%}" for d, values in spec.items() if d in DIMENSIONS for v, p in values.items())
+
+
 def run(
-    population_path: Path, users: int, turns: int, seed: int, seeds: int, gap: float, warmup: int
-) -> dict[str, Any]:
+    population_path: Path, users: int, turns: int, seed: int, seeds: int, gap: float, warmup: int,
+    realisation: Any = None,
+) -> dict[str, Any]:  # fmt: skip
     population = json.loads(population_path.read_text())
-    per_seed = [simulate(population, users, turns, seed + i, gap, warmup) for i in range(seeds)]
+    per_seed = [simulate(population, users, turns, seed + i, gap, warmup, realisation) for i in range(seeds)]
     result: dict[str, Any] = {"windows": {}}
     for window in windows(turns):
         result["windows"][window] = {
@@ -243,8 +341,13 @@ def run(
     return result
 
 
-def print_table(name: str, result: dict[str, Any], users: int, turns: int, seeds: int) -> None:
-    print(f"\n{name}: {users} users, {turns} turns, {seeds} seeds; expected likes as a share of the oracle's")
+def ahead(result: dict[str, Any], rival: str) -> bool:
+    return all(f["attune"]["mean"] > f[rival]["mean"] for f in result["windows"].values())
+
+
+def print_table(name: str, result: dict[str, Any], users: int, turns: int, seeds: int, realisation: str) -> None:
+    print(f"\n{name}: {users} users, {turns} turns, {seeds} seeds, realisation {realisation}; "
+          "expected likes as a share of the oracle's")  # fmt: skip
     rows = []
     for method in METHODS:
         row: list[Any] = [method]
@@ -253,14 +356,20 @@ def print_table(name: str, result: dict[str, Any], users: int, turns: int, seeds
         rows.append(row)
     headers = ["method", *(f"turns {w.replace('T', str(turns))}" for w in result["windows"])]
     print(report.table(headers, rows))
-    beats = all(f["attune"]["mean"] > f["adaptkit"]["mean"] for f in result["windows"].values())
-    print(f"attune ahead of adaptkit in every window: {'yes' if beats else 'NO'}")
+    for rival in ("adaptkit", "best_fixed"):
+        print(f"attune ahead of {rival} in every window: {'yes' if ahead(result, rival) else 'NO'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--population", type=Path, default=POPULATIONS / "default.json")
-    parser.add_argument("--all", action="store_true", help="every population in bench/populations/")
+    parser.add_argument("--all", action="store_true",
+                        help="every population in bench/populations/, under each of --realisations")  # fmt: skip
+    parser.add_argument("--realisation", help="how often a requested value shows: 'perfect', a chance for every "
+                        "value, {dimension: {value: chance}} as JSON or a JSON file; default: the population "
+                        "file's 'realisation', else perfect")  # fmt: skip
+    parser.add_argument("--realisations", default=f"perfect,{IMPERFECT}",
+                        help="with --all: the realisations to run each population under, comma-separated")  # fmt: skip
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--turns", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="the first seed")
@@ -272,17 +381,22 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     paths = sorted(POPULATIONS.glob("*.json")) if args.all else [args.population]
+    specs = args.realisations.split(",") if args.all else [args.realisation]
     documents = {}
     for path in paths:
-        started = time.perf_counter()
-        result = run(path, args.users, args.turns, args.seed, args.seeds, args.gap, args.warmup)
-        print_table(path.stem, result, args.users, args.turns, args.seeds)
-        print(f"({time.perf_counter() - started:.0f} s)")
-        params = {"population": path.name, "users": args.users, "turns": args.turns, "seed": args.seed,
-                  "seeds": args.seeds, "gap": args.gap, "warmup": args.warmup}  # fmt: skip
-        documents[path.stem] = {"params": params, **result}
-        saved = report.save(f"learning_{path.stem}", documents[path.stem])
-        print(f"wrote {saved}")
+        for text in specs:
+            spec = parse_realisation(text)
+            label = path.stem if len(specs) == 1 or text == "perfect" else f"{path.stem}_imperfect"
+            started = time.perf_counter()
+            result = run(path, args.users, args.turns, args.seed, args.seeds, args.gap, args.warmup, spec)
+            print_table(label, result, args.users, args.turns, args.seeds, realisation_name(spec))
+            print(f"({time.perf_counter() - started:.0f} s)")
+            params = {"population": path.name, "users": args.users, "turns": args.turns, "seed": args.seed,
+                      "seeds": args.seeds, "gap": args.gap, "warmup": args.warmup, "realisation": spec}  # fmt: skip
+            documents[label] = {"params": params, **result, "ahead_of_adaptkit": ahead(result, "adaptkit"),
+                                "ahead_of_best_fixed": ahead(result, "best_fixed")}  # fmt: skip
+            saved = report.save(f"learning_{label}", documents[label])
+            print(f"wrote {saved}")
     if args.json:
         document = next(iter(documents.values())) if len(documents) == 1 else documents
         args.json.write_text(json.dumps(document, indent=2) + "\n")

@@ -247,6 +247,9 @@ async def test_the_same_events_get_the_same_styles_however_they_were_stored(tmp_
                                                            text=f"question {i}?", message_id=f"a{i}"))  # fmt: skip
                 assert reply is not None
                 styles.append(reply.style)
+                await agent.delivered(reply, f"r{i}")  # the same reactions in both runs: the policy explores
+                await agent.handle_reaction(Reaction(platform="t", chat_id="a", sender_id="ann", message_id=f"r{i}",
+                                                     emoji="👍" if i % 3 else "👎"))  # fmt: skip
         finally:
             await agent.close()
         chosen.append(styles)

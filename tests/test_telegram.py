@@ -96,8 +96,7 @@ async def test_in_a_group_only_mentions_and_replies_to_the_bot_are_answered(
 async def test_reactions_are_stored_undone_and_changed(bot: TelegramAdapter, fake: FakeTelegram) -> None:
     await fake.push_text(ANN, ANN, "rate me")
     await fake.wait_sent(1)
-    reply_row = await bot.agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
-    reply_id = int(reply_row[0])
+    reply_id = int(await _delivered_id(bot.agent))
     await fake.push_reaction(ANN, ANN, reply_id, old=[], new=["👍"])
     await _wait_for(lambda: _rewards(bot.agent, ANN), [1.0])
     await fake.push_reaction(ANN, ANN, reply_id, old=["👍"], new=["👎"])
@@ -175,11 +174,24 @@ async def test_long_replies_are_split_at_4096(fake: FakeTelegram, make_config: C
         sent = await fake.wait_sent(2)
         assert all(len(m["text"]) <= 4096 for m in sent)
         assert " ".join(m["text"] for m in sent).split() == ["word"] * 1500
-        stored = await agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
-        assert stored is not None and stored[0] is not None
+        assert await _delivered_id(agent) is not None
     finally:
         await adapter.stop()
         await agent.close()
+
+
+async def _delivered_id(agent: Agent, timeout_s: float = 10.0) -> str:
+    """The platform id of the (first) stored reply, once the adapter has reported it: that
+    happens after Telegram answered the send, so a moment after the fake saw it."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        row = await agent.store.db.fetchone(
+            "SELECT platform_message_id FROM messages WHERE role = 'assistant' ORDER BY id LIMIT 1"
+        )
+        if row is not None and row[0] is not None:
+            return str(row[0])
+        assert asyncio.get_running_loop().time() < deadline, "the reply's platform id was never recorded"
+        await asyncio.sleep(0.02)
 
 
 def _free_port() -> int:
