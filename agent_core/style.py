@@ -70,10 +70,14 @@ def token_budget(style: Style, configured: int) -> int:
 
 
 def finish(text: str, style: Style | None = None) -> str:
-    """The reply as sent: one that was cut mid-sentence (it reached its token budget) ends
-    at its last full sentence, with the emoji that closed it; a lone list marker goes."""
+    """The reply as sent: a brief one that was cut mid-sentence (by its small token budget)
+    ends at its last full sentence, with the emoji that closed it; a lone list marker at
+    the end goes whatever the style."""
     text = text.strip()
-    if not text or (_SENTENCE_END.search(text[-3:] + " ") and text[-1] not in "-*"):
+    if text.endswith(("\n-", "\n*")):
+        text = text[:-2].rstrip()
+    brief = style is not None and style.length == "brief"
+    if not brief or not text or (_SENTENCE_END.search(text[-3:] + " ") and text[-1] not in "-*"):
         return text
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
     return text[: ends[-1]].rstrip() if ends and ends[-1] > len(text) * 0.3 else text

@@ -16,7 +16,7 @@ The oracle always gets each user's preferred style as observed in the text; besi
 ``asked_best`` tells the model that preferred style outright (``/prefs``) and measures
 how often the reply really has it: how much of the oracle this model can reach at all.
 
-    python -m bench.personalization --preset small      # at most 20 minutes on 2 cores
+    python -m bench.personalization --preset small      # at most 30 minutes on 2 cores
     python -m bench.personalization --preset full       # a GPU machine (see bench/README.md)
 
 Each figure is a like rate: the mean chance that the user likes a reply (the expected
@@ -57,7 +57,8 @@ ARMS = ("no_learning", "policy", "policy_adapters")
 REFERENCE = "asked_best"
 PRESETS: dict[str, dict[str, Any]] = {
     # small: the shared population adapter is not trained (it alone took minutes and 10 GB a night here)
-    "small": {"users": 4, "days": 3, "messages": 5, "seeds": 2, "max_new_tokens": 40,
+    # 120 new tokens: a detailed reply (over 60 words) fits, so every preferred style is reachable
+    "small": {"users": 4, "days": 3, "messages": 5, "seeds": 2, "max_new_tokens": 120,
               "set": ["training.min_population_liked=100000"]},
     "full": {"users": 32, "days": 7, "messages": 20, "seeds": 5, "max_new_tokens": 160, "set": []},
 }  # fmt: skip
@@ -258,7 +259,16 @@ def main() -> None:
     goal = all(gaps[p] > 0 and gaps[p] > gaps[p + "_sd"] for p in ("policy_adapters-policy", "policy-no_learning"))
     print(f"goal (day {args.days}: policy_adapters > policy > no_learning, each gap above its spread across seeds): "
           f"{'met' if goal else 'NOT met'}")  # fmt: skip
-    data |= {"params": vars(args), "minutes": round(minutes, 1), "goal_met": goal}
+    last = data["days"][-1]
+    goals = {
+        "policy above no_learning by more than twice the paired sd": gaps["policy-no_learning"] > 0
+        and gaps["policy-no_learning"] > 2 * gaps["policy-no_learning_sd"],
+        "policy at 75 % of the oracle or more": last["policy"] >= 0.75 * data["oracle"],
+        "achievable at 85 % or more": data["achievable"] >= 0.85,
+    }
+    for name, met in goals.items():
+        print(f"goal (day {args.days}): {name}: {'met' if met else 'NOT met'}")
+    data |= {"params": vars(args), "minutes": round(minutes, 1), "goal_met": goal, "goals": goals}
     path = report.save("personalization", data)
     print(f"wrote {path}")
     if args.json:

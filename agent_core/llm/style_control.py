@@ -123,6 +123,8 @@ class StyleVocab:
     formal: torch.Tensor  # ids of formal words
     connectives: torch.Tensor  # ids of formal sentence openers (space-prefixed)
     trie: dict[tuple[int, ...], tuple[int, ...]]  # emoji token prefixes -> allowed next tokens; leaves -> ()
+    word_key: np.ndarray  # int [size]: tokens that are the same word ("Weather", " weather") share a key
+    same_word: dict[int, list[int]]  # key -> every token with it
 
     @classmethod
     def build(cls, tokenizer: Any) -> StyleVocab:
@@ -183,7 +185,22 @@ class StyleVocab:
             formal=words(FORMAL_WORDS),
             connectives=words(CONNECTIVES, capitalised=False),
             trie=_emoji_trie(tokenizer),
+            **_word_keys(raw),
         )
+
+
+def _word_keys(raw: list[bytes]) -> dict[str, Any]:
+    """Tokens that spell the same word, whatever their case or leading space, share a key."""
+    keys: dict[bytes, int] = {}
+    word_key = np.full(len(raw), -1, dtype=np.int64)
+    same_word: dict[int, list[int]] = {}
+    for i, b in enumerate(raw):
+        word = b.strip().lower()
+        if word.isalpha():
+            key = keys.setdefault(word, len(keys))
+            word_key[i] = key
+            same_word.setdefault(key, []).append(i)
+    return {"word_key": word_key, "same_word": same_word}
 
 
 def _emoji_trie(tokenizer: Any) -> dict[tuple[int, ...], tuple[int, ...]]:
@@ -383,8 +400,12 @@ class StyleControl:
         recent = Counter(t for t in self.reply[-LOOP_WINDOW:] if t < self.v.size and self.v.long_word[t])
         if crowded := [t for t, k in recent.items() if k >= 2]:
             row[crowded] = NEG
-        if self.at_start and len(self.openers) >= 2 and self.openers[-1] == self.openers[-2]:
-            row[self.openers[-1]] = NEG
+        if self.at_start and len(self.openers) >= 2:
+            a, b = (int(self.v.word_key[t]) if t < self.v.size else -1 for t in self.openers[-2:])
+            if a == b and a >= 0:  # the same word, in any case, with or without a space
+                row[self.v.same_word[a]] = NEG
+            elif self.openers[-1] == self.openers[-2]:
+                row[self.openers[-1]] = NEG
 
     def _length(self, row: torch.Tensor, style: Style) -> None:
         v, n = self.v, len(self.reply)
