@@ -561,12 +561,12 @@ class Store:
         user = await rows("SELECT id, name, created_at FROM users WHERE id = ?")
         messages = await rows(
             "SELECT m.id, c.platform, c.platform_chat_id AS chat, m.role, m.text, m.platform_message_id,"
-            " m.reply_to, m.style, m.policy, m.adapter_version, m.created_at FROM messages m"
+            " m.reply_to, m.style, m.observed_style, m.policy, m.adapter_version, m.created_at FROM messages m"
             " JOIN chats c ON c.id = m.chat_id WHERE m.user_id = ? ORDER BY m.id"
         )
         for message in messages:
             message["text"] = self.cipher.open(message["text"], "messages.text")
-            for key in ("style", "policy"):
+            for key in ("style", "observed_style", "policy"):
                 message[key] = json.loads(message[key]) if message[key] else None
         memories = await rows("SELECT id, text, created_at FROM memories WHERE user_id = ? ORDER BY id")
         for memory in memories:

@@ -155,6 +155,8 @@ async def test_export_holds_everything_about_me_and_nothing_about_others(agent: 
     assert data["identities"][0]["platform"] == "test"
     assert [m["text"] for m in data["messages"]] == ["ann writes", "echo: ann writes"]
     assert data["messages"][1]["style"]["tone"] in ("casual", "formal")
+    shown = {"length": "brief", "tone": "formal", "emoji": "none", "format": "prose"}  # what "echo: ..." reads as
+    assert data["messages"][1]["observed_style"] == shown
     assert data["messages"][1]["policy"]["propensity"] > 0  # how the style was chosen
     assert data["learned_style"]["reactions_learned_from"] == 1
     assert [r["emoji"] for r in data["reactions"]] == ["❤"]
