@@ -135,6 +135,35 @@ class Realisation:
 
 PERFECT = Realisation()
 
+
+@dataclass
+class RealisationCounts:
+    """Per (dimension, value): how many replies asked for it (``asked``) and how many of
+    those have it in their text (``shown``); a moving window of at most ``window``
+    replies (older counts are halved when it is full)."""
+
+    asked: np.ndarray = field(default_factory=lambda: np.zeros((len(DIMS), 2)))
+    shown: np.ndarray = field(default_factory=lambda: np.zeros((len(DIMS), 2)))
+    window: float = float("inf")
+
+    def add(self, requested: Style, observed: Style, count: float = 1) -> None:
+        for j, dim in enumerate(DIMS):
+            v = DIMENSIONS[dim].index(getattr(requested, dim))
+            self.asked[j, v] += count
+            self.shown[j, v] += count * (getattr(observed, dim) == getattr(requested, dim))
+        if self.asked[0].sum() > self.window:
+            self.asked *= 0.5
+            self.shown *= 0.5
+
+    def estimate(self) -> Realisation:
+        return Realisation.from_counts(self.asked, self.shown)
+
+    def table(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """``{dimension: {value: (asked, shown)}}``, for people to read."""
+        return {dim: {value: (int(self.asked[j, v]), int(self.shown[j, v])) for v, value in enumerate(values)}
+                for j, (dim, values) in enumerate(DIMENSIONS.items())}  # fmt: skip
+
+
 RECENT = 100  # observations kept as they were, for telling groups apart exactly
 _STYLE_SIGNS = np.array([features(s, "chat")[1 : 1 + len(DIMS)] for s in ALL_STYLES])  # (16, 4) of ±1
 _FEATURES = {c: np.array([features(s, c) for s in ALL_STYLES]) for c in CONTEXTS}  # context -> (16, F)

@@ -19,8 +19,8 @@ from statistics import fmean
 
 from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
-from agent_core.policy import StylePolicy
-from agent_core.style import DIMENSIONS, asked_and_shown, describe_asked_and_shown, is_valid
+from agent_core.policy import StylePolicy, realisation_counts
+from agent_core.style import DIMENSIONS, describe_asked_and_shown, is_valid
 from agent_core.training.job import TrainingBusy, TrainingJob
 from storage import Store
 from storage.training import TrainingRecords
@@ -256,7 +256,7 @@ async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         f"Notes: {stats['memories']}.",
         await cmds.policy.describe(caller.user_id, await cmds.store.preferences(caller.user_id)),
         f"Style asked for and shown in my last {SHOWN_WINDOW} replies to you: "
-        + describe_asked_and_shown(asked_and_shown(await cmds.store.realisations(SHOWN_WINDOW, caller.user_id)))
+        + describe_asked_and_shown((await realisation_counts(cmds.store, SHOWN_WINDOW, caller.user_id)).table())
         + ".",
         f"Adapter: {adapter_line}.",
         await _training_line(cmds, caller.user_id),

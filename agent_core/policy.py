@@ -31,6 +31,7 @@ from agent_core.bandit import (
     Population,
     Posterior,
     Realisation,
+    RealisationCounts,
     StyleBandit,
     UserStats,
     features,
@@ -137,9 +138,8 @@ class LearningPolicy(StylePolicy):
         self._population: Population | None = None
         self._fresh: Posterior | None = None  # the posterior of any user nothing is known about
         self._learned_since_refit = 0
-        self._asked: np.ndarray | None = None  # per (dimension, value): replies that asked for it...
-        self._shown = np.zeros((len(DIMS), 2))  # ...and of those, how many have it
-        self._realisation: Realisation | None = None
+        self._counts: RealisationCounts | None = None  # how often each requested value showed
+        self._realisation: Realisation | None = None  # their estimate, as of the last refit
         # Before anyone has reacted, lean a little toward the configured [style].
         self.default_mean = np.zeros(len(features(Style.from_dict(defaults.model_dump()), "chat")))
         for j, dim in enumerate(DIMS):
@@ -195,27 +195,19 @@ class LearningPolicy(StylePolicy):
         """How often each requested value shows in the text, from the latest replies: counted
         at every reply, brought into the choices at each refit (with the population), so
         that choices between two refits depend only on the user's own events."""
-        if self._asked is None:
-            self._asked = np.zeros((len(DIMS), 2))
-            for asked, shown, count in await self.store.realisations(REALISATION_WINDOW):
-                self._count(Style.from_dict(json.loads(asked)), Style.from_dict(json.loads(shown)), count)
+        counts = await self._realisation_counts()
         if self._realisation is None:
-            self._realisation = Realisation.from_counts(self._asked, self._shown)
+            self._realisation = counts.estimate()
         return self._realisation
 
-    def _count(self, requested: Style, observed: Style, count: int = 1) -> None:
-        assert self._asked is not None
-        for j, dim in enumerate(DIMS):
-            v = DIMENSIONS[dim].index(getattr(requested, dim))
-            self._asked[j, v] += count
-            self._shown[j, v] += count * (getattr(observed, dim) == getattr(requested, dim))
-        if self._asked.sum() > REALISATION_WINDOW * len(DIMS):  # a moving window: old replies fade
-            self._asked *= 0.5
-            self._shown *= 0.5
+    async def _realisation_counts(self) -> RealisationCounts:
+        if self._counts is None:
+            self._counts = await realisation_counts(self.store, REALISATION_WINDOW)
+            self._counts.window = REALISATION_WINDOW
+        return self._counts
 
     async def shown(self, requested: Style, observed: Style) -> None:
-        await self.realisation()
-        self._count(requested, observed)
+        (await self._realisation_counts()).add(requested, observed)
 
     # --- deciding ------------------------------------------------------------------------------
 
@@ -279,6 +271,14 @@ class LearningPolicy(StylePolicy):
             else:
                 phrases.append(f"{dim}: {value} ({_confidence(p)}, {p:.0%})")
         return f"Learned from {stats.n} of your reactions: " + "; ".join(phrases) + "."
+
+
+async def realisation_counts(store: Store, replies: int, user_id: int | None = None) -> RealisationCounts:
+    """Asked against shown over the latest ``replies`` replies (everyone's, or one user's)."""
+    counts = RealisationCounts()
+    for asked, shown, n in await store.realisations(replies, user_id):
+        counts.add(Style.from_dict(json.loads(asked)), Style.from_dict(json.loads(shown)), n)
+    return counts
 
 
 @functools.lru_cache(maxsize=1024)

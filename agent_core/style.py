@@ -119,22 +119,6 @@ def measure_style(text: str) -> Style:
     )
 
 
-def asked_and_shown(rows: list[tuple[str, str, int]]) -> dict[str, dict[str, tuple[int, int]]]:
-    """From (requested style JSON, observed style JSON, count) rows: per dimension and
-    value, (replies that asked for it, how many of them have it)."""
-    import json
-
-    table = {dim: dict.fromkeys(values, (0, 0)) for dim, values in DIMENSIONS.items()}
-    for asked_json, shown_json, count in rows:
-        asked, shown = json.loads(asked_json), json.loads(shown_json)
-        for dim in DIMENSIONS:
-            value = asked.get(dim)
-            if value in table[dim]:
-                n, k = table[dim][value]
-                table[dim][value] = (n + count, k + count * (shown.get(dim) == value))
-    return table
-
-
 def describe_asked_and_shown(table: dict[str, dict[str, tuple[int, int]]]) -> str:
     """One line: how often each value asked for showed in the text ("bullets 9/10")."""
     parts = [f"{value} {k}/{n}" for values in table.values() for value, (n, k) in values.items() if n]

@@ -36,7 +36,16 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: python bench/learning.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent_core.bandit import ALL_STYLES, CONTEXTS, DIMS, Population, Realisation, StyleBandit, UserStats, features
+from agent_core.bandit import (
+    ALL_STYLES,
+    CONTEXTS,
+    DIMS,
+    Population,
+    RealisationCounts,
+    StyleBandit,
+    UserStats,
+    features,
+)
 from agent_core.style import DIMENSIONS, Style
 from bench import report
 
@@ -145,9 +154,8 @@ class Attune(Chooser):
         self.population = Population.empty()
         self.seed = seed
 
-        self.asked = np.zeros((len(DIMS), 2))  # what the bot counts, as LearningPolicy does
-        self.realised = np.zeros((len(DIMS), 2))
-        self.realisation = Realisation.from_counts(self.asked, self.realised)
+        self.counts = RealisationCounts()  # what the bot counts, as LearningPolicy does
+        self.realisation = self.counts.estimate()
 
     def choose(self, user: int, turn: int, context: str) -> Style:
         posterior = self.bandit.posterior(self.stats[user], self.population, user)
@@ -155,10 +163,7 @@ class Attune(Chooser):
         return self.bandit.choose(posterior, context, {}, rng, self.realisation).style
 
     def shown(self, style: Style, shown: Style) -> None:
-        for j, dim in enumerate(DIMS):
-            v = DIMENSIONS[dim].index(getattr(style, dim))
-            self.asked[j, v] += 1
-            self.realised[j, v] += getattr(shown, dim) == getattr(style, dim)
+        self.counts.add(style, shown)
 
     def react(self, user: int, turn: int, context: str, style: Style, shown: Style, liked: bool) -> None:
         # it learns from the text the user read
@@ -166,7 +171,7 @@ class Attune(Chooser):
 
     def end_of_turn(self) -> None:  # the bot refits the population prior now and then
         self.population = self.bandit.population(self.stats)
-        self.realisation = Realisation.from_counts(self.asked, self.realised)
+        self.realisation = self.counts.estimate()
 
 
 class AdaptKit(Chooser):

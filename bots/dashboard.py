@@ -22,12 +22,11 @@ from aiohttp import web
 
 from agent_core.agent import Agent
 from agent_core.config import Config
-from agent_core.style import DIMENSIONS, asked_and_shown
+from agent_core.policy import REALISATION_WINDOW, realisation_counts
+from agent_core.style import DIMENSIONS
 from agent_core.training.job import TrainingBusy
 from storage.reports import Reports, UserSummary
 from storage.training import TrainingRecords
-
-SHOWN_WINDOW = 2000  # replies over which asked against shown is counted
 
 if TYPE_CHECKING:
     from bots.web import WebAdapter
@@ -164,7 +163,7 @@ class Dashboard:
             "reward_by_day": await self.reports.reward_by_day(),
             "adapters": await self.reports.adapters(),
             "training_runs": await self.reports.training_runs(),
-            "asked_and_shown": asked_and_shown(await self.agent.store.realisations(SHOWN_WINDOW)),
+            "asked_and_shown": (await realisation_counts(self.agent.store, REALISATION_WINDOW)).table(),
         }
 
     async def overview_json(self, request: web.Request) -> web.StreamResponse:
@@ -196,7 +195,7 @@ class Dashboard:
             "<p>Mean reward of the reactions each person gave to replies meant for them, per day.</p>",
             reward_plot(data["reward_by_day"], names),
             "</section><section><h2>Style: asked for and shown</h2>"
-            f"<p>Of the last {SHOWN_WINDOW} replies, how often the style the policy asked for is in the text "
+            f"<p>Of the last {REALISATION_WINDOW} replies, how often the style the policy asked for is in the text "
             "(read by <code>measure_style</code>). The policy learns from what was shown.</p>",
             _table(["dimension", "value", "asked", "shown", "share"], shown, "No replies yet."),
             "</section><section><h2>Users</h2>",

@@ -102,7 +102,6 @@ class LocalBackend(LLMBackend):
         if problem := supports(model):
             log.info("no batching for this model (%s): one request at a time", problem)
             return None
-        eos = model.generation_config.eos_token_id
         slots, length, threads = self.batching.max_batch_size, self.context_window, self.threads
 
         kernels = self.cache_dir / "kernels"
@@ -116,7 +115,7 @@ class LocalBackend(LLMBackend):
             build,
             self._tokenizer,
             self.batching,
-            stop_ids=set(eos if isinstance(eos, list) else [eos]),
+            stop_ids=_stop_ids(model),
             repetition_penalty=self.repetition_penalty,
             max_loaded_adapters=self.max_loaded_adapters,
             vocab=self._vocab,
@@ -219,12 +218,11 @@ class LocalBackend(LLMBackend):
             inputs = self._tokenizer.apply_chat_template(
                 request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
             )
-            eos = model.generation_config.eos_token_id
             # The same processors as the batching engine, in its order (the warpers among them).
             processors = logits_processors(
                 request, prompt_length=int(inputs["input_ids"].shape[1]), vocab=self._vocab,
                 repetition_penalty=self.repetition_penalty, no_repeat_ngram=self.no_repeat_ngram,
-                eos=set(eos if isinstance(eos, list) else [eos]),
+                eos=_stop_ids(self._model),  # not ``model``: a base-only view has no generation config
             )  # fmt: skip
             sampling: dict[str, Any] = {"do_sample": False}
             if request.temperature > 0:  # temperature, top-k and top-p are among the processors
@@ -273,6 +271,12 @@ class LocalBackend(LLMBackend):
         self._adapters.move_to_end(name)
         self._model.set_adapter(name)
         return self._model
+
+
+def _stop_ids(model: Any) -> set[int]:
+    """The tokens that end a reply, as the model's generation config names them."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
 
 
 class _BaseOnly:

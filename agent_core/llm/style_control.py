@@ -38,7 +38,6 @@ end a sentence, start an emoji, ...) is read once per tokenizer into a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 from collections import Counter, deque
@@ -118,10 +117,10 @@ class StyleVocab:
     emoji: np.ndarray  # the token could start or carry an emoji
     ends_e2: np.ndarray  # the token ends with byte E2 (a 3-byte character follows)
     emoji_tail: np.ndarray  # starts with a continuation byte 81-BF: after E2, a symbol or emoji
-    contractions: torch.Tensor  # ids of "'s", "'re", ...
-    casual: torch.Tensor  # ids of casual words
-    formal: torch.Tensor  # ids of formal words
-    connectives: torch.Tensor  # ids of formal sentence openers (space-prefixed)
+    contractions: np.ndarray  # "'s", "'re", ...
+    casual: np.ndarray  # casual words
+    formal: np.ndarray  # formal words
+    connectives: np.ndarray  # formal sentence openers (space-prefixed)
     trie: dict[tuple[int, ...], tuple[int, ...]]  # emoji token prefixes -> allowed next tokens; leaves -> ()
     word_key: np.ndarray  # int [size]: tokens that are the same word ("Weather", " weather") share a key
     same_word: dict[int, list[int]]  # key -> every token with it
@@ -149,14 +148,14 @@ class StyleVocab:
             ids = tokenizer.encode(text, add_special_tokens=False)
             return ids[0] if len(ids) == 1 else None
 
-        def words(names: tuple[str, ...], *, capitalised: bool = True) -> torch.Tensor:
-            ids = set()
+        def words(names: tuple[str, ...], *, capitalised: bool = True) -> np.ndarray:
+            mask = np.zeros(size, dtype=bool)
             for name in names:
                 for form in {name, name.capitalize()} if capitalised else {name}:
                     for text in (form, " " + form):
                         if (i := single(text)) is not None:
-                            ids.add(i)
-            return torch.tensor(sorted(ids), dtype=torch.long)
+                            mask[i] = True
+            return mask
 
         eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         return cls(
@@ -180,7 +179,7 @@ class StyleVocab:
             emoji=flags(lambda b: _EMOJI_BYTES.search(b)),
             ends_e2=flags(lambda b: b.endswith(b"\xe2")),
             emoji_tail=flags(lambda b: 0x81 <= b[0] <= 0xBF),
-            contractions=torch.tensor([i for i, b in enumerate(raw) if CONTRACTION.match(b)], dtype=torch.long),
+            contractions=flags(CONTRACTION.match),
             casual=words(CASUAL_WORDS),
             formal=words(FORMAL_WORDS),
             connectives=words(CONNECTIVES, capitalised=False),
@@ -218,13 +217,9 @@ def _emoji_trie(tokenizer: Any) -> dict[tuple[int, ...], tuple[int, ...]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _vocab_for(tokenizer: Any) -> StyleVocab:
-    return StyleVocab.build(tokenizer)
-
-
 def vocab_for(tokenizer: Any) -> StyleVocab:
-    """The tokenizer's :class:`StyleVocab`, read once (about a second) and kept."""
-    return _vocab_for(tokenizer)
+    """The tokenizer's :class:`StyleVocab`, read once (under a second) and kept."""
+    return StyleVocab.build(tokenizer)
 
 
 EMOJI_ACTION = -1  # in the queue of what must come next: "an emoji here"
@@ -247,7 +242,9 @@ class StyleControl:
         no_repeat_ngram: int = 4,
         eos: set[int] | None = None,
     ) -> None:
-        self.v = vocab if not eos else dataclasses.replace(vocab, eos=frozenset(eos))
+        self.v = vocab
+        self.eos = frozenset(eos) if eos else vocab.eos  # what ends the reply (the engine's stop tokens)
+        self.stop = min(self.eos) if self.eos else None  # the one forced when the reply is to end
         self.style = style
         self.prompt_length = prompt_length
         self.budget = budget
@@ -279,8 +276,6 @@ class StyleControl:
         self.reply.append(token)
         if self.queue and self.queue[0] == token:
             self.queue.popleft()
-        if v.formal.numel() and bool((v.formal == token).any()):
-            self.formal_words += 1
         if self.emoji_prefix is not None:
             self.emoji_prefix += (token,)
             if not self.v.trie.get(self.emoji_prefix):
@@ -290,16 +285,16 @@ class StyleControl:
             return
         if token >= v.size:
             return
+        self.formal_words += bool(v.formal[token])
+        self.contracted += bool(v.contractions[token])
         if self.at_start and not (token == v.marker or v.has_newline[token] or v.list_start[token]):
             self.openers.append(token)
-            self.connective_last = bool((v.connectives == token).any())
+            self.connective_last = bool(v.connectives[token])
             self.at_start = False
         elif self.at_start and token == v.marker:
             self.items += 1
         if v.has_bang[token]:
             self.bangs += 1
-        if v.contractions.numel() and bool((v.contractions == token).any()):
-            self.contracted += 1
         after_digit = previous is not None and previous < v.size and bool(v.digit[previous])
         if v.sentence_end[token] and not after_digit:
             self.sentence_from = len(self.reply)
@@ -312,7 +307,8 @@ class StyleControl:
             if style is not None and style.format == "bullets" and v.marker is not None and v.marker not in self.queue:
                 # a line the model broke itself ends an item too, and the next one starts
                 self.sentences += 1
-                self.queue.append(sorted(v.eos)[0] if self._brief_done() else v.marker)
+                done = self._brief_done() and self.stop is not None
+                self.queue.append(self.stop if done else v.marker)  # type: ignore[arg-type]
 
     def _sentence_ended(self) -> None:
         """What follows the end of a sentence: maybe an emoji, then the end or the next item."""
@@ -322,8 +318,8 @@ class StyleControl:
         most = 1 if style.tone == "formal" else MAX_EMOJI  # emoji read as casual: a formal reply has one
         if style.emoji == "some" and self.emoji < most and (self.emoji == 0 or self.since_emoji >= 2):
             self.queue.append(EMOJI_ACTION)
-        if self._brief_done():
-            self.queue.extend(sorted(v.eos)[:1])
+        if self._brief_done() and self.stop is not None:
+            self.queue.append(self.stop)
         elif style.format == "bullets" and v.newline is not None and v.marker is not None:
             self.queue.extend([v.newline, v.marker])
 
@@ -353,7 +349,7 @@ class StyleControl:
                 self._tone(row, self.style)
                 self._item_end(row, self.style)
             if torch.isneginf(row).all():  # everything blocked: let the reply end rather than fail
-                row[list(self.v.eos)] = 0.0
+                row[list(self.eos)] = 0.0
         return scores
 
     def _item_end(self, row: torch.Tensor, style: Style) -> None:
@@ -410,10 +406,9 @@ class StyleControl:
     def _length(self, row: torch.Tensor, style: Style) -> None:
         v, n = self.v, len(self.reply)
         if (style.length == "detailed" and n < self.detailed_min) or (style.format == "bullets" and self.items < 2):
-            row[list(v.eos)] = NEG
+            row[list(self.eos)] = NEG
         if n >= self.budget - CLOSING_TOKENS or n - self.sentence_from >= RUN_ON_TOKENS:  # close the sentence
-            size = min(v.size, row.shape[0])
-            row[:size][torch.from_numpy(v.sentence_end[:size])] += CLOSING_BIAS
+            _bias(row, v.sentence_end, CLOSING_BIAS)
 
     def _format(self, row: torch.Tensor, style: Style) -> None:
         v, last = self.v, self._last()
@@ -433,7 +428,7 @@ class StyleControl:
         _ban(row, v.emoji)  # with "some" too: emoji come only where the control puts them, one at a time
         if last is not None and v.ends_e2[last]:  # a three-byte character begun: not a symbol
             _ban(row, v.emoji_tail)
-        ending = int(row.argmax()) in v.eos or len(self.reply) >= self.budget - 4
+        ending = int(row.argmax()) in self.eos or len(self.reply) >= self.budget - 4
         if style.emoji == "some" and self.emoji == 0 and v.trie and ending:
             self.emoji_prefix = ()  # about to end without one: an emoji closes the reply
             _only(row, v.trie[()])
@@ -442,8 +437,7 @@ class StyleControl:
         v, last = self.v, self._last()
         if style.tone == "formal":
             _ban(row, v.has_bang | v.apostrophe)
-            row[v.contractions] = NEG
-            row[v.casual] = NEG
+            _ban(row, v.contractions | v.casual)
             if style.format == "prose":
                 opening = self.at_start and self.sentences >= 1
             else:
@@ -451,11 +445,11 @@ class StyleControl:
             if opening and not self.connective_last:
                 # An emoji reads as casual: a reply with one needs a formal word to stay formal.
                 owed = self.emoji > 0 and self.formal_words == 0
-                row[v.connectives] += OWED_CONNECTIVE_BIAS if owed else CONNECTIVE_BIAS
+                _bias(row, v.connectives, OWED_CONNECTIVE_BIAS if owed else CONNECTIVE_BIAS)
             return
-        row[v.formal] = NEG
+        _ban(row, v.formal)
         if last is not None and v.word[last] and self.contracted < CONTRACTIONS:  # "it" -> "it's"
-            row[v.contractions] += CONTRACTION_BIAS
+            _bias(row, v.contractions, CONTRACTION_BIAS)
         first_end = self.bangs == 0 and len(self.reply) >= 3 and not (last is not None and v.digit[last])
         if first_end and v.bang is not None and v.period is not None:  # the first sentence ends with "!"
             row[v.bang] = torch.maximum(row[v.bang], row[v.period]) + 0.5
@@ -477,6 +471,11 @@ def _only(row: torch.Tensor, allowed: tuple[int, ...] | list[int]) -> None:
 def _ban(row: torch.Tensor, mask: np.ndarray) -> None:
     size = min(len(mask), row.shape[0])
     row[:size][torch.from_numpy(mask[:size])] = NEG
+
+
+def _bias(row: torch.Tensor, mask: np.ndarray, value: float) -> None:
+    size = min(len(mask), row.shape[0])
+    row[:size][torch.from_numpy(mask[:size])] += value
 
 
 def _one_hot(size: int, index: int | None) -> np.ndarray:
