@@ -23,6 +23,8 @@ Each figure is a like rate: the mean chance that the user likes a reply (the exp
 value, which has less noise than the sampled reactions), averaged over seeds. Replies
 are greedy by default (``--temperature``), so the arms differ only by what they learned
 and by the order concurrent messages were stored in (the policy's draws are keyed by it).
+The arms' days run together on one model, as one batch (as many users are served at
+once): the same figures as one arm after another, in three quarters of the time.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,7 @@ from agent_core.agent import Agent
 from agent_core.bandit import ALL_STYLES
 from agent_core.config import load_config
 from agent_core.events import Command, Message, Reaction
+from agent_core.llm import LLMBackend, create_backend
 from agent_core.style import Style, measure_style
 from bench import report
 from bench.learning import POPULATIONS, SimUser, draw_users
@@ -58,8 +62,9 @@ REFERENCE = "asked_best"
 PRESETS: dict[str, dict[str, Any]] = {
     # small: the shared population adapter is not trained (it alone took minutes and 10 GB a night here)
     # 120 new tokens: a detailed reply (over 60 words) fits, so every preferred style is reachable
+    # one epoch a night: with three, the nights alone took 16 of 39 minutes here
     "small": {"users": 4, "days": 3, "messages": 5, "seeds": 2, "max_new_tokens": 120,
-              "set": ["training.min_population_liked=100000"]},
+              "set": ["training.min_population_liked=100000", "training.epochs=1"]},
     "full": {"users": 32, "days": 7, "messages": 20, "seeds": 5, "max_new_tokens": 160, "set": []},
 }  # fmt: skip
 
@@ -79,6 +84,8 @@ def settings_for(arm: str, data_dir: Path, args: argparse.Namespace, seed: int) 
         "ATTUNE_TRAINING__THREADS": str(os.cpu_count() or 1),  # nights here are not shared with live users
         "ATTUNE_LIMITS__MESSAGES_PER_MINUTE": "100000",
         "ATTUNE_LIMITS__GLOBAL_MESSAGES_PER_MINUTE": "0",
+        "ATTUNE_LLM__LOCAL__MAX_BATCH_SIZE": str(min(64, (len(ARMS) + 1) * args.users)),  # every arm's users at once
+        "ATTUNE_LLM__LOCAL__MAX_QUEUE": str((len(ARMS) + 1) * args.users),
     }
     for item in [*args.preset_set, *args.set]:
         key, _, value = item.partition("=")
@@ -103,60 +110,96 @@ def best_style(user: SimUser, turn: int) -> tuple[Style, float]:
     return style, p
 
 
-async def run_arm(arm: str, seed: int, users: list[SimUser], react_probs: list[float], args: argparse.Namespace,
-                  work: Path) -> dict[str, Any]:  # fmt: skip
-    """One arm over every day: like rates by day, and what the nights did."""
+@dataclass
+class ArmRun:
+    """One arm of one seed: its own agent and database; the model is shared by every arm."""
+
+    arm: str
+    agent: Agent
+    nightly: NightlyScheduler
+    by_day: list[float] = field(default_factory=list)
+    matched: list[bool] = field(default_factory=list)
+    nights: list[dict[str, int]] = field(default_factory=list)
+
+
+async def open_arm(arm: str, seed: int, users: list[SimUser], args: argparse.Namespace, work: Path,
+                   llm: LLMBackend) -> ArmRun:  # fmt: skip
     config = load_config(None, environ=settings_for(arm, work / f"{arm}-{seed}", args, seed))
+    agent = await Agent.open(config, llm)
+    run = ArmRun(arm, agent, NightlyScheduler(agent.training, config.settings.training,
+                                              config.settings.storage.sqlalchemy_url))  # fmt: skip
+    if arm == REFERENCE:  # the user's preferred style, asked for outright
+        for u, user in enumerate(users):
+            style, _ = best_style(user, 0)
+            for dim, value in style.as_dict().items():
+                await agent.handle_command(Command(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}",
+                                                   name="prefs", args=f"{dim} {value}"))  # fmt: skip
+    return run
+
+
+async def run_day(run: ArmRun, day: int, seed: int, users: list[SimUser], react_probs: list[float],
+                  prompts: list[list[list[str]]], args: argparse.Namespace) -> None:  # fmt: skip
+    """Every user's messages of one day, the users concurrently; then the night, if the arm trains."""
+    agent = run.agent
+
+    async def one_user(u: int) -> list[float]:
+        liked_p = []
+        for k, text in enumerate(prompts[day][u]):
+            turn = day * args.messages + k
+            msg = Message(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}", sender_name=f"user {u}",
+                          text=text, message_id=f"d{day}-m{k}")  # fmt: skip
+            reply = await agent.handle_message(msg)
+            assert reply is not None and reply.kind == "answer", reply
+            await agent.delivered(reply, f"d{day}-r{k}")
+            observed = measure_style(reply.text)
+            p = users[u].like_prob(observed, turn)
+            liked_p.append(p)
+            if run.arm == REFERENCE:
+                run.matched.append(observed == best_style(users[u], turn)[0])
+            draw = np.random.default_rng([seed, u, turn]).random(2)  # the same draws in every arm
+            if draw[0] < react_probs[u]:
+                emoji = "👍" if draw[1] < p else "👎"
+                await agent.handle_reaction(Reaction(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}",
+                                                     message_id=f"d{day}-r{k}", emoji=emoji))  # fmt: skip
+        return liked_p
+
+    per_user = await asyncio.gather(*(one_user(u) for u in range(len(users))))  # batched by the engine
+    run.by_day.append(float(np.mean([p for ps in per_user for p in ps])))
+    print(f"  seed {seed} {run.arm}: day {day + 1} like rate {run.by_day[-1]:.3f}", file=sys.stderr, flush=True)
+
+
+async def run_night(run: ArmRun, day: int, seed: int) -> None:
+    started = time.perf_counter()
+    await run.nightly.run_now()
+    rows = await run.agent.store.db.fetchall("SELECT status, COUNT(*) FROM adapters GROUP BY status")
+    run.nights.append({"day": day + 1, "seconds": round(time.perf_counter() - started, 1),
+                       **{str(r[0]): int(r[1]) for r in rows}})  # fmt: skip
+    print(f"  seed {seed} night {day + 1}: {run.nights[-1]}", file=sys.stderr, flush=True)
+
+
+async def run_seed(seed: int, users: list[SimUser], args: argparse.Namespace, work: Path) -> dict[str, ArmRun]:
+    """Every arm over every day. The arms' days run together on one model (one batch holds
+    every arm's users: only policy_adapters has adapters, so their names cannot clash),
+    and the night of the arm that trains runs between days, as the scheduler would run it."""
+    react_probs = [u.react_prob for u in users]
     prompts = prompts_for(seed, len(users), args.days, args.messages)
-    by_day: list[float] = []
-    matched: list[bool] = []
-    nights: list[dict[str, int]] = []
-    agent = await Agent.open(config)
-    try:  # closed whatever happens: its database threads would keep the process alive
-        await agent.llm.start()
-        nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.sqlalchemy_url)
-        if arm == REFERENCE:  # the user's preferred style, asked for outright
-            for u, user in enumerate(users):
-                style, _ = best_style(user, 0)
-                for dim, value in style.as_dict().items():
-                    await agent.handle_command(Command(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}",
-                                                       name="prefs", args=f"{dim} {value}"))  # fmt: skip
+    shared = load_config(None, environ=settings_for(ARMS[0], work / f"model-{seed}", args, seed))
+    llm = create_backend(shared)
+    runs: dict[str, ArmRun] = {}
+    try:  # closed whatever happens: database threads would keep the process alive
+        await llm.start()
+        for arm in (*ARMS, REFERENCE):
+            runs[arm] = await open_arm(arm, seed, users, args, work, llm)
         for day in range(args.days):
-
-            async def one_user(u: int, day: int = day) -> list[float]:
-                liked_p = []
-                for k, text in enumerate(prompts[day][u]):
-                    turn = day * args.messages + k
-                    msg = Message(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}", sender_name=f"user {u}",
-                                  text=text, message_id=f"d{day}-m{k}")  # fmt: skip
-                    reply = await agent.handle_message(msg)
-                    assert reply is not None and reply.kind == "answer", reply
-                    await agent.delivered(reply, f"d{day}-r{k}")
-                    observed = measure_style(reply.text)
-                    p = users[u].like_prob(observed, turn)
-                    liked_p.append(p)
-                    if arm == REFERENCE:
-                        matched.append(observed == best_style(users[u], turn)[0])
-                    draw = np.random.default_rng([seed, u, turn]).random(2)  # the same draws in every arm
-                    if draw[0] < react_probs[u]:
-                        emoji = "👍" if draw[1] < p else "👎"
-                        await agent.handle_reaction(Reaction(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}",
-                                                             message_id=f"d{day}-r{k}", emoji=emoji))  # fmt: skip
-                return liked_p
-
-            per_user = await asyncio.gather(*(one_user(u) for u in range(len(users))))  # batched by the engine
-            by_day.append(float(np.mean([p for ps in per_user for p in ps])))
-            print(f"  seed {seed} {arm}: day {day + 1} like rate {by_day[-1]:.3f}", file=sys.stderr, flush=True)
-            if config.settings.training.enabled and day < args.days - 1:
-                started = time.perf_counter()
-                await nightly.run_now()
-                rows = await agent.store.db.fetchall("SELECT status, COUNT(*) FROM adapters GROUP BY status")
-                nights.append({"day": day + 1, "seconds": round(time.perf_counter() - started, 1),
-                               **{str(r[0]): int(r[1]) for r in rows}})  # fmt: skip
-                print(f"  seed {seed} night {day + 1}: {nights[-1]}", file=sys.stderr, flush=True)
+            await asyncio.gather(*(run_day(r, day, seed, users, react_probs, prompts, args) for r in runs.values()))
+            for r in runs.values():
+                if r.agent.settings.training.enabled and day < args.days - 1:
+                    await run_night(r, day, seed)
     finally:
-        await agent.close()
-    return {"by_day": by_day, "matched": matched, "nights": nights}
+        for r in runs.values():
+            await r.agent.store.db.close()
+        await llm.close()
+    return runs
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -171,10 +214,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for seed in range(args.seed, args.seed + args.seeds):
             rng = np.random.default_rng([seed, 1])
             users = draw_users(population, args.users, rng)
-            react_probs = [u.react_prob for u in users]
             oracle.append(float(np.mean([best_style(u, 0)[1] for u in users])))
-            for arm in (*ARMS, REFERENCE):
-                results[arm].append(await run_arm(arm, seed, users, react_probs, args, Path(tmp)))
+            for arm, r in (await run_seed(seed, users, args, Path(tmp))).items():
+                results[arm].append({"by_day": r.by_day, "matched": r.matched, "nights": r.nights})
     days = []
     for day in range(args.days):
         row: dict[str, Any] = {"day": day + 1}
