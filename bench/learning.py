@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from agent_core.bandit import (
     features,
 )
 from agent_core.style import DIMENSIONS, Style
-from bench import report
+from bench import report, text_features
 
 POPULATIONS = Path(__file__).resolve().parent / "populations"
 # How often SmolLM2-135M shows a value asked for with instructions alone (bench/style_adherence.py,
@@ -63,12 +63,18 @@ class SimUser:
     drift_turn: int | None
     drift_effects: dict[tuple[str, str], float]
     react_prob: float
+    text_effects: dict[str, float] = field(default_factory=dict)  # bench/text_features.py's feature -> effect
+    name: str = ""  # their display name (the feature mentions_name looks for it)
 
-    def like_prob(self, style: Style, turn: int) -> float:
+    def like_prob(self, style: Style, turn: int, text: str | None = None) -> float:
+        """The chance they like a reply of this style; with its ``text``, the text effects count too
+        (a benchmark without reply text, like this one, has only the style)."""
         effects = self.effects
         if self.drift_turn is not None and turn >= self.drift_turn:
             effects = {**effects, **self.drift_effects}
         total = self.base + sum(effects.get((dim, value), 0.0) for dim, value in style.as_dict().items())
+        if text is not None:
+            total += sum(e for feature, e in self.text_effects.items() if text_features.check(feature)(text, self.name))
         return min(0.98, max(0.02, total))
 
 
@@ -78,19 +84,37 @@ def _effects(spec: dict[str, dict[str, float]], noise: float, rng: np.random.Gen
     }
 
 
+def _text_effects(spec: list[dict[str, Any]], noise: float, rng: np.random.Generator) -> dict[str, float]:
+    out = {}
+    for item in spec:
+        text_features.check(item["feature"])  # a clear error for a name no reader knows
+        out[str(item["feature"])] = float(item["effect"] + rng.normal(0, noise))
+    return out
+
+
+NAMES = ("Ada", "Ben", "Chloe", "Dev", "Elif", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kemi", "Luca")
+
+
 def draw_users(population: dict[str, Any], count: int, rng: np.random.Generator) -> list[SimUser]:
+    """``count`` users drawn from the file's archetypes; each effect gets its noise. The
+    noise of the text effects is drawn after all the rest, so files without them draw
+    the same users as before."""
     archetypes = population["archetypes"]
     weights = np.array([a["weight"] for a in archetypes], dtype=float)
     users = []
-    for index in rng.choice(len(archetypes), size=count, p=weights / weights.sum()):
+    chosen = rng.choice(len(archetypes), size=count, p=weights / weights.sum())
+    for index in chosen:
         a = archetypes[index]
         drift = a.get("drift")
         users.append(SimUser(
             base=float(a["base"]), effects=_effects(a.get("effects", {}), a.get("noise", 0.0), rng),
             drift_turn=int(drift["turn"]) if drift else None,
             drift_effects=_effects(drift["effects"], a.get("noise", 0.0), rng) if drift else {},
-            react_prob=float(a["react_prob"]),
+            react_prob=float(a["react_prob"]), name=NAMES[len(users) % len(NAMES)],
         ))  # fmt: skip
+    for user, index in zip(users, chosen, strict=True):
+        a = archetypes[index]
+        user.text_effects = _text_effects(a.get("text_effects", []), a.get("noise", 0.0), rng)
     return users
 
 
