@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from statistics import fmean
 
+from agent_core import reward_model
 from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
 from agent_core.policy import StylePolicy, realisation_counts
@@ -258,6 +259,7 @@ async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         f"Style asked for and shown in my last {SHOWN_WINDOW} replies to you: "
         + describe_asked_and_shown((await realisation_counts(cmds.store, SHOWN_WINDOW, caller.user_id)).table())
         + ".",
+        reward_model.describe(await reward_model.user_accuracy(TrainingRecords(cmds.store.db), caller.user_id)),
         f"Adapter: {adapter_line}.",
         await _training_line(cmds, caller.user_id),
         f"Model: {cmds.describe_model()}.",

@@ -117,14 +117,16 @@ class TrainingRecords:
         found = [Candidate(int(r[0]), str(r[1]), int(r[2]), int(r[3]), float(r[4])) for r in rows]
         return [c for c in found if user_ids is None or c.user_id in user_ids]
 
-    async def rated_replies(self, user_id: int | None = None) -> list[RatedReply]:
-        """Rated replies of one user (or of everyone), oldest first."""
+    async def rated_replies(self, user_id: int | None = None, limit: int | None = None) -> list[RatedReply]:
+        """Rated replies of one user (or of everyone), oldest first; with ``limit``, the newest ones."""
+        newest = " LIMIT ?" if limit is not None else ""
         rows = await self.db.fetchall(
-            "SELECT m.id, m.user_id, m.prompt, m.text, AVG(r.reward), MIN(r.created_at) FROM messages m"
+            "SELECT id, user_id, prompt, text, reward, rated_at FROM (SELECT m.id, m.user_id, m.prompt, m.text,"
+            " AVG(r.reward) AS reward, MIN(r.created_at) AS rated_at, m.created_at AS sent_at FROM messages m"
             " JOIN reactions r ON r.message_id = m.id AND r.user_id = m.user_id AND r.removed_at IS NULL"
             " WHERE m.role = 'assistant' AND m.prompt IS NOT NULL AND (CAST(? AS BIGINT) IS NULL OR m.user_id = ?)"
-            " GROUP BY m.id ORDER BY m.created_at, m.id",
-            (user_id, user_id),
+            " GROUP BY m.id ORDER BY m.created_at DESC, m.id DESC" + newest + ") AS rated ORDER BY sent_at, id",
+            (user_id, user_id) if limit is None else (user_id, user_id, limit),
         )
         cipher = self.db.cipher
         return [
