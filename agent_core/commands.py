@@ -283,6 +283,9 @@ async def _training_line(cmds: Commands, user_id: int) -> str:
     if m.get("candidate", {}).get("nll_liked") and m.get("in_service", {}).get("nll_liked"):
         c, s = m["candidate"]["nll_liked"], m["in_service"]["nll_liked"]
         gain = f" (held-out NLL of liked replies {s:.2f} -> {c:.2f})"
+    elif m.get("candidate", {}).get("reward") is not None and m.get("in_service", {}).get("reward") is not None:
+        c, s = m["candidate"]["reward"], m["in_service"]["reward"]
+        gain = f" (your reward model's score of its replies {s:.2f} -> {c:.2f})"
     return f"Training: last run {when} on {run['rated']} rated replies: {what}{gain}."
 
 

@@ -150,7 +150,13 @@ class TrainingSettings(_Section):
     min_new_rated: int = Field(default=20, ge=1)
     min_population_liked: int = Field(default=20, ge=1)
     holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    objective: Literal["sft", "kto"] = "sft"
+    # sft: liked replies; kto: liked and disliked; raft: SFT on the best of `samples` sampled
+    # replies by the user's reward model (and the liked ones); dpo: best against worst of them
+    objective: Literal["sft", "kto", "raft", "dpo"] = "sft"
+    samples: int = Field(default=4, ge=2, le=16)  # raft/dpo: candidates sampled per prompt
+    sample_prompts: int = Field(default=16, ge=1)  # raft/dpo: the user's newest prompts sampled for
+    min_spread: float = Field(default=0.05, ge=0.0, lt=1.0)  # raft/dpo: skip prompts whose candidates score closer
+    max_kl: float = Field(default=0.5, gt=0.0)  # raft/dpo gate: the candidate's KL to the base, nats per token
     rank: int = Field(default=8, ge=1, le=256)
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)

@@ -129,3 +129,24 @@ def gate(candidate: dict[str, float | None], in_service: dict[str, float | None]
             return Decision(True, f"preference accuracy {c_acc:.2f} vs {s_acc:.2f} in service")
         return Decision(False, f"preference accuracy {c_acc:.2f} vs {s_acc:.2f} in service, needs +{margin:.2f}")
     return Decision(False, "no held-out feedback to judge it on")
+
+
+def reward_gate(
+    candidate_reward: float, in_service_reward: float, kl: float, reward_auc: float | None, *, margin: float,
+    max_kl: float,
+) -> Decision:  # fmt: skip
+    """The gate of reward-trained adapters, on replies each model generated to the user's
+    held-out prompts: promote only if the user's reward model scores the candidate's
+    replies higher by ``margin`` (a like chance), its KL to the base model stays within
+    ``max_kl`` nats per token (fluency), and the reward model itself beats chance on the
+    user's held-out reactions (else its scores mean nothing)."""
+    if reward_auc is None or reward_auc <= 0.5:
+        shown = "not measurable" if reward_auc is None else f"{reward_auc:.2f}"
+        return Decision(False, f"the reward model does not beat chance on held-out reactions (AUC {shown})")
+    if kl > max_kl:
+        return Decision(False, f"KL to the base {kl:.3f} nats per token, above max_kl {max_kl}")
+    gain = candidate_reward - in_service_reward
+    summary = f"reward of generated replies {candidate_reward:.3f} vs {in_service_reward:.3f} in service"
+    if gain < margin:
+        return Decision(False, f"{summary}: +{gain:.3f}, needs +{margin:.2f}".replace("+-", "-"))
+    return Decision(True, f"{summary} (+{gain:.3f}; KL {kl:.3f}, reward AUC {reward_auc:.2f})")

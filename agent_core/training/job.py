@@ -30,8 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from agent_core import reward_model
 from agent_core.config import Settings
-from agent_core.training.dataset import Split, examples, split_by_time, summary, write_examples
+from agent_core.llm import model_cache_dir
+from agent_core.training.dataset import Example, Split, examples, split_by_time, summary, write_examples
 from agent_core.training.executors import Executor, WorkerFailed, create_executor
 from agent_core.training.redact import Redactor
 from storage import Store
@@ -63,6 +67,7 @@ class Task:
     metrics: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     steps: int = 0
+    reward_auc: float | None = None  # raft/dpo: the user's reward model on their held-out reactions
 
 
 @dataclass
@@ -192,6 +197,8 @@ class TrainingJob:
             folder = work / task.name
             write_examples(folder / "train.jsonl", task.split.train, sealer)
             write_examples(folder / "heldout.jsonl", task.split.heldout, sealer)
+            if task.user_id is not None and self.training.objective in reward_model.OBJECTIVES:
+                task.reward_auc = await self._reward_model(task, folder / "reward.npy")
             task.version = await self.records.next_version(task.user_id)
             task.run_id = await self.records.start_run(task.user_id, len(task.split.train) + len(task.split.heldout))
         model_dir = await asyncio.to_thread(self._model_dir)
@@ -211,12 +218,41 @@ class TrainingJob:
             await self._executor.close()
             self._executor = None
 
+    async def _reward_model(self, task: Task, path: Path) -> float | None:
+        """Fit the user's reward model (everyone's rated replies as the prior, then their own
+        training replies), save its weights for the worker, and return its AUC on the
+        user's held-out reactions (None: not both kinds there)."""
+        held = {e.message_id for e in task.split.heldout}
+        others = [r for r in await self.records.rated_replies(None, limit=reward_model.POPULATION_ROWS)
+                  if r.user_id != task.user_id and r.message_id not in held and r.reward != 0]  # fmt: skip
+        train, heldout = task.split.train, task.split.heldout
+
+        def fit() -> float | None:
+            def signed(e: Example) -> float:
+                return e.weight if e.label else -e.weight
+
+            population = reward_model.RewardModel.fit_population(
+                [self.redact(r.text) for r in others] + [e.completion for e in train],
+                [r.reward for r in others] + [signed(e) for e in train],
+            )
+            model = population.fit_user([e.completion for e in train], [signed(e) for e in train])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, model.weights)
+            return reward_model.auc(list(model.score([e.completion for e in heldout])), [e.label for e in heldout])
+
+        return await asyncio.to_thread(fit)
+
     async def _spec(self, task: Task, work: Path, model_dir: Path, population: AdapterRow | None) -> dict[str, Any]:
         """The worker spec that trains ``task`` alone."""
         own = await self.records.active(task.user_id) if task.user_id is not None else population
         owner = POPULATION if task.user_id is None else str(task.user_id)
+        local = self.settings.llm.local
         return {
             "model_dir": str(model_dir),
+            "cache_dir": str(model_cache_dir(self.settings)),
+            # the sampling of raft/dpo generates as the bot does
+            "serving": {"max_new_tokens": self.settings.llm.max_new_tokens,
+                        "repetition_penalty": local.repetition_penalty, "no_repeat_ngram": local.no_repeat_ngram},
             "threads": self.training.threads,
             "seed": self.settings.policy.seed,
             "training": self.training.model_dump(),
@@ -226,6 +262,8 @@ class TrainingJob:
                 "train": str(work / task.name / "train.jsonl"), "heldout": str(work / task.name / "heldout.jsonl"),
                 "out_dir": str(self.adapters_dir / owner / str(task.version)),
                 "in_service": own.path if own else None,
+                **({"reward_model": str(work / task.name / "reward.npy"), "reward_auc": task.reward_auc}
+                   if task.user_id is not None and self.training.objective in reward_model.OBJECTIVES else {}),
             }],
         }  # fmt: skip
 

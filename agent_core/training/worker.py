@@ -33,8 +33,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from agent_core import reward_model
+from agent_core.llm.base import AdapterRef, ChatMessage
+from agent_core.reward_model import RewardModel
 from agent_core.training.dataset import DATA_KEY_ENV, Example, read_examples, with_weights
-from agent_core.training.evaluate import Decision, gate, measures, score
+from agent_core.training.evaluate import Decision, gate, measures, reward_gate, score
+from agent_core.training.sampling import Ranked, Sampler, rank, requests
 from storage.crypto import Key
 
 Emit = Callable[[dict[str, Any]], None]
@@ -94,24 +100,145 @@ def train_task(
     model = peft_model(base, settings, init)
     out_dir = Path(task["out_dir"])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-") as scratch:
-        objective = "sft" if task["user_id"] is None else settings["objective"]
-        fit(model, tokenizer, train, objective, settings, int(spec["seed"]), task["name"], Path(scratch))
-        train_seconds = time.monotonic() - started
-        model.eval()
-        metrics = _judge(model, tokenizer, heldout, in_service, settings)
-        metrics.update(train_seconds=round(train_seconds, 2), objective=objective, train_examples=len(train),
-                       worker=f"{socket.gethostname()}:{os.getpid()}")  # fmt: skip
-        decision = gate(metrics["candidate"], metrics["in_service"], float(settings["margin"]))
-        if decision.promote:
+    objective = "sft" if task["user_id"] is None else settings["objective"]
+    by_reward = objective in reward_model.OBJECTIVES
+    sampler = _sampler(spec) if by_reward else None
+    max_new = int(spec.get("serving", {}).get("max_new_tokens", 160))  # as the bot generates replies
+    try:
+        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-") as scratch:
             staged = Path(scratch) / "adapter"
-            model.save_pretrained(staged)
-            _reconfigure_for_serving(staged)
-            os.replace(staged, out_dir)  # atomic: the folder appears complete or not at all
+            extra: dict[str, Any] = {}
+            if sampler is not None:
+                reward = RewardModel(np.load(task["reward_model"]), len(train))
+                serving = AdapterRef("in-service", in_service) if in_service else None
+                ranked, extra = _sample(sampler, reward, train, serving, settings, int(spec["seed"]), max_new)
+                fit_by_reward(model, tokenizer, ranked, train, objective, settings, int(spec["seed"]), task["name"],
+                              Path(scratch))  # fmt: skip
+            else:
+                fit(model, tokenizer, train, objective, settings, int(spec["seed"]), task["name"], Path(scratch))
+            train_seconds = time.monotonic() - started
+            model.eval()
+            if sampler is not None:
+                model.save_pretrained(staged)
+                _reconfigure_for_serving(staged)
+                metrics = _judge_by_reward(model, tokenizer, sampler, reward, staged, serving, heldout, settings,
+                                           int(spec["seed"]), max_new)  # fmt: skip
+                metrics["reward_auc"] = task.get("reward_auc")
+                decision = reward_gate(metrics["candidate"]["reward"], metrics["in_service"]["reward"],
+                                       metrics["candidate"]["kl_to_base"], task.get("reward_auc"),
+                                       margin=float(settings["margin"]), max_kl=float(settings["max_kl"]))  # fmt: skip
+            else:
+                metrics = _judge(model, tokenizer, heldout, in_service, settings)
+                decision = gate(metrics["candidate"], metrics["in_service"], float(settings["margin"]))
+            metrics.update(extra)
+            metrics.update(train_seconds=round(train_seconds, 2), objective=objective, train_examples=len(train),
+                           worker=f"{socket.gethostname()}:{os.getpid()}")  # fmt: skip
+            if decision.promote:
+                if not staged.exists():
+                    model.save_pretrained(staged)
+                    _reconfigure_for_serving(staged)
+                os.replace(staged, out_dir)  # atomic: the folder appears complete or not at all
+    finally:
+        if sampler is not None:
+            sampler.close()
     metrics["seconds"] = round(time.monotonic() - started, 2)
     emit("result", task["name"], promote=decision.promote, reason=decision.reason, metrics=metrics,
          path=str(out_dir) if decision.promote else None)  # fmt: skip
     return decision, str(out_dir)
+
+
+def _sampler(spec: dict[str, Any]) -> Sampler:
+    serving = spec.get("serving", {})
+    return Sampler(spec["model_dir"], Path(spec.get("cache_dir") or Path(spec["model_dir"]).parent),
+                   threads=int(spec["threads"]), repetition_penalty=float(serving.get("repetition_penalty", 1.1)),
+                   no_repeat_ngram=int(serving.get("no_repeat_ngram", 4)))  # fmt: skip
+
+
+def _prompts(rows: list[Example], limit: int) -> list[list[ChatMessage]]:
+    """The newest ``limit`` distinct prompts of ``rows``, oldest first."""
+    seen: dict[str, list[ChatMessage]] = {}
+    for e in reversed(rows):
+        seen.setdefault(json.dumps(e.prompt, sort_keys=True), e.prompt)  # type: ignore[arg-type]
+        if len(seen) == limit:
+            break
+    return list(reversed(list(seen.values())))
+
+
+def _sample(
+    sampler: Sampler, reward: RewardModel, train: list[Example], serving: AdapterRef | None, settings: dict[str, Any],
+    seed: int, max_new: int,
+) -> tuple[list[Ranked], dict[str, Any]]:  # fmt: skip
+    """The serving model's candidates for the user's newest prompts, ranked by their reward model."""
+    started = time.monotonic()
+    prompts = _prompts(train, int(settings["sample_prompts"]))
+    n = int(settings["samples"])
+    batch = requests(prompts, [None] * len(prompts), n, max_new_tokens=max_new,
+                     adapter=serving, seed=seed)  # fmt: skip
+    ranked = rank(prompts, sampler.generate(batch), n, reward.score)
+    best = [max(r.scores) for r in ranked]
+    return ranked, {"sampling": {
+        "prompts": len(prompts), "candidates": len(batch), "seconds": round(time.monotonic() - started, 2),
+        "mean_reward": round(float(np.mean([s for r in ranked for s in r.scores])), 4) if ranked else None,
+        "best_reward": round(float(np.mean(best)), 4) if best else None,
+    }}  # fmt: skip
+
+
+def _judge_by_reward(
+    model: Any, tokenizer: Any, sampler: Sampler, reward: RewardModel, staged: Path, serving: AdapterRef | None,
+    heldout: list[Example], settings: dict[str, Any], seed: int, max_new: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The candidate and the adapter in service each answer the user's held-out prompts
+    (the same seeds and styles); the reward model scores both, and the candidate's replies
+    give its KL to the base model."""
+    prompts = _prompts(heldout, int(settings["sample_prompts"]))
+    candidate = AdapterRef(f"candidate-{staged.parent.name}", str(staged))
+    mine = sampler.generate(requests(prompts, [None] * len(prompts), 2, max_new_tokens=max_new, adapter=candidate,
+                                     seed=seed + 1))  # fmt: skip
+    theirs = sampler.generate(requests(prompts, [None] * len(prompts), 2, max_new_tokens=max_new, adapter=serving,
+                                       seed=seed + 1))  # fmt: skip
+    rows = [Example(p, t, True, 1.0, 0.0, 0, 0) for p, t in zip([p for p in prompts for _ in range(2)], mine,
+                                                                 strict=True)]  # fmt: skip
+    max_length = int(settings["max_length"])
+    own = score(model, tokenizer, rows, max_length=max_length)
+    with model.disable_adapter():
+        base = score(model, tokenizer, rows, max_length=max_length)
+    tokens = sum(s.tokens for s in own)
+    kl = sum(o.logp - b.logp for o, b in zip(own, base, strict=True)) / tokens if tokens else 0.0
+    return {
+        "heldout": {"prompts": len(prompts), "liked": sum(e.label for e in heldout),
+                    "disliked": sum(not e.label for e in heldout)},
+        "candidate": {"reward": float(np.mean(reward.score(mine))) if mine else 0.0, "kl_to_base": round(kl, 4)},
+        "in_service": {"reward": float(np.mean(reward.score(theirs))) if theirs else 0.0},
+    }  # fmt: skip
+
+
+def fit_by_reward(
+    model: Any, tokenizer: Any, ranked: list[Ranked], train: list[Example], objective: str, settings: dict[str, Any],
+    seed: int, name: str, scratch: Path,
+) -> None:  # fmt: skip
+    """raft: SFT on the best candidate of each prompt and the replies the user liked;
+    dpo: DPO on best against worst. Prompts whose candidates the reward model cannot
+    tell apart (``min_spread``) teach nothing."""
+    useful = [r for r in ranked if r.spread >= float(settings["min_spread"])]
+    if objective == "raft":
+        best = [Example(r.prompt, r.best, True, 1.0, 0.0, 0, 0) for r in useful]  # type: ignore[arg-type]
+        fit(model, tokenizer, best + [e for e in train if e.label], "sft", settings, seed, name, scratch)
+        return
+    if not useful:
+        raise ValueError("no sampled prompt with candidates the reward model tells apart")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    def reply(text: str) -> list[dict[str, str]]:
+        return [{"role": "assistant", "content": text}]
+
+    dataset = Dataset.from_list([{"prompt": r.prompt, "chosen": reply(r.best), "rejected": reply(r.worst)}
+                                 for r in useful])  # fmt: skip
+    # keep_end: a long prompt loses its start (as the gate scores it), not the replies
+    config = DPOConfig(**_common(settings, seed, scratch), beta=0.1, truncation_mode="keep_end")
+    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[_progress(name)])  # fmt: skip
+    _quiet(trainer).train()
 
 
 def peft_model(base: Any, settings: dict[str, Any], init: str | None) -> Any:
@@ -129,15 +256,8 @@ def peft_model(base: Any, settings: dict[str, Any], init: str | None) -> Any:
     return get_peft_model(base, config)
 
 
-def fit(
-    model: Any, tokenizer: Any, train: list[Example], objective: str, settings: dict[str, Any], seed: int,
-    name: str, scratch: Path,
-) -> None:  # fmt: skip
-    """Train the LoRA weights with TRL: SFT on liked replies, or KTO on liked and disliked."""
-    from datasets import Dataset, disable_progress_bars
-    from transformers import PrinterCallback, TrainerCallback
-
-    disable_progress_bars()
+def _progress(name: str) -> Any:
+    from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -147,7 +267,22 @@ def fit(
             if logs and "loss" in logs:
                 emit("step", name, step=state.global_step, steps=state.max_steps, loss=logs["loss"])
 
-    common: dict[str, Any] = {
+    return Progress()
+
+
+def _quiet(trainer: Any) -> Any:
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # progress goes out as events, not prints
+    return trainer
+
+
+def _common(settings: dict[str, Any], seed: int, scratch: Path) -> dict[str, Any]:
+    """The trainer arguments every objective shares."""
+    from datasets import disable_progress_bars
+
+    disable_progress_bars()
+    return {
         "output_dir": str(scratch / "trainer"),
         "per_device_train_batch_size": int(settings["batch_size"]),
         "num_train_epochs": float(settings["epochs"]),
@@ -163,6 +298,16 @@ def fit(
         "seed": seed,
         "dataloader_num_workers": 0,
     }
+
+
+def fit(
+    model: Any, tokenizer: Any, train: list[Example], objective: str, settings: dict[str, Any], seed: int,
+    name: str, scratch: Path,
+) -> None:  # fmt: skip
+    """Train the LoRA weights with TRL: SFT on liked replies, or KTO on liked and disliked."""
+    from datasets import Dataset
+
+    common = _common(settings, seed, scratch)
     completion = [{"role": "assistant", "content": ""}]
 
     def row(e: Example, **extra: Any) -> dict[str, Any]:
@@ -180,9 +325,8 @@ def fit(
             dataset = Dataset.from_list([row(e, label=e.label) for e in rows])
             config = KTOConfig(**common, undesirable_weight=min(4.0, max(0.25, liked / disliked)))
             trainer: Any = KTOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                      callbacks=[Progress()])  # fmt: skip
-            trainer.remove_callback(PrinterCallback)  # progress goes out as events, not prints
-            trainer.train()
+                                      callbacks=[_progress(name)])  # fmt: skip
+            _quiet(trainer).train()
             return
     from trl import SFTConfig, SFTTrainer
 
@@ -192,9 +336,8 @@ def fit(
     dataset = Dataset.from_list([row(e) for e in liked_rows])
     config = SFTConfig(**common, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Progress()])  # fmt: skip
-    trainer.remove_callback(PrinterCallback)
-    trainer.train()
+                         callbacks=[_progress(name)])  # fmt: skip
+    _quiet(trainer).train()
 
 
 def _judge(
