@@ -18,6 +18,7 @@ from agent_core.config import Config
 from agent_core.events import Command, Message
 from agent_core.training.evaluate import reward_gate
 from storage.training import TrainingRecords
+from tests.conftest import MODEL_CACHE
 from tests.test_training import adapter_of, history_agent, rate_history, training_text, user_id
 
 pytestmark = pytest.mark.timeout(300)
@@ -93,3 +94,29 @@ async def test_reward_trained_candidates_that_score_lower_or_lose_fluency_are_re
         assert await TrainingRecords(agent.store.db).active(task.user_id) is None
     finally:
         await agent.close()
+
+
+async def test_sampling_and_reward_training_on_the_real_smollm2(make_config: Callable[..., Config]) -> None:
+    """The raft night on the real SmolLM2: it samples real replies through the batching
+    engine, the reward model ranks them, a few steps train, and the gate decides on what
+    both models generate."""
+    config = make_config(
+        f'[llm]\ntemperature = 0.0\nmax_new_tokens = 24\n[llm.local]\ncache_dir = "{MODEL_CACHE}"\n'
+        "[training]\nmin_new_rated = 6\nmin_population_liked = 1000\nepochs = 1\nbatch_size = 4\nthreads = 2\n"
+        'objective = "raft"\nsamples = 2\nsample_prompts = 3\nmin_spread = 0.0\n'
+    )
+    agent = await history_agent(config)
+    try:
+        await rate_history(agent, "ann", 12)
+        steps: list[int] = []
+        plan = await agent.training.run(progress=lambda t: steps.append(t.step))
+    finally:
+        await agent.close()
+    (task,) = plan.tasks
+    m = task.metrics
+    assert task.status in ("promoted", "rejected") and m["objective"] == "raft", task.reason
+    assert m["sampling"]["candidates"] == 6 and max(steps) >= 1 and m["reward_auc"] == 1.0
+    assert -0.05 < m["candidate"]["kl_to_base"] < 5  # a real model, moved a little by a few steps
+    assert "reward of generated replies" in task.reason or "KL to the base" in task.reason
+    gain = m["candidate"]["reward"] - m["in_service"]["reward"]
+    assert (task.status == "promoted") == (gain >= 0.02 and m["candidate"]["kl_to_base"] <= 0.5)
