@@ -193,12 +193,15 @@ class TrainingJob:
         over the executor's workers."""
         data_key = Key.generate()  # for this run's files only; never stored
         sealer = Key.from_text(data_key)
+        everyone: list[RatedReply] = []  # the reward models' prior: read once for every user
+        if self.training.objective in reward_model.OBJECTIVES:
+            everyone = await self.records.rated_replies(None, limit=reward_model.POPULATION_ROWS)
         for task in tasks:
             folder = work / task.name
             write_examples(folder / "train.jsonl", task.split.train, sealer)
             write_examples(folder / "heldout.jsonl", task.split.heldout, sealer)
             if task.user_id is not None and self.training.objective in reward_model.OBJECTIVES:
-                task.reward_auc = await self._reward_model(task, folder / "reward.npy")
+                task.reward_auc = await self._reward_model(task, everyone, folder / "reward.npy")
             task.version = await self.records.next_version(task.user_id)
             task.run_id = await self.records.start_run(task.user_id, len(task.split.train) + len(task.split.heldout))
         model_dir = await asyncio.to_thread(self._model_dir)
@@ -218,13 +221,11 @@ class TrainingJob:
             await self._executor.close()
             self._executor = None
 
-    async def _reward_model(self, task: Task, path: Path) -> float | None:
+    async def _reward_model(self, task: Task, everyone: list[RatedReply], path: Path) -> float | None:
         """Fit the user's reward model (everyone's rated replies as the prior, then their own
         training replies), save its weights for the worker, and return its AUC on the
         user's held-out reactions (None: not both kinds there)."""
-        held = {e.message_id for e in task.split.heldout}
-        others = [r for r in await self.records.rated_replies(None, limit=reward_model.POPULATION_ROWS)
-                  if r.user_id != task.user_id and r.message_id not in held and r.reward != 0]  # fmt: skip
+        others = [r for r in everyone if r.user_id != task.user_id and r.reward != 0]
         train, heldout = task.split.train, task.split.heldout
 
         def fit() -> float | None:
