@@ -50,10 +50,15 @@ async def bot(fake: FakeDiscord, make_config: Callable[..., Config]) -> AsyncIte
     await adapter.agent.close()
 
 
-async def _reply_id(agent: Agent) -> str:
-    row = await agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
-    assert row is not None and row[0] is not None
-    return str(row[0])
+async def _reply_id(agent: Agent, timeout_s: float = 10.0) -> str:
+    """The platform id of the stored reply, once the adapter reported it (a moment after the fake saw the send)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        row = await agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
+        if row is not None and row[0] is not None:
+            return str(row[0])
+        assert asyncio.get_running_loop().time() < deadline, "the reply's platform id was never recorded"
+        await asyncio.sleep(0.02)
 
 
 async def _rewards(agent: Agent, user: str) -> list[float]:

@@ -66,8 +66,13 @@ async def test_a_direct_message_gets_a_reply(bot: SlackAdapter, fake: FakeSlack)
     posted = await fake.wait_for("chat.postMessage", 1)
     assert posted[0]["channel"] == DM and posted[0]["text"] == "echo: hello slack"
     assert "thread_ts" not in posted[0]
-    row = await bot.agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
-    assert row is not None and row[0].startswith("17")  # Slack's ts of the reply came back to the core
+
+    # Slack's ts of the reply comes back to the core just after the fake answered the post
+    async def reply_ts() -> bool:
+        row = await bot.agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
+        return row is not None and row[0] is not None and row[0].startswith("17")
+
+    await _eventually(reply_ts, True)
     assert fake.posted("auth.test") and fake.posted("apps.connections.open")
 
 

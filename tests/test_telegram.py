@@ -73,8 +73,7 @@ async def test_a_private_message_gets_a_reply_and_a_typing_indicator(bot: Telegr
     assert sent[0]["chat_id"] == str(ANN) and sent[0]["text"] == "echo: hello bot"
     assert "reply_parameters" not in sent[0]  # no quoting in a private chat
     assert any(a["action"] == "typing" for a in fake.sent("sendChatAction"))
-    stored = await bot.agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
-    assert stored is not None and stored[0] is not None  # the platform id came back to the core
+    assert await _delivered_id(bot.agent)  # the platform id came back to the core
 
 
 async def test_in_a_group_only_mentions_and_replies_to_the_bot_are_answered(
