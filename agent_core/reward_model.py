@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import re
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -168,15 +169,29 @@ def held_out_auc(
 POPULATION_ROWS = 1000  # the newest rated replies of other users that make the prior
 
 
+_FITTED: OrderedDict[tuple[int, int], Accuracy] = OrderedDict()  # user_accuracy's answers, by what they read
+_FITTED_MAX = 256
+
+
 async def user_accuracy(records: TrainingRecords, user_id: int) -> Accuracy:
-    """``held_out_auc`` for one user from the database (fitted off the event loop)."""
+    """``held_out_auc`` for one user from the database (fitted off the event loop). The
+    answer is kept by what it was fitted on (the texts and rewards), so /stats asked again
+    before any new reaction fits nothing."""
     mine = await records.rated_replies(user_id)
     everyone = await records.rated_replies(None, limit=POPULATION_ROWS + len(mine))
     others = [r for r in everyone if r.user_id != user_id][-POPULATION_ROWS:]
-    return await asyncio.to_thread(
+    key = (hash(tuple((r.text, r.reward) for r in mine)), hash(tuple((r.text, r.reward) for r in others)))
+    if key in _FITTED:
+        _FITTED.move_to_end(key)
+        return _FITTED[key]
+    accuracy = await asyncio.to_thread(
         held_out_auc, [r.text for r in mine], [r.reward for r in mine], [r.text for r in others],
         [r.reward for r in others],
     )  # fmt: skip
+    _FITTED[key] = accuracy
+    while len(_FITTED) > _FITTED_MAX:
+        _FITTED.popitem(last=False)
+    return accuracy
 
 
 def describe(accuracy: Accuracy) -> str:

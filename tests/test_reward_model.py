@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import pytest
 
+from agent_core import reward_model
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction
@@ -88,7 +91,9 @@ def test_no_auc_until_there_are_enough_reactions_and_it_says_how_many_more() -> 
     assert accuracy.auc is None and accuracy.needed == 6
 
 
-async def test_stats_says_how_well_the_reward_model_predicts_the_user(make_config: Callable[..., Config]) -> None:
+async def test_stats_says_how_well_the_reward_model_predicts_the_user(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Replies that ask a follow-up question are liked, the others not: /stats first asks
     for more reactions, then reports a held-out AUC well above chance."""
     rng = np.random.default_rng(6)
@@ -110,8 +115,22 @@ async def test_stats_says_how_well_the_reward_model_predicts_the_user(make_confi
             liked = sent.text.rstrip().endswith("?")
             await agent.handle_reaction(Reaction(platform="t", chat_id="ann", sender_id="ann", message_id=f"r{i}",
                                                  emoji="👍" if liked else "👎"))  # fmt: skip
+        fits = 0
+        real_fit = reward_model.held_out_auc
+
+        def counted(*args: Any) -> reward_model.Accuracy:
+            nonlocal fits
+            fits += 1
+            return real_fit(*args)
+
+        monkeypatch.setattr(reward_model, "held_out_auc", counted)
         match = re.search(r"AUC (\d\.\d\d) on your (\d+) newest rated ones", await stats())
         assert match is not None and float(match[1]) >= 0.75 and int(match[2]) == 8
+        assert match[0] in await stats() and fits == 1  # asked again with nothing new: not fitted again
+        await agent.handle_reaction(Reaction(platform="t", chat_id="ann", sender_id="ann", message_id="r39",
+                                             emoji="👎" if sent.text.rstrip().endswith("?") else "👍"))  # fmt: skip
+        await stats()
+        assert fits == 2  # a changed reaction: fitted anew
         records = TrainingRecords(agent.store.db)
         every = await records.rated_replies(None)
         assert len(every) == 40 and [r.message_id for r in await records.rated_replies(None, limit=3)] == [
