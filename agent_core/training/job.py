@@ -222,24 +222,15 @@ class TrainingJob:
             self._executor = None
 
     async def _reward_model(self, task: Task, everyone: list[RatedReply], path: Path) -> float | None:
-        """Fit the user's reward model (everyone's rated replies as the prior, then their own
-        training replies), save its weights for the worker, and return its AUC on the
-        user's held-out reactions (None: not both kinds there)."""
-        others = [r for r in everyone if r.user_id != task.user_id and r.reward != 0]
-        train, heldout = task.split.train, task.split.heldout
+        """Fit the user's reward model, save its weights for the worker, and return its AUC
+        on the user's held-out reactions (None: not both kinds there)."""
+        prior = [(self.redact(r.text), r.reward) for r in everyone if r.user_id != task.user_id and r.reward != 0]
 
         def fit() -> float | None:
-            def signed(e: Example) -> float:
-                return e.weight if e.label else -e.weight
-
-            population = reward_model.RewardModel.fit_population(
-                [self.redact(r.text) for r in others] + [e.completion for e in train],
-                [r.reward for r in others] + [signed(e) for e in train],
-            )
-            model = population.fit_user([e.completion for e in train], [signed(e) for e in train])
+            model, held_out_auc = fit_reward_model(prior, task.split)
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, model.weights)
-            return reward_model.auc(list(model.score([e.completion for e in heldout])), [e.label for e in heldout])
+            return held_out_auc
 
         return await asyncio.to_thread(fit)
 
@@ -324,3 +315,20 @@ class TrainingJob:
             return "base"
         population = await self.records.active(None)
         return population.name if population else "base"
+
+
+def fit_reward_model(prior: list[tuple[str, float]], split: Split) -> tuple[reward_model.RewardModel, float | None]:
+    """A user's reward model as the nightly job fits it: the population's (others' rated
+    replies, ``(text, reward)``, and the user's training replies) as the prior, then the
+    user's own training replies; with its AUC on their held-out reactions (None: not both
+    kinds there)."""
+
+    def signed(e: Example) -> float:
+        return e.weight if e.label else -e.weight
+
+    train, heldout = split.train, split.heldout
+    population = reward_model.RewardModel.fit_population(
+        [text for text, _ in prior] + [e.completion for e in train], [r for _, r in prior] + [signed(e) for e in train]
+    )
+    model = population.fit_user([e.completion for e in train], [signed(e) for e in train])
+    return model, reward_model.auc(list(model.score([e.completion for e in heldout])), [e.label for e in heldout])
