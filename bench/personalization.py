@@ -146,13 +146,13 @@ async def run_day(run: ArmRun, day: int, seed: int, users: list[SimUser], react_
         liked_p = []
         for k, text in enumerate(prompts[day][u]):
             turn = day * args.messages + k
-            msg = Message(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}", sender_name=f"user {u}",
+            msg = Message(platform="bench", chat_id=f"u{u}", sender_id=f"u{u}", sender_name=users[u].name,
                           text=text, message_id=f"d{day}-m{k}")  # fmt: skip
             reply = await agent.handle_message(msg)
             assert reply is not None and reply.kind == "answer", reply
             await agent.delivered(reply, f"d{day}-r{k}")
             observed = measure_style(reply.text)
-            p = users[u].like_prob(observed, turn)
+            p = users[u].like_prob(observed, turn, reply.text)  # the style it has, and its text effects
             liked_p.append(p)
             if run.arm == REFERENCE:
                 run.matched.append(observed == best_style(users[u], turn)[0])
