@@ -11,7 +11,8 @@ POSTGRES := /usr/lib/postgresql
 PG_PASS  := --ignore=tests/test_web_browser.py --ignore=tests/test_batching.py --ignore=tests/test_local_backend.py --ignore=tests/test_style_control.py \
             --ignore=tests/test_real_model.py --ignore=tests/test_packaging.py --ignore=tests/test_prompts.py \
             --ignore=tests/test_ray.py --ignore=tests/test_bench_personalization.py --ignore=tests/test_bench_scale.py \
-            --ignore=tests/test_sampling.py --ignore=tests/test_reward_training.py
+            --ignore=tests/test_sampling.py --ignore=tests/test_reward_training.py --ignore=tests/test_bench_text_features.py \
+            --ignore=tests/test_bench_adapters_by_reward.py
 SUDO     := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run test install lint bench clean

@@ -20,6 +20,12 @@ held-out NLL of liked replies, and preference accuracy (for the same prompt, the
 reply more probable per token than the disliked one); training seconds per user.
 
     python -m bench.adapters [--sizes 10,25,50,100] [--objective sft|kto] [--json OUT]
+    python -m bench.adapters --population bench/populations/text_tastes.json [--simulated-users 6]
+
+With ``--population FILE`` it measures what the user sees instead: users of that file
+rate real replies, the nightly job's own code trains (by default the ``raft`` objective),
+and the like rate of replies to held-out prompts is compared for the base model, the
+population adapter and the user's (bench/adapters_by_reward.py says how).
 
 Goal: with 50 rated replies, the user's adapter lowers the held-out NLL of liked replies
 by at least 25% against the base and reaches 80% preference accuracy, in at most 60 s
@@ -31,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import sys
 import tempfile
@@ -44,13 +49,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: python bench/adapters.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agent_core import reward_model
 from agent_core.config import LLMSettings, TrainingSettings
 from agent_core.llm.model_files import cached_directory, find_model
 from agent_core.style import Style, finish, measure_style, token_budget
 from agent_core.training import worker
 from agent_core.training.dataset import Example
 from agent_core.training.evaluate import Scored, nll_liked, score
-from bench import report
+from bench import adapters_by_reward, report
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "everyday_prompts.txt"
 SYSTEM = "You are attune, a friendly and helpful assistant."
@@ -136,7 +142,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,25,50,100", help="rated replies per user, comma-separated")
     parser.add_argument("--heldout-prompts", type=int, default=12)
-    parser.add_argument("--objective", choices=["sft", "kto"], default=TrainingSettings().objective)
+    parser.add_argument(
+        "--objective",
+        choices=["sft", "kto", *reward_model.OBJECTIVES],
+        help="the [training] objective (default: the setting's; raft with --population)",
+    )
+    parser.add_argument(
+        "--population",
+        type=Path,
+        help="simulate this population file's users (bench/learning.py's format) and measure their like rate",
+    )
+    parser.add_argument("--simulated-users", type=int, default=6, help="with --population: how many users to draw")
+    parser.add_argument("--prompts", default=str(PROMPTS), help="with --population: the prompts, one per line")
     parser.add_argument("--max-new-tokens", type=int, default=LLMSettings().max_new_tokens)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2 = this machine's cores)")
     parser.add_argument("--seed", type=int, default=0)
@@ -152,6 +169,10 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
+    if args.objective is None:
+        args.objective = "raft" if args.population else TrainingSettings().objective
+    if args.population is None and args.objective not in ("sft", "kto"):
+        parser.error(f"--objective {args.objective} ranks sampled replies by a user's reward: it needs --population")
     users = {name: USERS[name] for name in args.users.split(",")}
     sizes = [int(s) for s in args.sizes.split(",")]
 
@@ -162,8 +183,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    worker._EVENTS = open(os.devnull, "w")  # noqa: SIM115 - the worker's progress events are not needed here
+    worker._emit = lambda event: None  # the worker's progress events are not needed here
     model_dir = cached_directory(find_model(args.model), Path(args.cache_dir).resolve())
+    if args.population:
+        by_population(args, model_dir)
+        return
     prompts = [p for p in PROMPTS.read_text().splitlines() if p.strip()]
     rng = random.Random(args.seed)
     rng.shuffle(prompts)
@@ -281,6 +305,24 @@ def main() -> None:
     results["params"] = {**vars(args), "json": str(args.json) if args.json else None, "users": users,
                          "training": settings}  # fmt: skip
     path = report.save("adapters", results)
+    print(f"wrote {path}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+
+
+def by_population(args: argparse.Namespace, model_dir: Path) -> None:
+    overrides = {k: json.loads(v) if v[:1] in "[{0123456789-" else v for k, v in (o.split("=", 1) for o in args.set)}
+    settings = TrainingSettings.model_validate(
+        {**TrainingSettings().model_dump(), "objective": args.objective, **overrides}
+    ).model_dump()
+    args.users = args.simulated_users
+    results = adapters_by_reward.run(args, settings, model_dir, Path(args.cache_dir).resolve())
+    print(f"nightly adapters on {model_dir.name}: objective {args.objective}, {args.users} users of "
+          f"{args.population.name}, {args.heldout_prompts} held-out prompts, {args.threads} threads")  # fmt: skip
+    print(report.table(adapters_by_reward.HEADERS, results.pop("table")))
+    results["goal_met"] = adapters_by_reward.print_summary(results)
+    results["params"] = {**vars(args), "json": str(args.json) if args.json else None, "training": settings}
+    path = report.save("adapters_population", results)
     print(f"wrote {path}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
