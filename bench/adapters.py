@@ -321,7 +321,8 @@ def by_population(args: argparse.Namespace, model_dir: Path) -> None:
           f"{args.population.name}, {args.heldout_prompts} held-out prompts, {args.threads} threads")  # fmt: skip
     print(report.table(adapters_by_reward.HEADERS, results.pop("table")))
     results["goal_met"] = adapters_by_reward.print_summary(results)
-    results["params"] = {**vars(args), "json": str(args.json) if args.json else None, "training": settings}
+    results["params"] = {**vars(args), "json": str(args.json) if args.json else None,
+                         "population": str(args.population), "training": settings}  # fmt: skip
     path = report.save("adapters_population", results)
     print(f"wrote {path}")
     if args.json:
