@@ -192,10 +192,10 @@ def _judge_by_reward(
     give its KL to the base model."""
     prompts = _prompts(heldout, int(settings["sample_prompts"]))
     candidate = AdapterRef(f"candidate-{staged.parent.name}", str(staged))
-    mine = sampler.generate(requests(prompts, [None] * len(prompts), 2, max_new_tokens=max_new, adapter=candidate,
-                                     seed=seed + 1))  # fmt: skip
-    theirs = sampler.generate(requests(prompts, [None] * len(prompts), 2, max_new_tokens=max_new, adapter=serving,
-                                       seed=seed + 1))  # fmt: skip
+    both = [requests(prompts, [None] * len(prompts), 2, max_new_tokens=max_new, adapter=adapter, seed=seed + 1)
+            for adapter in (candidate, serving)]  # fmt: skip
+    replies = sampler.generate(both[0] + both[1])  # in the same batches: each row has its own adapter
+    mine, theirs = replies[: len(both[0])], replies[len(both[0]) :]
     rows = [Example(p, t, True, 1.0, 0.0, 0, 0) for p, t in zip([p for p in prompts for _ in range(2)], mine,
                                                                  strict=True)]  # fmt: skip
     max_length = int(settings["max_length"])
