@@ -185,8 +185,12 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     worker._emit = lambda event: None  # the worker's progress events are not needed here
     model_dir = cached_directory(find_model(args.model), Path(args.cache_dir).resolve())
+    overrides = {k: json.loads(v) if v[:1] in "[{0123456789-" else v for k, v in (o.split("=", 1) for o in args.set)}
+    settings = TrainingSettings.model_validate(
+        {**TrainingSettings().model_dump(), "objective": args.objective, **overrides}
+    ).model_dump()
     if args.population:
-        by_population(args, model_dir)
+        by_population(args, model_dir, settings)
         return
     prompts = [p for p in PROMPTS.read_text().splitlines() if p.strip()]
     rng = random.Random(args.seed)
@@ -196,10 +200,6 @@ def main() -> None:
     train_prompts = train_prompts[: -(-need // len(STYLES))]  # enough for the largest size, in every style
     replies = pool(model_dir, heldout_prompts + train_prompts, Path(args.cache_dir).resolve(), args.max_new_tokens,
                    args.seed)  # fmt: skip
-    overrides = {k: json.loads(v) if v[:1] in "[{0123456789-" else v for k, v in (o.split("=", 1) for o in args.set)}
-    settings = TrainingSettings.model_validate(
-        {**TrainingSettings().model_dump(), "objective": args.objective, **overrides}
-    ).model_dump()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def base_model() -> Any:
@@ -310,11 +310,7 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
 
 
-def by_population(args: argparse.Namespace, model_dir: Path) -> None:
-    overrides = {k: json.loads(v) if v[:1] in "[{0123456789-" else v for k, v in (o.split("=", 1) for o in args.set)}
-    settings = TrainingSettings.model_validate(
-        {**TrainingSettings().model_dump(), "objective": args.objective, **overrides}
-    ).model_dump()
+def by_population(args: argparse.Namespace, model_dir: Path, settings: dict[str, Any]) -> None:
     args.users = args.simulated_users
     results = adapters_by_reward.run(args, settings, model_dir, Path(args.cache_dir).resolve())
     print(f"nightly adapters on {model_dir.name}: objective {args.objective}, {args.users} users of "

@@ -222,6 +222,9 @@ def run(args: argparse.Namespace, settings: dict[str, Any], model_dir: Path, cac
                 pop_seconds = time.perf_counter() - started
                 pop_path = pop["path"]  # None: not promoted, the base serves everyone
                 pop_ref = AdapterRef(f"population-{size}", pop_path) if pop_path else None
+                pop_model = loaded(pop_path)  # scored once for every user
+                pop_secondary = [secondary(pop_model, u) for u in range(len(users))]
+                del pop_model
                 per_user = []
                 for u, user in enumerate(users):
                     prior = [(e.completion, 1.0 if e.label else -1.0) for v, s in enumerate(splits) if v != u
@@ -244,12 +247,13 @@ def run(args: argparse.Namespace, settings: dict[str, Any], model_dir: Path, cac
                         "train_seconds": seconds, "metrics": result["metrics"],
                         "base": base_secondary[u],
                     }  # fmt: skip
-                    pop_model = loaded(pop_path)
-                    figures["population"] = secondary(pop_model, u)
-                    del pop_model
-                    user_model = loaded(served)
-                    figures["user"] = secondary(user_model, u)
-                    del user_model
+                    figures["population"] = pop_secondary[u]
+                    if served == pop_path:  # not promoted: the population's model serves them
+                        figures["user"] = pop_secondary[u]
+                    else:
+                        user_model = loaded(served)
+                        figures["user"] = secondary(user_model, u)
+                        del user_model
                     per_user.append(figures)
                     rows_out.append(_row(u, user, figures))
                     print(report.table(HEADERS, rows_out[-1:]).splitlines()[-1], file=sys.stderr, flush=True)

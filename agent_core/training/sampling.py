@@ -70,7 +70,7 @@ def requests(
 class Sampler:
     """The serving model of the training process: the batching engine on the base model,
     with any adapter per request (the one in service, or a candidate to judge). Batches of
-    16: on 2 cores a batch of 16 gives about twice the replies per second of one of 8."""
+    16 (on 2 cores about 10 % quicker than 8 for a night's 32 samples)."""
 
     def __init__(self, model_dir: str, cache_dir: Path, *, threads: int, repetition_penalty: float,
                  no_repeat_ngram: int, batch_size: int = 16) -> None:  # fmt: skip
