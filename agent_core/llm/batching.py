@@ -28,6 +28,7 @@ import torch
 from agent_core.llm.base import AdapterRef, GenerationRequest, LLMBusy, LLMError
 from agent_core.llm.decoder import BatchDecoder, LoraAdapter
 from agent_core.llm.style_control import StyleVocab, logits_processors
+from agent_core.llm.warpers import draw
 
 log = logging.getLogger(__name__)
 
@@ -234,19 +235,27 @@ class BatchingEngine:
         with self._wakeup:
             self._rows.append(job)
             self._admitting = None
-        if self._advance(job, logits):
+        if self._advance(job, self._pick([job], logits[None])[0]):
             self._leave([job])
 
     def _step(self) -> None:
         """One new token for every row."""
         self.largest_batch = max(self.largest_batch, len(self._rows))
         logits = self.decoder.decode([job.ids[-1] for job in self._rows])
-        finished = [job for row, job in enumerate(self._rows) if self._advance(job, logits[row])]
+        tokens = self._pick(self._rows, logits)
+        finished = [job for job, token in zip(self._rows, tokens, strict=True) if self._advance(job, token)]
         self._leave(finished)
 
-    def _advance(self, job: Job, logits: torch.Tensor) -> bool:
-        """Pick the job's next token, send any new text; True when the job is finished."""
-        token = self._sample(job, logits)
+    def _pick(self, jobs: list[Job], logits: torch.Tensor) -> list[int]:
+        """The next token of each job (row i of ``logits`` is ``jobs[i]``'s): each row's own
+        processors (repetition penalty, style control), then one batched draw."""
+        scores = torch.cat([job.processors(torch.tensor([job.ids]), logits[row : row + 1])
+                            for row, job in enumerate(jobs)])  # fmt: skip
+        return draw(scores, [j.request.temperature for j in jobs], [j.request.top_p for j in jobs],
+                    [j.generator for j in jobs])  # fmt: skip
+
+    def _advance(self, job: Job, token: int) -> bool:
+        """Append the job's next token, send any new text; True when the job is finished."""
         if token in self.stop_ids:
             self._finish(job)
             return True
@@ -262,18 +271,11 @@ class BatchingEngine:
             return True
         return False
 
-    def _sample(self, job: Job, logits: torch.Tensor) -> int:
-        scores = job.processors(torch.tensor([job.ids]), logits.unsqueeze(0))
-        if job.request.temperature <= 0:
-            return int(scores.argmax())
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs[0], 1, generator=job.generator))
-
     def _processors(self, request: GenerationRequest, prompt_length: int) -> Any:
-        """What transformers' ``generate`` would apply to the scores, plus the style control."""
+        """The repetition penalty and the style control (the warpers come in :meth:`_pick`)."""
         return logits_processors(request, prompt_length=prompt_length, vocab=self.vocab,
                                  repetition_penalty=self.repetition_penalty, no_repeat_ngram=self.no_repeat_ngram,
-                                 eos=self.stop_ids)  # fmt: skip
+                                 eos=self.stop_ids, warpers=False)  # fmt: skip
 
     def _finish(self, job: Job) -> None:
         text = self.tokenizer.decode(job.reply_tokens, skip_special_tokens=True)

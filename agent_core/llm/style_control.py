@@ -502,10 +502,13 @@ def logits_processors(
     repetition_penalty: float,
     no_repeat_ngram: int,
     eos: set[int],
+    warpers: bool = True,
 ) -> Any:
     """What is applied to the scores of each new token of ``request``, in this order: the
     repetition penalty, the style control and loop guard (before the sampling warpers, so
-    that its biases count), then temperature, top-k 50 (``generate``'s default) and top-p."""
+    that its biases count), then temperature, top-k 50 (``generate``'s default) and top-p.
+    ``warpers`` False leaves out the last three (the batching engine applies them to all
+    its rows at once, :mod:`agent_core.llm.warpers`)."""
     from transformers import (
         LogitsProcessorList,
         RepetitionPenaltyLogitsProcessor,
@@ -521,7 +524,7 @@ def logits_processors(
         processors.append(StyleControl(vocab, request.style, prompt_length=prompt_length,
                                        budget=request.max_new_tokens, no_repeat_ngram=no_repeat_ngram,
                                        eos=eos))  # fmt: skip
-    if request.temperature > 0:
+    if warpers and request.temperature > 0:
         processors.append(TemperatureLogitsWarper(request.temperature))
         processors.append(TopKLogitsWarper(50))
         processors.append(TopPLogitsWarper(request.top_p))
