@@ -161,6 +161,7 @@ class TrainingSettings(_Section):
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    layers: int = Field(default=0, ge=0)  # LoRA on the top this many layers only (0 = every layer)
     learning_rate: float = Field(default=1e-3, gt=0.0, le=1.0)
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=8, ge=2)

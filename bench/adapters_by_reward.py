@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from agent_core import reward_model
 from agent_core.bandit import ALL_STYLES
 from agent_core.config import AgentSettings, LLMSettings
 from agent_core.llm.base import AdapterRef, GenerationRequest
@@ -230,6 +231,9 @@ def run(args: argparse.Namespace, settings: dict[str, Any], model_dir: Path, cac
                     prior = [(e.completion, 1.0 if e.label else -1.0) for v, s in enumerate(splits) if v != u
                              for e in s.train]  # fmt: skip
                     reward, auc = fit_reward_model(prior, splits[u])
+                    held = splits[u].heldout  # what no reward model can beat: the user's own chances
+                    oracle = reward_model.auc([user.like_prob(measure_style(e.completion), 0, e.completion)
+                                               for e in held], [e.label for e in held])  # fmt: skip
                     started = time.perf_counter()
                     result = night.train(f"user-{u + 1}", u + 1, splits[u], init=pop_path,
                                          reward=(reward.weights, auc))  # fmt: skip
@@ -243,7 +247,8 @@ def run(args: argparse.Namespace, settings: dict[str, Any], model_dir: Path, cac
                         "like_rate_population": like_rate(user, answers(pop_ref, style, 1)) if pop_ref
                         else base_rates[u],
                         "like_rate_user": like_rate(user, answers(ref, style, 1)) if ref else base_rates[u],
-                        "reward_auc": auc, "promoted": bool(result["promote"]), "reason": result["reason"],
+                        "reward_auc": auc, "oracle_auc": oracle, "promoted": bool(result["promote"]),
+                        "reason": result["reason"],
                         "train_seconds": seconds, "metrics": result["metrics"],
                         "base": base_secondary[u],
                     }  # fmt: skip
@@ -280,11 +285,13 @@ def summarise(per_user: list[dict[str, Any]], pop_seconds: float, pop: dict[str,
         return fmean(values) if values else None
 
     aucs = [u["reward_auc"] for u in per_user if u["reward_auc"] is not None]
+    oracles = [u["oracle_auc"] for u in per_user if u["oracle_auc"] is not None]
     return {
         "like_rate_base": mean("like_rate_base"),
         "like_rate_population": mean("like_rate_population"),
         "like_rate_user": mean("like_rate_user"),
         "reward_auc": fmean(aucs) if aucs else None,
+        "oracle_auc": fmean(oracles) if oracles else None,
         "train_seconds_per_user": mean("train_seconds"),
         "promoted": sum(u["promoted"] for u in per_user),
         "users": len(per_user),
@@ -295,14 +302,15 @@ def summarise(per_user: list[dict[str, Any]], pop_seconds: float, pop: dict[str,
     }  # fmt: skip
 
 
-HEADERS = ["rated", "user", "liked", "like base", "like pop.", "like user", "AUC", "promoted", "NLL base",
+HEADERS = ["rated", "user", "liked", "like base", "like pop.", "like user", "AUC", "oracle AUC", "promoted", "NLL base",
            "NLL user", "acc. base", "acc. user", "train s"]  # fmt: skip
 
 
 def _row(u: int, user: SimUser, f: dict[str, Any]) -> list[Any]:
     return [f["rated"], f"{u + 1} {user.name}", f["liked_in_training"], f"{f['like_rate_base']:.3f}",
             f"{f['like_rate_population']:.3f}", f"{f['like_rate_user']:.3f}", _num(f["reward_auc"]),
-            "yes" if f["promoted"] else "no", _num(f["base"]["nll_liked"]), _num(f["user"]["nll_liked"]),
+            _num(f["oracle_auc"]), "yes" if f["promoted"] else "no", _num(f["base"]["nll_liked"]),
+            _num(f["user"]["nll_liked"]),
             _pct(f["base"]["preference_accuracy"]), _pct(f["user"]["preference_accuracy"]),
             f"{f['train_seconds']:.0f}"]  # fmt: skip
 
@@ -320,10 +328,10 @@ def print_summary(results: dict[str, Any]) -> bool:
     rows = [[size, f"{f['like_rate_base']:.3f}", f"{f['like_rate_population']:.3f}", f"{f['like_rate_user']:.3f}",
              f"{f['like_rate_user'] - f['like_rate_base']:+.3f}",
              f"{f['like_rate_user'] - f['like_rate_population']:+.3f}", _num(f["reward_auc"]),
-             f"{f['promoted']}/{f['users']}", f"{f['train_seconds_per_user']:.0f}"]
+             _num(f.get("oracle_auc")), f"{f['promoted']}/{f['users']}", f"{f['train_seconds_per_user']:.0f}"]
             for size, f in results["by_rated"].items()]  # fmt: skip
-    print(report.table(["rated", "like: base", "like: population", "like: user", "user - base",
-                        "user - population", "reward AUC", "promoted", "train s / user"], rows))  # fmt: skip
+    print(report.table(["rated", "like: base", "like: population", "like: user", "user - base", "user - population",
+                        "reward AUC", "oracle AUC", "promoted", "train s / user"], rows))  # fmt: skip
     at50 = results["by_rated"].get("50")
     if not at50:
         return False

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from agent_core.style import Style
-from bench.adapters_by_reward import best_style, described, like_rate, prompt_for, rate
+from bench.adapters_by_reward import best_style, described, like_rate, prompt_for, rate, summarise
 from bench.learning import SimUser, draw_users
 
 BULLETS = Style.from_dict({"length": "brief", "tone": "casual", "emoji": "none", "format": "bullets"})
@@ -49,3 +50,16 @@ def test_the_shipped_text_tastes_population_has_text_effects_for_everyone() -> N
     assert all(u.text_effects for u in users)
     assert json.loads(json.dumps(described(users[0])))["text_effects"] == users[0].text_effects  # saved with results
     assert len({tuple(sorted(u.text_effects)) for u in users}) == 3  # three kinds of taste
+
+
+def test_the_summary_averages_users_and_leaves_out_an_auc_that_could_not_be_measured() -> None:
+    def user(like_user: float, auc: float | None, oracle: float | None) -> dict[str, object]:
+        part = {"nll_liked": 1.0, "preference_accuracy": None}
+        return {"like_rate_base": 0.5, "like_rate_population": 0.5, "like_rate_user": like_user, "reward_auc": auc,
+                "oracle_auc": oracle, "train_seconds": 100.0, "promoted": like_user > 0.5, "base": part,
+                "population": part, "user": part}  # fmt: skip
+
+    summary = summarise([user(0.7, 0.8, 0.9), user(0.5, None, 0.7)], 30.0, {"promote": True})
+    assert summary["like_rate_user"] == pytest.approx(0.6) and summary["promoted"] == 1
+    assert summary["reward_auc"] == pytest.approx(0.8) and summary["oracle_auc"] == pytest.approx(0.8)
+    assert summary["preference_accuracy_user"] is None and summary["nll_liked_user"] == 1.0

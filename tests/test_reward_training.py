@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from agent_core.agent import Agent
-from agent_core.config import Config
+from agent_core.config import Config, TrainingSettings
 from agent_core.events import Command, Message
+from agent_core.llm.decoder import LoraAdapter
 from agent_core.training.evaluate import reward_gate
+from agent_core.training.worker import peft_model
 from storage.training import TrainingRecords
 from tests.conftest import MODEL_CACHE
 from tests.test_training import adapter_of, history_agent, rate_history, training_text, user_id
@@ -33,6 +35,24 @@ def test_the_reward_gate_needs_a_reward_model_better_than_chance_fluency_and_a_g
     low = reward_gate(0.61, 0.60, 0.1, 0.8, **ok)
     assert not low.promote and "+0.010, needs +0.02" in low.reason
     assert "-0.100, needs" in reward_gate(0.50, 0.60, 0.1, 0.8, **ok).reason
+
+
+@pytest.mark.parametrize(("layers", "expected"), [(1, {1}), (0, {0, 1})])
+def test_lora_on_the_top_layers_only_is_trained_and_served_there(
+    tiny_model_dir: Path, tmp_path: Path, layers: int, expected: set[int]
+) -> None:
+    """``[training] layers``: LoRA weights on the top layers only (the backward pass stops
+    below them); the batching engine serves such an adapter."""
+    from transformers import AutoModelForCausalLM
+
+    model = peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                       TrainingSettings(layers=layers).model_dump(), None)  # fmt: skip
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in name for name in trainable)
+    model.save_pretrained(tmp_path)
+    served = LoraAdapter.load("top", tmp_path)
+    assert {layer for layer, _ in served.weights} == expected
+    assert {projection for _, projection in served.weights} == {"q_proj", "v_proj"}
 
 
 @pytest.mark.parametrize("objective", ["raft", "dpo"])

@@ -246,11 +246,15 @@ def peft_model(base: Any, settings: dict[str, Any], init: str | None) -> Any:
 
     if init:  # continue from the population adapter: the user's adapter sits on top of it
         return PeftModel.from_pretrained(base, init, is_trainable=True)
+    n = int(base.config.num_hidden_layers)
+    top = int(settings.get("layers") or 0)
     config = LoraConfig(
         r=int(settings["rank"]),
         lora_alpha=int(settings["alpha"]),
         lora_dropout=float(settings["dropout"]),
         target_modules=list(settings["targets"]),
+        # only the top layers: the backward pass stops below them (a step costs about half)
+        layers_to_transform=list(range(n - top, n)) if 0 < top < n else None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, config)
