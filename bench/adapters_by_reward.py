@@ -328,7 +328,7 @@ def print_summary(results: dict[str, Any]) -> bool:
     rows = [[size, f"{f['like_rate_base']:.3f}", f"{f['like_rate_population']:.3f}", f"{f['like_rate_user']:.3f}",
              f"{f['like_rate_user'] - f['like_rate_base']:+.3f}",
              f"{f['like_rate_user'] - f['like_rate_population']:+.3f}", _num(f["reward_auc"]),
-             _num(f.get("oracle_auc")), f"{f['promoted']}/{f['users']}", f"{f['train_seconds_per_user']:.0f}"]
+             _num(f["oracle_auc"]), f"{f['promoted']}/{f['users']}", f"{f['train_seconds_per_user']:.0f}"]
             for size, f in results["by_rated"].items()]  # fmt: skip
     print(report.table(["rated", "like: base", "like: population", "like: user", "user - base", "user - population",
                         "reward AUC", "oracle AUC", "promoted", "train s / user"], rows))  # fmt: skip
