@@ -9,8 +9,9 @@ brief, casual, none, prose), and the same four entries again for the message's c
 (question, task, chat), so a context may pull a dimension its own way. Each user has
 their own ``w``.
 
-Sharing. The population mean is a ridge fit over everyone's data, so a new user starts
-from what people like; the broad prior ``N(population mean, S0)`` lets them differ (less
+Sharing. The population mean is the average of users' own tastes (a random-effects fit
+over everyone's data, :meth:`StyleBandit.average_taste`), so a new user starts from what
+people like; the broad prior ``N(population mean, S0)`` lets them differ (less
 for the context terms, which need evidence to matter).
 
 Drift. A user's data statistics are discounted by ``gamma`` per new observation, so old
@@ -61,7 +62,8 @@ class BanditConfig:
     explore_scale: float = 0.05  # posterior variance scale of the draws that explore an unknown taste
     explore_after: float = 3.0  # reactions after which a user is explored for half as much as at full
     population_ridge: float = 5.0  # shrinks the population fit toward "no preference" when data is scarce
-    prototype_min_obs: int = 15  # reactions a user needs before their taste counts in the population
+    prototype_min_obs: int = 5  # reactions a user needs before their taste counts in the population's groups
+    prototype_min_users: int = 8  # users that must be known before they are grouped (4 per group)
     max_prototypes: int = 512  # the best-known users' tastes that are grouped into prototypes
     clusters: int = 8  # at most this many prototypes: groups of users with similar tastes
     em_sharpness: float = 1.0  # >1 assigns users to groups more decisively when fitting them
@@ -322,12 +324,10 @@ class StyleBandit:
         regressions over all their reactions (EM). Pooling a group's reactions pins down
         each dimension even when each member saw only a few styles."""
         c = self.config
-        D = sum((s.Dp for s in users.values()), np.zeros((N_FEATURES, N_FEATURES)))
-        d = sum((s.dp for s in users.values()), np.zeros(N_FEATURES))
         m0 = np.zeros(N_FEATURES) if prior_mean is None else prior_mean
-        mean = np.linalg.solve(c.population_ridge * np.eye(N_FEATURES) + D, c.population_ridge * m0 + d)
+        mean = self.average_taste(list(users.values()), m0)
         known = sorted((s.n, u) for u, s in users.items() if s.n >= c.prototype_min_obs)[-c.max_prototypes :]
-        if len(known) < 4:
+        if len(known) < max(4, c.prototype_min_users):
             return Population(mean, np.zeros((0, N_FEATURES)))
         group = [users[u] for _, u in known]
         prototypes, weights = mixture_of_regressions(
@@ -336,6 +336,29 @@ class StyleBandit:
         )  # fmt: skip
         sizes = tuple(max(1, round(w * len(group))) for w in weights)
         return Population(mean, prototypes, tuple(-1 for _ in sizes), sizes)
+
+    def average_taste(self, users: list[UserStats], prior_mean: np.ndarray) -> np.ndarray:
+        """The average of users' own tastes, with each user's ``w`` drawn around it under the
+        broad prior (a random-effects fit: generalised least squares over all reactions).
+
+        Not a regression that pools everyone's reactions as if from one person: the bot
+        shows each user what it thinks they like, so pooled, a style looks as good as the
+        tastes of the people it is shown to, and differences between styles shrink toward
+        nothing the better the bot personalises. Fitting each user's deviation from the
+        average takes most of that bias away. A user's weight grows with their reactions and stops
+        growing once their own taste is known (``P (P + D)⁻¹ D``, at most ``P``); with few
+        reactions each, this is the pooled fit. ``population_ridge`` shrinks it toward
+        ``prior_mean`` when data is scarce."""
+        c = self.config
+        A = c.population_ridge * np.eye(N_FEATURES)
+        b = c.population_ridge * prior_mean
+        if users:
+            Ds = np.array([s.Dp for s in users])
+            rhs = np.concatenate([Ds, np.array([s.dp for s in users])[:, :, None]], axis=2)
+            solved = np.linalg.solve(self.P_broad[None] + Ds, rhs).sum(axis=0)  # Σ (P + D)⁻¹ [D | d]
+            A = A + self.P_broad @ solved[:, :N_FEATURES]
+            b = b + self.P_broad @ solved[:, N_FEATURES]
+        return np.linalg.solve(A, b)
 
     @staticmethod
     def _single(stats: UserStats, m: np.ndarray, P0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -415,7 +415,7 @@ def main() -> None:
     for path in paths:
         for text in specs:
             spec = parse_realisation(text)
-            label = path.stem if len(specs) == 1 or text == "perfect" else f"{path.stem}_imperfect"
+            label = path.stem if not args.all or text == "perfect" else f"{path.stem}_imperfect"
             started = time.perf_counter()
             result = run(path, args.users, args.turns, args.seed, args.seeds, args.gap, args.warmup, spec)
             print_table(label, result, args.users, args.turns, args.seeds, realisation_name(spec))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agent_core.agent import Agent
-from agent_core.bandit import ALL_STYLES, Realisation, StyleBandit, UserStats, features
+from agent_core.bandit import ALL_STYLES, N_FEATURES, Realisation, StyleBandit, UserStats, features
 from agent_core.config import Config, load_config
 from agent_core.events import Command, Message, Reaction, Reply
 from agent_core.llm import GenerationRequest
@@ -187,6 +187,29 @@ def test_a_new_user_starts_from_what_the_population_likes() -> None:
     assert sum(p.length == "detailed" and p.format == "bullets" for p in picks) >= 18
     beliefs = bandit.beliefs(newcomer)
     assert beliefs["length"][0] == "detailed" and beliefs["length"][1] > 0.8
+
+
+def test_the_average_taste_is_not_fooled_by_personalised_serving() -> None:
+    """Half the users like brief replies a little more, half like detailed ones a lot more:
+    on average detailed pays. Each is shown what they like 9 times in 10, so pooled, brief
+    replies look better (the people shown them like them); the average of users' own
+    tastes, and a newcomer's first style, must still say detailed."""
+    bandit = StyleBandit()
+    like = {True: {"brief": 0.7, "detailed": 0.5}, False: {"brief": 0.2, "detailed": 0.6}}
+    users, pooled = {}, {"brief": [], "detailed": []}
+    for u in range(40):
+        brief_lover, stats = u % 2 == 0, UserStats()
+        for i in range(40):
+            served = "brief" if (i % 10 != 0) == brief_lover else "detailed"
+            reward = 2 * like[brief_lover][served] - 1  # the expected reward: no noise to average out
+            stats.observe(features(Style(served, "casual", "none", "prose"), "chat"), reward, bandit.config)
+            pooled[served].append(reward)
+        users[u] = stats
+    assert np.mean(pooled["brief"]) > np.mean(pooled["detailed"])  # the trap is real
+    mean = bandit.average_taste(list(users.values()), np.zeros(N_FEATURES))
+    assert mean[1] < 0  # the length sign: +1 is brief
+    newcomer = bandit.posterior(UserStats(), bandit.population(users), user=None)
+    assert bandit.choose(newcomer, "chat", {}, np.random.default_rng(0)).style.length == "detailed"
 
 
 def test_a_changed_taste_is_followed() -> None:
