@@ -212,6 +212,24 @@ def test_the_average_taste_is_not_fooled_by_personalised_serving() -> None:
     assert bandit.choose(newcomer, "chat", {}, np.random.default_rng(0)).style.length == "detailed"
 
 
+def test_groups_form_from_users_with_a_few_reactions_once_there_are_enough_of_them() -> None:
+    bandit = StyleBandit()
+    rng = np.random.default_rng(1)
+
+    def user(reactions: int) -> UserStats:
+        stats = UserStats()
+        for _ in range(reactions):
+            style = ALL_STYLES[int(rng.integers(len(ALL_STYLES)))]
+            stats.observe(features(style, "chat"), 1.0 if style.length == "brief" else -1.0, bandit.config)
+        return stats
+
+    few = {u: user(bandit.config.prototype_min_obs) for u in range(bandit.config.prototype_min_users - 1)}
+    assert len(bandit.population(few).prototypes) == 0  # too few people to tell groups apart
+    enough = {**few, 99: user(bandit.config.prototype_min_obs), 100: user(bandit.config.prototype_min_obs - 1)}
+    population = bandit.population(enough)
+    assert len(population.prototypes) >= 1 and sum(population.sizes) == bandit.config.prototype_min_users
+
+
 def test_a_changed_taste_is_followed() -> None:
     bandit = StyleBandit()
     stats = UserStats()
