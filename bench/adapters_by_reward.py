@@ -97,7 +97,7 @@ def rate(user: SimUser, rows: list[dict[str, Any]], rng: np.random.Generator, us
     out = []
     for t, r in enumerate(rows):
         liked = bool(rng.random() < user.like_prob(measure_style(r["text"]), 0, r["text"]))
-        out.append(Example(r["prompt"], r["text"], liked, 1.0, float(t), user_id, t))
+        out.append(Example(r["prompt"], r["text"], liked, 1.0, float(t), user_id, t, r.get("asked")))
     return out
 
 

@@ -25,6 +25,7 @@ class RatedReply:
     text: str
     reward: float  # mean of the addressee's standing reactions, in [-1, 1]
     created_at: float
+    style: dict[str, str] | None = None  # the style that was asked for (the decoding control's)
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,9 @@ class TrainingRecords:
         """Rated replies of one user (or of everyone), oldest first; with ``limit``, the newest ones."""
         newest = " LIMIT ?" if limit is not None else ""
         rows = await self.db.fetchall(
-            "SELECT id, user_id, prompt, text, reward, rated_at FROM (SELECT m.id, m.user_id, m.prompt, m.text,"
-            " AVG(r.reward) AS reward, MIN(r.created_at) AS rated_at, m.created_at AS sent_at FROM messages m"
+            "SELECT id, user_id, prompt, text, reward, rated_at, style FROM (SELECT m.id, m.user_id, m.prompt,"
+            " m.text, AVG(r.reward) AS reward, MIN(r.created_at) AS rated_at, m.created_at AS sent_at, m.style"
+            " FROM messages m"
             " JOIN reactions r ON r.message_id = m.id AND r.user_id = m.user_id AND r.removed_at IS NULL"
             " WHERE m.role = 'assistant' AND m.prompt IS NOT NULL AND (CAST(? AS BIGINT) IS NULL OR m.user_id = ?)"
             " GROUP BY m.id ORDER BY m.created_at DESC, m.id DESC" + newest + ") AS rated ORDER BY sent_at, id",
@@ -137,6 +139,7 @@ class TrainingRecords:
                 cipher.open(r[3], "messages.text"),
                 float(r[4]),
                 float(r[5]),
+                _style(r[6]),
             )
             for r in rows
         ]
@@ -267,3 +270,9 @@ class TrainingRecords:
                     (now, user_id, previous.version),
                 )
         return current, previous
+
+
+def _style(stored: str | None) -> dict[str, str] | None:
+    """A stored style (JSON) as a dict; None where none was stored or it reads as none."""
+    value = json.loads(stored) if stored else None
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) and value else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction
 from agent_core.reward_model import RewardModel, auc, held_out_auc, tokens
+from agent_core.style import DIMENSIONS
 from agent_core.testing import RecordingBackend
 from storage.training import TrainingRecords
 
@@ -136,5 +138,8 @@ async def test_stats_says_how_well_the_reward_model_predicts_the_user(
         assert len(every) == 40 and [r.message_id for r in await records.rated_replies(None, limit=3)] == [
             r.message_id for r in every[-3:]
         ]  # the newest, oldest first
+        asked = [json.loads(row[0]) for row in await agent.store.db.fetchall(
+            "SELECT style FROM messages WHERE role = 'assistant' ORDER BY created_at, id")]  # fmt: skip
+        assert [r.style for r in every] == asked and all(set(s) == set(DIMENSIONS) for s in asked)
     finally:
         await agent.close()

@@ -62,9 +62,11 @@ async def test_a_reward_trained_adapter_is_judged_on_its_generated_replies_and_s
     """The user likes lists and dislikes long prose. Their reward model learns that from
     the reactions; the serving model's sampled replies, ranked by it, train the adapter;
     the candidate and the base each answer the held-out prompts, the reward model scores
-    both, and the better candidate serves the user's next message."""
+    both, and the better candidate serves the user's next message. (With the style control
+    on, each held-out reply has the format the bot asked for, list or prose, whatever the
+    adapter: it is off here, so that the adapter's own lists can show.)"""
     extra = f'objective = "{objective}"\nsamples = 3\nsample_prompts = 4\nmax_kl = 1000\nmin_spread = 0.0\n'
-    config = make_config(training_text(tiny_model_dir, extra))
+    config = make_config(training_text(tiny_model_dir, extra, local="style_control = false\n"))
     agent = await history_agent(config)
     try:
         await rate_history(agent, "ann", 18)

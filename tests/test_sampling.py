@@ -11,6 +11,8 @@ import pytest
 from agent_core.llm.base import ChatMessage
 from agent_core.reward_model import RewardModel
 from agent_core.style import Style
+from agent_core.training import worker
+from agent_core.training.dataset import Example
 from agent_core.training.sampling import Sampler, rank, requests
 from tests.conftest import TEST_CACHE
 
@@ -29,6 +31,22 @@ def test_requests_vary_temperature_and_style_and_keep_the_prompt_as_sent() -> No
     assert len({r.style for r in batch}) > 2
     assert [r.style for r in batch] == [r.style for r in requests(PROMPTS, [BRIEF, None], 4, max_new_tokens=120,
                                                                    adapter=None, seed=3)]  # fmt: skip
+
+
+def test_the_replies_the_user_would_see_all_keep_the_style_asked_for() -> None:
+    batch = requests(PROMPTS, [BRIEF, None], 3, max_new_tokens=120, adapter=None, seed=3, vary_style=False)
+    assert [r.style for r in batch] == [BRIEF] * 3 + [None] * 3 and len({r.temperature for r in batch[:3]}) == 3
+
+
+def test_nightly_prompts_come_with_the_style_the_bot_asked_for() -> None:
+    rows = [Example(p, "reply", True, 1.0, float(i), 1, i, s)
+            for i, (p, s) in enumerate([(PROMPTS[0], BRIEF.as_dict()), (PROMPTS[1], None), (PROMPTS[0], None),
+                                         (PROMPTS[1], {"length": "long"})])]  # fmt: skip
+    prompts, asked = worker._prompts(rows, 4)
+    assert prompts == [PROMPTS[0], PROMPTS[1]]  # distinct, the newest of each, oldest first
+    assert asked == [None, None]  # the newest of each: none stored, and one no Style can read
+    prompts, asked = worker._prompts(rows[:2], 4)
+    assert asked == [BRIEF, None]
 
 
 @pytest.fixture(scope="module")

@@ -41,10 +41,11 @@ DISLIKED = "Well, that is a long story, and I will tell it slowly from the very 
 pytestmark = pytest.mark.timeout(300)
 
 
-def training_text(model_dir: Path, extra: str = "") -> str:
+def training_text(model_dir: Path, extra: str = "", local: str = "") -> str:
+    """A tiny-model config for training; ``extra`` goes in [training], ``local`` in [llm.local]."""
     return tiny_config_text(
         model_dir,
-        "[training]\nmin_new_rated = 6\nmin_population_liked = 1000\nlearning_rate = 0.05\nepochs = 6\n"
+        local + "[training]\nmin_new_rated = 6\nmin_population_liked = 1000\nlearning_rate = 0.05\nepochs = 6\n"
         "batch_size = 4\nmax_length = 256\nmargin = 0.02\n"
         'targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]\n' + extra,
     )

@@ -36,6 +36,7 @@ class Example:
     at: float  # when it was first rated
     user_id: int
     message_id: int
+    style: dict[str, str] | None = None  # the style the bot asked for (None: not known)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def examples(replies: list[RatedReply], redact: Redactor) -> list[Example]:
             continue
         prompt = [{"role": m["role"], "content": redact(m["content"])} for m in r.prompt]
         found.append(
-            Example(prompt, redact(r.text), r.reward > 0, abs(r.reward), r.created_at, r.user_id, r.message_id)
+            Example(prompt, redact(r.text), r.reward > 0, abs(r.reward), r.created_at, r.user_id, r.message_id, r.style)
         )
     return sorted(found, key=lambda e: (e.at, e.message_id))
 

@@ -244,7 +244,8 @@ class TrainingJob:
             "cache_dir": str(model_cache_dir(self.settings)),
             # the sampling of raft/dpo generates as the bot does
             "serving": {"max_new_tokens": self.settings.llm.max_new_tokens,
-                        "repetition_penalty": local.repetition_penalty, "no_repeat_ngram": local.no_repeat_ngram},
+                        "repetition_penalty": local.repetition_penalty, "no_repeat_ngram": local.no_repeat_ngram,
+                        "style_control": local.style_control},
             "threads": self.training.threads,
             "seed": self.settings.policy.seed,
             "training": self.training.model_dump(),

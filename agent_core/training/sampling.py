@@ -4,7 +4,8 @@ times, and the user's reward model ranks the answers (RAFT / ReST style).
 For each prompt, exactly as it was sent, the model in service for that user (base plus
 their adapter, or the population's) samples ``n`` candidates through the batching
 engine, each with its own temperature and style request (the first keeps the style the
-prompt asked for; the others vary it), finished as the bot finishes a reply. The reward
+bot asked for with the prompt, which its reply was decoded to have; the others vary it),
+finished as the bot finishes a reply. The reward
 model scores them; the best is a reply to learn from, and best against worst is a
 preference pair. This runs in the training process (agent_core/training/worker.py).
 """
@@ -50,15 +51,16 @@ class Ranked:
 
 def requests(
     prompts: Sequence[list[ChatMessage]], styles: Sequence[Style | None], n: int, *, max_new_tokens: int,
-    adapter: AdapterRef | None, seed: int,
+    adapter: AdapterRef | None, seed: int, vary_style: bool = True,
 ) -> list[GenerationRequest]:  # fmt: skip
     """``n`` requests per prompt: varied temperature and style, reproducible for a seed. The
-    first of each prompt asks for the style given for it (None: only what the prompt says)."""
+    first of each prompt asks for the style given for it (None: only what the prompt says);
+    with ``vary_style`` False, all of them do (the replies the user would see)."""
     rng = np.random.default_rng([seed, 17])
     out = []
     for p, (prompt, asked) in enumerate(zip(prompts, styles, strict=True)):
         for i in range(n):
-            style = asked if i == 0 else ALL_STYLES[int(rng.integers(len(ALL_STYLES)))]
+            style = ALL_STYLES[int(rng.integers(len(ALL_STYLES)))] if i > 0 and vary_style else asked
             out.append(GenerationRequest(
                 messages=prompt, max_new_tokens=token_budget(style, max_new_tokens) if style else max_new_tokens,
                 temperature=TEMPERATURES[i % len(TEMPERATURES)], adapter=adapter, seed=seed * 100_003 + p * 31 + i,
@@ -73,11 +75,11 @@ class Sampler:
     16 (on 2 cores about 10 % quicker than 8 for a night's 32 samples)."""
 
     def __init__(self, model_dir: str, cache_dir: Path, *, threads: int, repetition_penalty: float,
-                 no_repeat_ngram: int, batch_size: int = 16) -> None:  # fmt: skip
+                 no_repeat_ngram: int, style_control: bool = True, batch_size: int = 16) -> None:  # fmt: skip
+        limits = BatchLimits(max_batch_size=batch_size, max_queue=100_000, queue_timeout_s=3600.0)
         self.backend = LocalBackend(
             model_dir, cache_dir, threads=threads, repetition_penalty=repetition_penalty,
-            no_repeat_ngram=no_repeat_ngram, batching=BatchLimits(max_batch_size=batch_size, max_queue=100_000,
-                                                                   queue_timeout_s=3600.0),
+            no_repeat_ngram=no_repeat_ngram, style_control=style_control, batching=limits,
         )  # fmt: skip
         self._loop = asyncio.new_event_loop()
         self._loop.run_until_complete(self.backend.start())

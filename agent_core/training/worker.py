@@ -38,6 +38,7 @@ import numpy as np
 from agent_core import reward_model
 from agent_core.llm.base import AdapterRef, ChatMessage
 from agent_core.reward_model import RewardModel
+from agent_core.style import Style
 from agent_core.training.dataset import DATA_KEY_ENV, Example, read_examples, with_weights
 from agent_core.training.evaluate import Decision, gate, measures, reward_gate, score
 from agent_core.training.sampling import Ranked, Sampler, rank, requests
@@ -151,17 +152,27 @@ def _sampler(spec: dict[str, Any]) -> Sampler:
     serving = spec.get("serving", {})
     return Sampler(spec["model_dir"], Path(spec.get("cache_dir") or Path(spec["model_dir"]).parent),
                    threads=int(spec["threads"]), repetition_penalty=float(serving.get("repetition_penalty", 1.1)),
-                   no_repeat_ngram=int(serving.get("no_repeat_ngram", 4)))  # fmt: skip
+                   no_repeat_ngram=int(serving.get("no_repeat_ngram", 4)),
+                   style_control=bool(serving.get("style_control", True)))  # fmt: skip
 
 
-def _prompts(rows: list[Example], limit: int) -> list[list[ChatMessage]]:
-    """The newest ``limit`` distinct prompts of ``rows``, oldest first."""
-    seen: dict[str, list[ChatMessage]] = {}
+def _prompts(rows: list[Example], limit: int) -> tuple[list[list[ChatMessage]], list[Style | None]]:
+    """The newest ``limit`` distinct prompts of ``rows``, oldest first, and the style the
+    bot asked for with each (its reply was decoded to have it; None where not known)."""
+    seen: dict[str, tuple[list[ChatMessage], Style | None]] = {}
     for e in reversed(rows):
-        seen.setdefault(json.dumps(e.prompt, sort_keys=True), e.prompt)  # type: ignore[arg-type]
+        seen.setdefault(json.dumps(e.prompt, sort_keys=True), (e.prompt, _asked(e)))  # type: ignore[arg-type]
         if len(seen) == limit:
             break
-    return list(reversed(list(seen.values())))
+    chosen = list(reversed(list(seen.values())))
+    return [p for p, _ in chosen], [s for _, s in chosen]
+
+
+def _asked(example: Example) -> Style | None:
+    try:
+        return Style.from_dict(example.style) if example.style else None
+    except (KeyError, TypeError, ValueError):  # a style from an older vocabulary
+        return None
 
 
 def _sample(
@@ -170,10 +181,9 @@ def _sample(
 ) -> tuple[list[Ranked], dict[str, Any]]:  # fmt: skip
     """The serving model's candidates for the user's newest prompts, ranked by their reward model."""
     started = time.monotonic()
-    prompts = _prompts(train, int(settings["sample_prompts"]))
+    prompts, asked = _prompts(train, int(settings["sample_prompts"]))
     n = int(settings["samples"])
-    batch = requests(prompts, [None] * len(prompts), n, max_new_tokens=max_new,
-                     adapter=serving, seed=seed)  # fmt: skip
+    batch = requests(prompts, asked, n, max_new_tokens=max_new, adapter=serving, seed=seed)
     ranked = rank(prompts, sampler.generate(batch), n, reward.score)
     best = [max(r.scores) for r in ranked]
     return ranked, {"sampling": {
@@ -188,11 +198,11 @@ def _judge_by_reward(
     heldout: list[Example], settings: dict[str, Any], seed: int, max_new: int,
 ) -> dict[str, Any]:  # fmt: skip
     """The candidate and the adapter in service each answer the user's held-out prompts
-    (the same seeds and styles); the reward model scores both, and the candidate's replies
+    in the style the bot asked for with each (the same seeds); the reward model scores both, and the candidate's replies
     give its KL to the base model."""
-    prompts = _prompts(heldout, int(settings["sample_prompts"]))
+    prompts, asked = _prompts(heldout, int(settings["sample_prompts"]))
     candidate = AdapterRef(f"candidate-{staged.parent.name}", str(staged))
-    both = [requests(prompts, [None] * len(prompts), 2, max_new_tokens=max_new, adapter=adapter, seed=seed + 1)
+    both = [requests(prompts, asked, 2, max_new_tokens=max_new, adapter=adapter, seed=seed + 1, vary_style=False)
             for adapter in (candidate, serving)]  # fmt: skip
     replies = sampler.generate(both[0] + both[1])  # in the same batches: each row has its own adapter
     mine, theirs = replies[: len(both[0])], replies[len(both[0]) :]
