@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
@@ -47,6 +48,7 @@ from storage import (
     ReplyContext,
     SqliteDatabase,
     Store,
+    Unanswered,
 )
 from storage.crypto import PLAIN, Cipher, Key
 
@@ -57,6 +59,8 @@ APOLOGY = "Sorry, I couldn't come up with an answer just now. Your message is sa
 NOT_SAVED = "Sorry, I couldn't save your message just now, so I haven't answered it. Please send it again."
 NOT_ALLOWED = "Sorry, this bot only talks with the people it was set up for."
 CUT_NOTE = "(Your message was longer than I can read: I answered its first {limit} characters.)"
+MISSED = ("Sorry, I stopped before I could answer this message, and it is too long ago to answer now. "
+          "Please send it again if it still matters.")  # fmt: skip
 BUSY = "I'm answering a lot of people at once right now. Your message is saved; please try again in a minute."
 
 
@@ -88,6 +92,8 @@ class Agent:
         everyone = limits.global_messages_per_minute
         self.global_limiter = RateLimiter(everyone) if everyone else None  # all people together
         self.one_at_a_time = OneAtATime()  # per person and chat
+        self.boot = secrets.token_hex(8)  # marks the messages this process has taken and not answered yet
+        self.started_at = time.time()
 
     @classmethod
     async def open(cls, config: Config, llm: LLMBackend | None = None) -> Agent:
@@ -133,26 +139,36 @@ class Agent:
         now = time.time()
         received, context, _ = await asyncio.gather(  # one round trip to the database
             self.store.receive_message(  # committed before the reply is generated
-                user, chat, msg.text, platform_message_id=msg.message_id, event_id=msg.event_id, at=now
+                user, chat, msg.text, platform_message_id=msg.message_id, event_id=msg.event_id, at=now,
+                owner=self.boot,
             ),
-            self.store.reply_context(
-                user, chat, msg.text, before=now, turns=self.settings.agent.recent_turns,
-                notes=self.settings.agent.memory_notes,
-            ),
+            self._context(user, chat, msg.text, before=now),
             self.policy.prepare(user),
         )  # fmt: skip
         if received is None:
             return None
         if note := note_to_remember(msg.text):
             await self.store.add_memory(user, note)
-        choice = await self.policy.choose(user, msg.text, context.preferences, key=_draw_key(msg, received))
+        return await self._reply(msg, received, context, on_text)
+
+    def _context(self, user: int, chat: int, text: str, *, before: float) -> Awaitable[ReplyContext]:
+        agent = self.settings.agent
+        return self.store.reply_context(user, chat, text, before=before, turns=agent.recent_turns,
+                                        notes=agent.memory_notes)  # fmt: skip
+
+    async def _reply(self, msg: Message, received: Received, context: ReplyContext, on_text: OnText | None) -> Reply:
+        """Write the reply to a stored message and store it, or tell the person it failed."""
+        choice = await self.policy.choose(received.user_id, msg.text, context.preferences,
+                                          key=_draw_key(msg, received))  # fmt: skip
         style = choice.style
         prompt = self._prompt(msg, style, context)
         try:
             text = await self._generate(prompt, style, context.adapter, on_text)
         except LLMBusy:
+            await self.store.settle(received.message_id)
             return Reply(text=BUSY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         if text is None:
+            await self.store.settle(received.message_id)
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         observed = measure_style(text)  # what the user will read: the policy learns from this
         reply_id = await self.store.add_reply(
@@ -168,6 +184,38 @@ class Agent:
         return Reply(
             text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id, style=style.as_dict()
         )
+
+    # --- messages a stopped process left unanswered ---------------------------------------
+
+    async def unanswered(self, platform: str) -> list[Unanswered]:
+        """The messages of ``platform`` that a process which stopped (a crash, a kill) had
+        stored but not answered, now claimed by this one: answer each with
+        :meth:`answer_unanswered`. A message is claimed once, so it is answered once."""
+        return await self.store.claim_unanswered(platform, self.boot, before=self.started_at)
+
+    async def answer_unanswered(self, missed: Unanswered) -> Reply | None:
+        """The reply to a message a stopped process left: written now if it came within
+        ``[run] answer_missed_within_s``, else a notice that it was not answered (None: the
+        sender is no longer allowed)."""
+        msg = Message(platform=missed.platform, chat_id=missed.platform_chat_id, sender_id=missed.platform_user_id,
+                      sender_name=missed.display_name, chat_kind="group" if missed.chat_kind == "group" else "private",
+                      event_id=missed.event_id, text=missed.text, message_id=missed.platform_message_id)  # fmt: skip
+        received = missed.received
+        if not self.access.allows(msg.platform, msg.sender_id, msg.chat_id):
+            await self.store.settle(received.message_id)
+            return None
+        if time.time() - missed.created_at > self.settings.run.answer_missed_within_s:
+            await self.store.settle(received.message_id)
+            return Reply(text=MISSED, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="notice")
+        async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
+            context, _, notes = await asyncio.gather(
+                self._context(received.user_id, received.chat_id, msg.text, before=missed.created_at),
+                self.policy.prepare(received.user_id), self.store.list_memories(received.user_id),
+            )  # fmt: skip
+            note = note_to_remember(msg.text)
+            if note and all(n.text != note for n in notes):  # the stopped process may have kept it already
+                await self.store.add_memory(received.user_id, note)
+            return await self._reply(msg, received, context, None)
 
     def _not_allowed(self, event: Message | Command) -> Reply | None:
         """Not on ``[access]``'s allowlists: a short answer in a private chat, silence elsewhere."""

@@ -235,6 +235,7 @@ class RunSettings(_Section):
     default_front_end: bool = True
     retry_initial_s: float = Field(default=5.0, gt=0)
     retry_max_s: float = Field(default=300.0, gt=0)
+    answer_missed_within_s: float = Field(default=3600.0, ge=0)
 
 
 class WebSettings(_Section):

@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar, ParamSpec
 
-from agent_core.agent import Agent
+from agent_core.agent import Agent, Unanswered
 from agent_core.config import Config
 from agent_core.events import Message, Reply
 from bots.streaming import LiveReply
@@ -76,6 +76,24 @@ class Adapter(ABC):
         """Send ``reply`` to its chat (split to :attr:`max_length`, privately if
         ``reply.private`` and the platform can); the platform's id of the last message
         sent, or None if the platform has no ids."""
+
+    async def answer_unanswered(self) -> None:
+        """Answer the messages of this platform that a stopped process had stored but not
+        answered (:meth:`Agent.unanswered`), side by side; the runner calls it once the
+        adapter has started. A message the platform sends again is stored already, so it
+        gets no second reply."""
+        missed = await self.agent.unanswered(self.platform)
+        if not missed:
+            return
+        log.info("%s: answering %d message(s) left unanswered when the bot last stopped", self.platform, len(missed))
+
+        async def one(message: Unanswered) -> None:
+            try:
+                await self.deliver(await self.agent.answer_unanswered(message))
+            except Exception:
+                log.exception("%s: could not answer a message left unanswered", self.platform)
+
+        await asyncio.gather(*(one(m) for m in missed))
 
     async def show_typing(self, chat_id: str) -> None:
         """Show that a reply is being written. Only called when :attr:`has_typing` is true."""

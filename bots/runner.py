@@ -26,6 +26,10 @@ async def _start_with_retries(adapter: Adapter, settings: RunSettings, started: 
             continue
         started.append(adapter)
         log.info("%s adapter started", adapter.platform)
+        try:  # what a stopped process left: answered before this task ends
+            await adapter.answer_unanswered()
+        except Exception:
+            log.exception("%s: could not look for messages left unanswered", adapter.platform)
         return
 
 
@@ -44,6 +48,8 @@ async def run_adapters(adapters: list[Adapter], settings: RunSettings, stop: asy
     stopped = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait([all_finished, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not stopped.done():  # they ended by themselves: let the answers to messages left unanswered finish
+            await asyncio.wait([asyncio.gather(*starters), stopped], return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in [*starters, all_finished, stopped]:
             task.cancel()

@@ -6,7 +6,7 @@ import psycopg
 
 from storage.database import Database, DatabaseError
 from storage.postgres import PostgresDatabase
-from storage.queries import ActiveAdapter, MemoryNote, Received, ReplyContext, ReplyRef, Store
+from storage.queries import ActiveAdapter, MemoryNote, Received, ReplyContext, ReplyRef, Store, Unanswered
 from storage.sqlite import SqliteDatabase
 
 # What a database raises when it cannot take a write now (locked, disk full, server gone).
@@ -24,4 +24,5 @@ __all__ = [
     "ReplyRef",
     "SqliteDatabase",
     "Store",
+    "Unanswered",
 ]

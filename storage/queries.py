@@ -30,6 +30,22 @@ class Received:
 
 
 @dataclass(frozen=True)
+class Unanswered:
+    """A message stored by a process that stopped before answering it, claimed by this one."""
+
+    received: Received
+    text: str
+    created_at: float
+    platform: str
+    platform_chat_id: str
+    chat_kind: str
+    platform_user_id: str
+    display_name: str
+    platform_message_id: str | None
+    event_id: str | None
+
+
+@dataclass(frozen=True)
 class ReplyRef:
     """A stored bot reply that a reaction points at."""
 
@@ -322,13 +338,16 @@ class Store:
         return cur.rowcount == 1
 
     async def receive_message(
-        self, user_id: int, chat_id: int, text: str, *, platform_message_id: str | None, event_id: str | None, at: float
-    ) -> Received | None:
-        """Commit an incoming message; None if its event id was seen before in this chat."""
+        self, user_id: int, chat_id: int, text: str, *, platform_message_id: str | None, event_id: str | None,
+        at: float, owner: str | None = None,
+    ) -> Received | None:  # fmt: skip
+        """Commit an incoming message; None if its event id was seen before in this chat.
+        ``owner`` (a process's boot id) marks it as awaiting that process's reply until
+        :meth:`add_reply` or :meth:`settle`."""
         message_id = await self.db.insert(
-            "INSERT OR IGNORE INTO messages (chat_id, user_id, role, text, platform_message_id, event_id, created_at)"
-            " VALUES (?, ?, 'user', ?, ?, ?, ?)",
-            (chat_id, user_id, self.cipher.seal(text, "messages.text"), platform_message_id, event_id, at),
+            "INSERT OR IGNORE INTO messages (chat_id, user_id, role, text, platform_message_id, event_id, created_at,"
+            " awaiting_reply) VALUES (?, ?, 'user', ?, ?, ?, ?, ?)",
+            (chat_id, user_id, self.cipher.seal(text, "messages.text"), platform_message_id, event_id, at, owner),
         )
         if message_id is None:
             return None
@@ -347,8 +366,18 @@ class Store:
     ) -> int:
         """Store the bot's answer to ``received``, with the exact prompt it came from, how
         its style was decided (``style``: the style asked for) and the style its text has
-        (``observed``)."""
-        reply_id = await self.db.insert(
+        (``observed``). The message no longer awaits a reply."""
+        async with self.db.transaction() as conn:
+            reply_id = await self._insert_reply(conn, received, text, style, adapter_version, prompt, policy, observed)
+            await conn.execute("UPDATE messages SET awaiting_reply = NULL WHERE id = ?", (received.message_id,))
+        return reply_id
+
+    async def _insert_reply(
+        self, conn: Any, received: Received, text: str, style: dict[str, str], adapter_version: str | None,
+        prompt: Sequence[Mapping[str, str]], policy: Mapping[str, Any] | None, observed: dict[str, str] | None,
+    ) -> int:  # fmt: skip
+        return await _insert(
+            conn,
             "INSERT INTO messages (chat_id, user_id, role, text, reply_to, style, adapter_version,"
             " prompt, policy, created_at, observed_style) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -364,8 +393,40 @@ class Store:
                 json.dumps(observed) if observed is not None else None,
             ),
         )
-        assert reply_id is not None
-        return reply_id
+
+    async def settle(self, message_id: int) -> None:
+        """The person was told their message got no answer (busy, the model failed): it no
+        longer awaits one."""
+        await self.db.execute("UPDATE messages SET awaiting_reply = NULL WHERE id = ?", (message_id,))
+
+    async def claim_unanswered(self, platform: str, owner: str, *, before: float) -> list[Unanswered]:
+        """The messages of ``platform`` received before ``before`` that another process
+        (not ``owner``) took and never answered, oldest first, each now claimed by
+        ``owner``: a message is claimed by one process only (the update checks the old
+        owner), so none is answered twice."""
+        rows = await self.db.fetchall(
+            "SELECT m.id, m.user_id, m.chat_id, m.text, m.created_at, m.platform_message_id, m.event_id,"
+            " m.awaiting_reply, c.platform_chat_id, c.kind, i.platform_user_id, i.display_name"
+            " FROM messages m JOIN chats c ON c.id = m.chat_id"
+            " JOIN identities i ON i.user_id = m.user_id AND i.platform = c.platform"
+            " WHERE m.awaiting_reply IS NOT NULL AND m.awaiting_reply != ? AND m.created_at < ? AND c.platform = ?"
+            " ORDER BY m.id",
+            (owner, before, platform),
+        )
+        claimed = []
+        for r in rows:
+            cur = await self.db.execute(
+                "UPDATE messages SET awaiting_reply = ? WHERE id = ? AND awaiting_reply = ?", (owner, r[0], r[7])
+            )
+            if cur.rowcount != 1:
+                continue  # another process claimed it first
+            claimed.append(Unanswered(
+                received=Received(user_id=int(r[1]), chat_id=int(r[2]), message_id=int(r[0])),
+                text=self.cipher.open(r[3], "messages.text"), created_at=float(r[4]), platform=platform,
+                platform_chat_id=str(r[8]), chat_kind=str(r[9]), platform_user_id=str(r[10]),
+                display_name=str(r[11] or ""), platform_message_id=r[5], event_id=r[6],
+            ))  # fmt: skip
+        return claimed
 
     async def set_platform_message_id(self, message_id: int, platform_message_id: str) -> None:
         await self.db.execute(

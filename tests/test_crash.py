@@ -1,4 +1,5 @@
-"""Kill the bot with SIGKILL while it generates a reply: nothing received is lost."""
+"""Kill the bot with SIGKILL while it generates a reply: nothing received is lost, and the
+message is answered once when the bot comes back."""
 
 from __future__ import annotations
 
@@ -30,17 +31,25 @@ async def _start_chat(config: Path, cwd: Path) -> asyncio.subprocess.Process:
     return proc
 
 
+def _chat(config: Path, cwd: Path, text: str) -> str:
+    again = subprocess.run(
+        [ATTUNE, "--config", str(config), "chat", "--user", "alice"], input=text,
+        capture_output=True, text=True, timeout=300, env=_env(), cwd=cwd,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    return again.stdout
+
+
 def _check_after_crash(tmp_path: Path, config: Path) -> None:
     assert integrity(tmp_path) == "ok"
     # Received and kept; no half-written reply.
     assert query(tmp_path, "SELECT role, text FROM messages") == [("user", MESSAGE)]
-    # Start again: the bot opens the same database and knows the message.
-    again = subprocess.run(
-        [ATTUNE, "--config", str(config), "chat", "--user", "alice"], input="/stats\n",
-        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path,
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr
-    assert "Messages: 1 from you, 0 replies from me." in again.stdout
+    # Start again: the bot opens the same database and knows the message; the model
+    # server is gone, so the person is told it could not answer (and it is not retried).
+    out = _chat(config, tmp_path, "/stats\n")
+    assert "Messages: 1 from you, 0 replies from me." in out
+    assert "couldn't come up with an answer" in out
+    assert query(tmp_path, "SELECT awaiting_reply FROM messages") == [(None,)]
     assert integrity(tmp_path) == "ok"
 
 
@@ -65,4 +74,14 @@ async def test_sigkill_while_the_local_model_streams_a_reply(tmp_path: Path, tin
     assert first.startswith(b"attune> ")  # tokens are coming out: generation is under way
     proc.send_signal(signal.SIGKILL)
     assert await proc.wait() == -signal.SIGKILL
-    _check_after_crash(tmp_path, config)
+    assert integrity(tmp_path) == "ok"
+    assert query(tmp_path, "SELECT role, text FROM messages") == [("user", MESSAGE)]
+    # Start again: the message the killed process had taken is answered, once.
+    out = _chat(config, tmp_path, "")
+    rows = query(tmp_path, "SELECT id, role, reply_to, awaiting_reply FROM messages ORDER BY id")
+    assert [(r[1], r[2], r[3]) for r in rows] == [("user", None, None), ("assistant", rows[0][0], None)]
+    (reply,) = query(tmp_path, "SELECT text FROM messages WHERE role = 'assistant'")
+    assert f"attune> {reply[0]}" in out
+    out = _chat(config, tmp_path, "/stats\n")  # and not again at the next start
+    assert "Messages: 1 from you, 1 replies from me." in out
+    assert integrity(tmp_path) == "ok"
