@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,16 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @contextlib.asynccontextmanager
-async def serving(model_dir: Path, **limits: float) -> AsyncIterator[LocalBackend]:
+async def serving(model_dir: Path, kernel: str = "auto", cache: Path = MODEL_CACHE,
+                  **limits: float) -> AsyncIterator[LocalBackend]:  # fmt: skip
     """The local backend with these batching limits, started; closed afterwards."""
     backend = LocalBackend(
         str(model_dir),
-        MODEL_CACHE,
+        cache,
         threads=1,
         repetition_penalty=1.1,
         batching=BatchLimits(**limits),  # type: ignore[arg-type]
+        kernel=kernel,
     )
     await backend.start()
     try:
@@ -194,13 +197,62 @@ def test_the_compiled_gemv_equals_a_plain_matmul() -> None:
         assert torch.allclose(kernel(x, weight, bias), x @ weight.t() + bias, atol=1e-4)
 
 
-async def test_one_and_two_rows_decode_through_the_compiled_gemv(tiny_model_dir: Path, adapters: list[Path]) -> None:
-    async with serving(tiny_model_dir, max_batch_size=2) as backend:
-        assert backend._engine is not None
-        decoder = backend._engine.decoder
-        assert decoder.lm_head.gemv is not None and decoder.blocks[0].qkv.gemv is not None
-        two = await asyncio.gather(backend.generate(request(0, 16, adapters[0])), backend.generate(request(3, 16)))
-    assert two == [
-        plain_generate(tiny_model_dir, PROMPTS[0], 16, adapter=adapters[0], repetition_penalty=1.1),
-        plain_generate(tiny_model_dir, PROMPTS[3], 16, repetition_penalty=1.1),
-    ]
+async def test_a_build_killed_before_leaves_no_lock_that_holds_up_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent_core.llm import kernels
+
+    assert kernels.gemv(MODEL_CACHE / "kernels") is not None
+    folder = kernels._folder(MODEL_CACHE / "kernels")
+    (folder / "lock").touch()  # what torch's builder leaves when its process is killed mid-build
+    monkeypatch.setattr(kernels, "_loaded", {})
+    again = await asyncio.wait_for(asyncio.to_thread(kernels._build, MODEL_CACHE / "kernels"), timeout=240)
+    assert again is not None and not (folder / "lock").exists()
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "onednn", "linear", "auto"])
+async def test_every_matmul_path_gives_plain_generates_greedy_replies_with_mixed_adapters(
+    tiny_model_dir: Path, adapters: list[Path], kernel: str
+) -> None:
+    async with serving(tiny_model_dir, kernel, max_batch_size=4, batch_wait_s=0.2) as backend:
+        await asyncio.to_thread(backend.kernels_final.wait, 300)  # the compiled gemv may still be building
+        choice = backend.kernel_choice
+        assert choice is not None and choice.final
+        if kernel == "auto":
+            assert choice.how in ("measured", "cached") and set(choice.by_rows) == {1, 2, 8}
+        else:
+            assert choice.how == "forced" and set(choice.by_rows.values()) == {kernel}
+        cases = [(0, 16, adapters[0]), (3, 16, None), (1, 12, adapters[1]), (2, 14, adapters[0])]
+        one = await backend.generate(request(*cases[0]))  # 1 row, then 4 rows, then fewer as they finish
+        together = await asyncio.gather(*(backend.generate(request(*c)) for c in cases))
+    expected = [plain_generate(tiny_model_dir, PROMPTS[p], n, adapter=ad, repetition_penalty=1.1) for p, n, ad in cases]
+    assert [one, *together] == [expected[0], *expected]
+
+
+async def test_the_choice_is_measured_once_and_falls_back_when_a_path_is_missing(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agent_core.llm import decoder, kernels
+
+    assert kernels.gemv(MODEL_CACHE / "kernels") is not None
+    (tmp_path / "kernels").mkdir()
+    for built in (MODEL_CACHE / "kernels").glob("gemv-*"):  # the compiled gemv as built before, not its choice
+        (tmp_path / "kernels" / built.name).symlink_to(built)
+    async with serving(tiny_model_dir, "auto", tmp_path, max_batch_size=2) as backend:
+        await asyncio.to_thread(backend.kernels_final.wait, 300)
+        first = backend.kernel_choice
+    assert first is not None and first.how == "measured" and set(first.timings_ms) == set(kernels.PATHS)
+    async with serving(tiny_model_dir, "auto", tmp_path, max_batch_size=2) as backend:
+        again = backend.kernel_choice
+    assert again is not None and again.how == "cached" and again.by_rows == first.by_rows
+    # No compiler here and no oneDNN in this torch: asked for gemv, it says so and uses what there is.
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "built", lambda kernels_dir: False)
+    monkeypatch.setattr(kernels, "_build", lambda kernels_dir: None)
+    monkeypatch.setattr(decoder, "_onednn", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        async with serving(tiny_model_dir, "gemv", tmp_path, max_batch_size=2) as backend:
+            await asyncio.to_thread(backend.kernels_final.wait, 60)
+            fallback = backend.kernel_choice
+            text = await backend.generate(request(0, 12))
+    assert fallback is not None and fallback.final and set(fallback.by_rows.values()) == {"linear"}
+    assert "kernel = 'gemv' is not available here" in caplog.text
+    assert text == plain_generate(tiny_model_dir, PROMPTS[0], 12, repetition_penalty=1.1)

@@ -71,4 +71,5 @@ def create_backend(config: Config) -> LLMBackend:
         style_control=llm.local.style_control,
         max_loaded_adapters=llm.local.max_loaded_adapters,
         batching=limits if local.batching else None,
+        kernel=llm.local.kernel,
     )

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from agent_core.llm.base import AdapterRef, GenerationRequest, LLMBusy, LLMError
+from agent_core.llm.cpu import ThreadTuner
 from agent_core.llm.decoder import BatchDecoder, LoraAdapter
 from agent_core.llm.style_control import StyleVocab, logits_processors
 from agent_core.llm.warpers import draw
@@ -87,8 +88,10 @@ class BatchingEngine:
         max_loaded_adapters: int = 16,
         vocab: StyleVocab | None = None,
         no_repeat_ngram: int = 0,
+        threads: int = 1,
     ) -> None:
         self._build_decoder = build_decoder
+        self.threads = threads  # the most the engine decodes with; ThreadTuner picks how many of them
         self.vocab = vocab  # None: no style control and no loop guard
         self.no_repeat_ngram = no_repeat_ngram
         self.decoder: BatchDecoder  # built on the engine thread, see _run
@@ -108,6 +111,8 @@ class BatchingEngine:
         self._thread = threading.Thread(target=self._run, name="attune-batching", daemon=True)
         self._ready = threading.Event()
         self._build_error: BaseException | None = None
+        self._calls: list[Callable[[], None]] = []  # to run on the engine thread between steps
+        self.tuner: ThreadTuner | None = None  # built on the engine thread (thread counts are per thread)
 
     # --- the consumer's side (any thread) -------------------------------------------------
 
@@ -138,6 +143,13 @@ class BatchingEngine:
             self._wakeup.notify()
         return job
 
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the engine thread between two steps: what changes the decoder
+        (the kernel choice once the compiled gemv is built) runs where it decodes."""
+        with self._wakeup:
+            self._calls.append(fn)
+            self._wakeup.notify()
+
     @property
     def loaded_adapters(self) -> list[str]:
         """Names of the adapters held in memory, least recently used first."""
@@ -155,6 +167,8 @@ class BatchingEngine:
         # oneDNN's matmuls here markedly slower (measured: 41 against 33 ms a step).
         try:
             self.decoder = self._build_decoder()
+            if self.threads > 1:
+                self.tuner = ThreadTuner(self.threads, torch.set_num_threads)
         except BaseException as exc:
             self._build_error = exc
             return
@@ -168,11 +182,19 @@ class BatchingEngine:
     def _serve(self) -> None:
         while True:
             with self._wakeup:
-                while not (self._pending or self._rows or self._stopping):
+                while not (self._pending or self._rows or self._stopping or self._calls):
                     self._wakeup.wait()
                 if self._stopping:
                     return
                 idle = not self._rows
+                calls, self._calls = self._calls, []
+            for call in calls:
+                try:
+                    call()
+                except Exception:
+                    log.exception("a change to the decoder failed; it goes on as it was")
+            if not (self._pending or self._rows):
+                continue
             try:
                 if idle:
                     self._gather()
@@ -241,7 +263,10 @@ class BatchingEngine:
     def _step(self) -> None:
         """One new token for every row."""
         self.largest_batch = max(self.largest_batch, len(self._rows))
+        started = time.perf_counter()
         logits = self.decoder.decode([job.ids[-1] for job in self._rows])
+        if self.tuner is not None:
+            self.tuner.stepped(len(self._rows), time.perf_counter() - started)
         tokens = self._pick(self._rows, logits)
         finished = [job for job, token in zip(self._rows, tokens, strict=True) if self._advance(job, token)]
         self._leave(finished)

@@ -18,6 +18,7 @@ the cache, never a gather.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from agent_core.llm import kernels
 from agent_core.llm.base import LLMError
-from agent_core.llm.kernels import MAX_ROWS as GEMV_ROWS
-from agent_core.llm.kernels import Gemv
+from agent_core.llm.kernels import Gemv, KernelChoice
+
+log = logging.getLogger(__name__)
 
 #: The linear layers of a decoder block an adapter may target.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -121,32 +124,49 @@ def _layer_and_projection(key: str) -> tuple[int, str]:
 
 class _Dense:
     """A linear layer (or several sharing an input, fused) prepared for small-batch CPU
-    matmuls: the weight packed once for oneDNN, which here reads it about twice as fast
-    at batch 1 to 16 as plain ``F.linear``; one or two rows go through the compiled
-    ``gemv`` (:mod:`agent_core.llm.kernels`) when there is one, faster still."""
+    matmuls by each path of :mod:`agent_core.llm.kernels`: the fp32 weight (``gemv``,
+    ``linear``) and a copy packed once for oneDNN (``onednn``). ``choice`` says which
+    path a batch of so many rows takes; once it is final, a copy no chosen path reads
+    is dropped."""
 
-    def __init__(self, modules: list[Any], gemv: Gemv | None = None) -> None:
+    def __init__(self, modules: list[Any]) -> None:
         weight = torch.cat([m.weight.detach() for m in modules]).float().contiguous()
         biases = [m.bias for m in modules]
         self.bias = torch.cat([b.detach() for b in biases]).float() if all(b is not None for b in biases) else None
         self.sizes = [m.weight.shape[0] for m in modules]
-        self.gemv = gemv
+        self.in_features = int(weight.shape[1])
+        self.gemv: Gemv | None = None
         self.weight: torch.Tensor | None = weight
         self.packed: torch.Tensor | None = None
         if _onednn():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
-            if gemv is None:
-                self.weight = None  # only the packed copy is needed
+        self.choice = KernelChoice({rows: "linear" for rows in kernels.ROWS}, "forced")
+
+    def run(self, path: str, flat: torch.Tensor) -> torch.Tensor:
+        """``flat @ weight.T + bias`` by ``path``."""
+        if path == "gemv":
+            if self.gemv is None or self.weight is None:
+                raise LLMError("the compiled gemv is not loaded")
+            return self.gemv(flat.contiguous(), self.weight, self.bias)
+        if path == "onednn":
+            if self.packed is None:
+                raise LLMError("oneDNN's packed weights are not here")
+            return torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if self.weight is None:
+            raise LLMError("the fp32 weight was dropped")
+        return F.linear(flat, self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.gemv is not None and flat.shape[0] <= GEMV_ROWS:
-            out = self.gemv(flat.contiguous(), self.weight, self.bias)
-        elif self.packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        else:
-            out = F.linear(flat, self.weight, self.bias)
+        out = self.run(self.choice.path(flat.shape[0]), flat)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def keep_only(self, paths: set[str]) -> None:
+        """Drop the copies of the weight that none of ``paths`` reads."""
+        if "onednn" not in paths:
+            self.packed = None
+        if not paths & {"gemv", "linear"}:
+            self.weight = None
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The fused output, cut back into one tensor per original layer."""
@@ -196,19 +216,18 @@ class BatchDecoder:
     one token each and returns their logits. Not thread-safe: one thread drives it.
     """
 
-    def __init__(
-        self, model: Any, slots: int, max_length: int, *, gemv: Gemv | None = None, initial_length: int = 256
-    ) -> None:
+    def __init__(self, model: Any, slots: int, max_length: int, *, initial_length: int = 256) -> None:
         problem = supports(model)
         if problem:
             raise LLMError(f"the batched decoder cannot run this model: {problem}")
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens
-        self.blocks = [_Block(block, gemv) for block in inner.layers]
+        self.blocks = [_Block(block) for block in inner.layers]
         self.norm = _RMSNorm(inner.norm)
         self.rotary = inner.rotary_emb
-        self.lm_head = _Dense([model.lm_head], gemv)
+        self.lm_head = _Dense([model.lm_head])
+        self.kernels = self.lm_head.choice  # F.linear until choose_kernels
         first = self.blocks[0]
         self._sizes = {
             ("q_proj", "k_proj", "v_proj"): first.qkv.sizes,
@@ -228,6 +247,41 @@ class BatchDecoder:
         self.keys = [torch.zeros(shape) for _ in self.blocks]
         self.values = [torch.zeros(shape) for _ in self.blocks]
         self.lora: dict[tuple[int, str], _RowLora] = {}
+
+    # --- the matmul paths --------------------------------------------------------------
+
+    def _denses(self) -> list[_Dense]:
+        return [d for b in self.blocks for d in (b.qkv, b.o, b.gate_up, b.down)] + [self.lm_head]
+
+    def choose_kernels(self, gemv: Gemv | None, *, setting: str = "auto", cache: Path | None = None,
+                       final: bool = True) -> KernelChoice:  # fmt: skip
+        """Decide the matmul path per batch size (:func:`kernels.choose`) among those this
+        machine has, or the one ``setting`` names; ``final``: False while ``gemv`` is still
+        being built (the choice is made again once it is). Run on the thread that decodes."""
+        denses = self._denses()
+        for dense in denses:
+            dense.gemv = gemv
+        first = denses[0]
+        here = {"gemv": gemv is not None and first.weight is not None, "onednn": first.packed is not None,
+                "linear": first.weight is not None}  # fmt: skip
+        paths = [p for p in kernels.PATHS if here[p]]
+        if setting in paths:
+            choice = KernelChoice({rows: setting for rows in kernels.ROWS}, "forced", final=True)
+        else:
+            if setting != "auto" and final:
+                why = "no compiler or no AVX2" if setting == "gemv" else "not in this torch"
+                log.warning("[llm.local] kernel = %r is not available here (%s); the fastest of %s is used", setting,
+                            why, paths)  # fmt: skip
+            shapes = ";".join(f"{d.in_features}x{sum(d.sizes)}" for d in denses)
+            choice = kernels.choose(lambda path, x, i: denses[i].run(path, x), [d.in_features for d in denses],
+                                    paths, cache=cache, shapes=shapes, final=final)  # fmt: skip
+        for dense in denses:
+            dense.choice = choice
+            if choice.final:
+                dense.keep_only(set(choice.by_rows.values()))
+        self.kernels = choice
+        log.info("decoding matmuls: %s", choice.describe())
+        return choice
 
     # --- slots -------------------------------------------------------------------------
 
@@ -386,14 +440,14 @@ class _Pass:
 class _Block:
     """One decoder block's weights: RMS norms, projections fused and packed."""
 
-    def __init__(self, block: Any, gemv: Gemv | None) -> None:
+    def __init__(self, block: Any) -> None:
         attn, mlp = block.self_attn, block.mlp
         self.attention_norm = _RMSNorm(block.input_layernorm)
         self.mlp_norm = _RMSNorm(block.post_attention_layernorm)
-        self.qkv = _Dense([attn.q_proj, attn.k_proj, attn.v_proj], gemv)
-        self.o = _Dense([attn.o_proj], gemv)
-        self.gate_up = _Dense([mlp.gate_proj, mlp.up_proj], gemv)
-        self.down = _Dense([mlp.down_proj], gemv)
+        self.qkv = _Dense([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _Dense([attn.o_proj])
+        self.gate_up = _Dense([mlp.gate_proj, mlp.up_proj])
+        self.down = _Dense([mlp.down_proj])
 
 
 class _RMSNorm:

@@ -21,6 +21,8 @@ from typing import Any
 
 from agent_core.llm.base import GenerationRequest, LLMBackend, LLMError
 from agent_core.llm.batching import DONE, BatchingEngine, BatchLimits
+from agent_core.llm.cpu import available_cores
+from agent_core.llm.kernels import KernelChoice
 from agent_core.llm.model_files import cached_directory, find_model
 from agent_core.llm.style_control import StyleVocab, logits_processors, vocab_for
 
@@ -42,6 +44,7 @@ class LocalBackend(LLMBackend):
         style_control: bool = True,
         max_loaded_adapters: int = 16,
         batching: BatchLimits | None = DEFAULT_LIMITS,  # None: plain generate, one at a time
+        kernel: str = "auto",  # the decoder's matmul path: "auto" (measured) or one of kernels.PATHS
     ) -> None:
         self.model_setting = model
         self.repetition_penalty = repetition_penalty
@@ -50,7 +53,7 @@ class LocalBackend(LLMBackend):
         self._vocab: StyleVocab | None = None
         self.cache_dir = cache_dir
         self.max_loaded_adapters = max_loaded_adapters
-        self.threads = threads
+        self.threads = threads or available_cores()  # 0: the cores this process may use (affinity, cgroup quota)
         self._context_window_setting = context_window
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attune-llm")
         self._model: Any = None  # a transformers model, or a peft PeftModel once an adapter is used
@@ -59,6 +62,8 @@ class LocalBackend(LLMBackend):
         self._adapters: OrderedDict[str, str] = OrderedDict()  # loaded adapter name -> path, an LRU
         self.model_dir: Path | None = None
         self.batching = batching
+        self.kernel = kernel
+        self.kernels_final = threading.Event()  # set once the batched decoder's matmul paths are chosen for good
         self._engine: BatchingEngine | None = None
         self._plain_tokens = 0
 
@@ -95,21 +100,28 @@ class LocalBackend(LLMBackend):
     def _batching_engine(self, model: Any) -> BatchingEngine | None:
         import torch
 
+        from agent_core.llm import kernels
         from agent_core.llm.decoder import BatchDecoder, supports
-        from agent_core.llm.kernels import gemv
 
         assert self.batching is not None
         if problem := supports(model):
             log.info("no batching for this model (%s): one request at a time", problem)
             return None
         slots, length, threads = self.batching.max_batch_size, self.context_window, self.threads
-
-        kernels = self.cache_dir / "kernels"
+        folder, setting = self.cache_dir / "kernels", self.kernel
+        # The compiled gemv takes 25-45 s to build the first time: then decoding starts
+        # without it and it joins the choice once built (off the start-up path).
+        later = setting in ("auto", "gemv") and not kernels.built(folder)
 
         def build() -> BatchDecoder:  # on the engine thread; OpenMP's thread count is per thread
             if threads:
                 torch.set_num_threads(threads)
-            return BatchDecoder(model, slots, length, gemv=gemv(kernels))
+            decoder = BatchDecoder(model, slots, length)
+            compiled = kernels.gemv(folder) if setting in ("auto", "gemv") and not later else None
+            decoder.choose_kernels(compiled, setting=setting, cache=folder, final=not later)
+            if not later:
+                self.kernels_final.set()
+            return decoder
 
         engine = BatchingEngine(
             build,
@@ -120,9 +132,32 @@ class LocalBackend(LLMBackend):
             max_loaded_adapters=self.max_loaded_adapters,
             vocab=self._vocab,
             no_repeat_ngram=self.no_repeat_ngram,
+            threads=threads,
         )
         engine.start()
+        if later:
+            threading.Thread(target=self._gemv_later, args=(engine, folder), name="attune-gemv-build",
+                             daemon=True).start()  # fmt: skip
         return engine
+
+    def _gemv_later(self, engine: BatchingEngine, folder: Path) -> None:
+        """Build the compiled gemv (a compiler run), then let the engine choose again with it."""
+        from agent_core.llm import kernels
+
+        compiled = kernels.gemv(folder)
+
+        def choose() -> None:
+            try:
+                engine.decoder.choose_kernels(compiled, setting=self.kernel, cache=folder, final=True)
+            finally:
+                self.kernels_final.set()
+
+        engine.call_soon(choose)
+
+    @property
+    def kernel_choice(self) -> KernelChoice | None:
+        """The batched decoder's matmul path per batch size (None: no batched decoder)."""
+        return self._engine.decoder.kernels if self._engine is not None else None
 
     async def close(self) -> None:
         if self._engine is not None:
