@@ -15,7 +15,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,11 +86,17 @@ class LocalBackend(LLMBackend):
         self._counter = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
         self._counter.no_truncation()
         self._counter.no_padding()
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        vocab: Future[StyleVocab] | None = None
+        if self.style_control or self.no_repeat_ngram > 1:  # read beside the weights loading (about 1.5 s)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="attune-vocab") as side:
+                vocab = side.submit(vocab_for, self._tokenizer)
+                model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         model.eval()
         self._model = model
-        if self.style_control or self.no_repeat_ngram > 1:
-            self._vocab = vocab_for(self._tokenizer)
+        if vocab is not None:
+            self._vocab = vocab.result()
         own = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_window = min(self._context_window_setting or own, own)
         if self.batching is not None:
