@@ -7,6 +7,8 @@ An adapter knows its platform and nothing else; the core knows no platform. It:
    them to the :class:`~agent_core.agent.Agent`;
 2. sends the :class:`~agent_core.events.Reply` it gets back and reports the platform's
    id of the sent message (:meth:`Adapter.deliver`), so a later reaction finds the reply.
+3. once started, answers what a stopped process left unanswered on its platform
+   (:meth:`Adapter.answer_unanswered`, called by the runner; nothing to write per platform).
 
 Required of every adapter: :meth:`configured`, :meth:`start`, :meth:`stop`, :meth:`send`.
 
