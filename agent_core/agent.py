@@ -208,12 +208,13 @@ class Agent:
             await self.store.settle(received.message_id)
             return Reply(text=MISSED, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="notice")
         async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
-            context, _, notes = await asyncio.gather(
+            context, _ = await asyncio.gather(
                 self._context(received.user_id, received.chat_id, msg.text, before=missed.created_at),
-                self.policy.prepare(received.user_id), self.store.list_memories(received.user_id),
+                self.policy.prepare(received.user_id),
             )  # fmt: skip
             note = note_to_remember(msg.text)
-            if note and all(n.text != note for n in notes):  # the stopped process may have kept it already
+            kept = [n.text for n in await self.store.list_memories(received.user_id)] if note else []
+            if note and note not in kept:  # the stopped process may have kept it already
                 await self.store.add_memory(received.user_id, note)
             return await self._reply(msg, received, context, None)
 

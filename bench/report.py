@@ -11,15 +11,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from agent_core.llm.cpu import cpu_name
+
 # ATTUNE_BENCH_RESULTS: somewhere else (the benchmarks' tests keep the shipped results as they are)
 RESULTS = Path(os.environ.get("ATTUNE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    cpu = cpu_name()
     mem_gib = None
     with contextlib.suppress(ValueError, OSError):
         mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import platform
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,15 @@ log = logging.getLogger(__name__)
 
 CGROUP_V2 = Path("/sys/fs/cgroup/cpu.max")
 CGROUP_V1 = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), as /proc/cpuinfo gives it where it can."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        name = names[0].split(":", 1)[1].strip() if names else name
+    return name
 
 
 def available_cores() -> int:

@@ -24,7 +24,6 @@ The paths (:data:`PATHS`):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from agent_core.llm.cpu import cpu_name
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 _loaded: dict[Path, Gemv | None] = {}
 PATHS = ("gemv", "onednn", "linear")
 ROWS = (1, 2, 8)  # the batch sizes timed; a batch uses the choice of the smallest of these it fits
-SETTINGS = ("auto", *PATHS)  # [llm.local] kernel: measured, or one path for every batch size
 
 
 def gemv(kernels_dir: Path) -> Gemv | None:
@@ -247,12 +247,9 @@ def _agrees(run: Run, path: str, in_features: Sequence[int], generator: torch.Ge
 
 
 def _cache_key(paths: Sequence[str], shapes: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    parts = [cpu, torch.backends.cpu.get_cpu_capability(), torch.__version__, f"threads {torch.get_num_threads()}",
-             ",".join(paths), hashlib.sha256(shapes.encode()).hexdigest()[:16]]  # fmt: skip
+    layers = hashlib.sha256(shapes.encode()).hexdigest()[:16]
+    parts = [cpu_name(), torch.backends.cpu.get_cpu_capability(), torch.__version__,
+             f"threads {torch.get_num_threads()}", ",".join(paths), layers]  # fmt: skip
     return " | ".join(parts)
 
 
