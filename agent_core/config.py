@@ -97,6 +97,7 @@ class LocalLLMSettings(_Section):
     queue_timeout_s: float = Field(default=60.0, gt=0.0)  # longest wait for a slot; then "busy"
     batch_wait_ms: float = Field(default=10.0, ge=0.0, le=1000.0)  # idle: wait this long for a burst
     kernel: Literal["auto", "gemv", "onednn", "linear"] = "auto"  # the decoder's matmuls (agent_core/llm/kernels.py)
+    weights: Literal["fp32", "int8", "int4"] = "int4"  # weight-only quantization (agent_core/llm/quantized.py)
 
 
 class OpenAISettings(_Section):

@@ -13,6 +13,13 @@ is generated greedily. Rows, in the same run:
   after another (the base model: it has no per-user adapters here); null when not installed;
 - ``ceiling``: the memory-bandwidth ceiling at batch 1, (read rate) / (fp32 weight bytes).
 
+The main rows run in the default weights mode (``[llm.local] weights``). Then, per weights
+mode (``--weights fp32,int8,int4``), the batching engine again: single-stream decode,
+8 users with 8 adapters and the base batch (``weights_modes`` in the JSON), each beside its
+fidelity against fp32 on a fixed text (:func:`fidelity`: mean KL per token and top-1
+agreement, teacher-forced), also for the blocks quantized from the fp32 weights rather
+than read from the GGUF (what a model without a GGUF gets).
+
 Then ``contended``: one user with their adapter on the batching engine, quiet and then
 while one other process keeps a core busy (a Python loop), measured back to back in the
 same run; the ratio is what a shared machine leaves of the single stream (goal 0.4).
@@ -22,7 +29,7 @@ and written as ``kernels``.
 Aggregate tokens/s is all new tokens over the wall time from the first request to the last
 reply; TTFT and reply times are from the moment all users sent their message.
 
-    python -m bench.serving [--users 1,4,8,16] [--tokens 64] [--threads 0] [--json OUT]
+    python -m bench.serving [--users 1,4,8,16] [--weights fp32,int8,int4] [--tokens 64] [--threads 0] [--json OUT]
 
 llama-cpp-python is a benchmark-only dependency that compiles llama.cpp from source:
 ``.venv/bin/pip install -c constraints.txt '.[bench-llama]'`` (about 15 to 30 minutes here).
@@ -53,6 +60,7 @@ from agent_core.llm import AdapterRef, ChatMessage, GenerationRequest
 from agent_core.llm.batching import BatchLimits
 from agent_core.llm.local import LocalBackend
 from agent_core.llm.model_files import find_model
+from agent_core.llm.quantized import MODES, quantize_model
 from bench import report
 from bench.generation import memory_bandwidth
 
@@ -75,6 +83,15 @@ QUESTIONS = [
     "Explain how a refrigerator keeps food cold, step by step.",
 ]
 ROWS = ("naive", "attune_mixed", "base_batch", "llama_cpp")
+FIXED_TEXT = (
+    "The history of Paris begins with a Celtic tribe, the Parisii, who settled on an island in the Seine. "
+    "The Romans built a town there called Lutetia, with baths, an arena and a forum. In the Middle Ages the "
+    "city grew into the largest in Europe; its university drew students from every country, and Notre-Dame "
+    "rose over two centuries. Kings made it their seat, revolutions tore it apart, and in the nineteenth "
+    "century Haussmann cut wide boulevards through the old streets. Today it is a city of museums, cafes "
+    "and parks, where about two million people live. To make a good cup of tea, warm the pot first, use one "
+    "spoon of leaves for each cup, pour water just off the boil and wait three to five minutes."
+)
 T = TypeVar("T")
 
 
@@ -206,6 +223,7 @@ def load_llama_cpp(gguf: Path, threads: int, render: Callable[[list[ChatMessage]
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", default="1,4,8,16", help="numbers of concurrent users, comma-separated")
+    parser.add_argument("--weights", default=",".join(MODES), help="weights modes to compare, comma-separated")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per reply (at most)")
     parser.add_argument("--threads", type=int, default=0, help="torch and llama.cpp threads; 0 = all cores")
     parser.add_argument("--cache-dir", default="data/models", help="where the GGUF model is cached de-quantized")
@@ -216,7 +234,10 @@ async def main() -> None:
     threads = args.threads or torch.get_num_threads()
     cache = Path(args.cache_dir).resolve()
 
-    def backend(batching: BatchLimits | None) -> LocalBackend:
+    default_weights = Settings().llm.local.weights
+    modes = [m for m in args.weights.split(",") if m]
+
+    def backend(batching: BatchLimits | None, weights: str = default_weights) -> LocalBackend:
         return LocalBackend(
             "smollm2",
             cache,
@@ -224,6 +245,7 @@ async def main() -> None:
             repetition_penalty=args.repetition_penalty,
             max_loaded_adapters=max(user_counts),
             batching=batching,
+            weights=weights,
         )
 
     # Each contender runs alone, and its threads end before the next one starts: a thread
@@ -262,6 +284,13 @@ async def main() -> None:
                      "ratio": busy["tokens_per_s"] / quiet["tokens_per_s"]}  # fmt: skip
         await batched.close()
         print("attune done", flush=True)
+        by_mode = {}
+        for mode in modes:
+            by_mode[mode] = await weights_mode(backend(BatchLimits(max_batch_size=8, max_queue=8), mode), adapters,
+                                               args.tokens)  # fmt: skip
+            print(f"weights {mode} done", flush=True)
+        fidelities = in_a_thread(fidelity_table, naive.model_dir, Path(model_dir.directory) / str(model_dir.gguf_file),
+                                 modes)  # fmt: skip
 
     llama = in_a_thread(
         load_llama_cpp,
@@ -282,8 +311,9 @@ async def main() -> None:
         f"contended: single stream {contended['quiet_tokens_per_s']:.1f} tokens/s quiet, "
         f"{contended['contended_tokens_per_s']:.1f} beside a busy process: {contended['ratio']:.2f} (goal 0.4)"
     )
+    print_modes(by_mode, fidelities, bandwidth["read_gb_s"])
     document = {
-        "params": {**vars(args), "threads": threads},
+        "params": {**vars(args), "threads": threads, "default_weights": default_weights},
         "weight_bytes": weight_bytes,
         **bandwidth,
         "ceiling_tokens_per_s": ceiling,
@@ -298,12 +328,89 @@ async def main() -> None:
         "goals": goals(results, ceiling),
         "kernels": kernels,
         "contended": contended,
+        "weights_modes": {
+            m: {**r, "fidelity": fidelities.get(m), "fidelity_quantized_here": fidelities.get(f"{m} here")}
+            for m, r in by_mode.items()
+        },
     }
     path = report.save("serving", document)
     print(f"wrote {path}")
     if args.json:
         Path(args.json).write_text(path.read_text())
         print(f"wrote {args.json}")
+
+
+async def weights_mode(backend: LocalBackend, adapters: list[AdapterRef], tokens: int) -> dict[str, Any]:
+    """One weights mode on the batching engine: single-stream decode, 8 users with 8
+    adapters, the base batch; the kernel path chosen and the bytes of weights read."""
+    await backend.start()
+    try:
+        await asyncio.to_thread(backend.kernels_final.wait, 600)
+        await serve(backend, requests(8, 2, adapters))
+        single = await serve(backend, requests(1, tokens, adapters))
+        mixed = await serve(backend, requests(8, tokens, adapters))
+        base = await serve(backend, requests(8, tokens, None))
+        engine = backend._engine
+        assert engine is not None
+        decoder = engine.decoder
+        read = sum(d.blocks.nbytes if d.blocks is not None else (d.weight.numel() * 4 if d.weight is not None else 0)
+                   for d in decoder._denses())  # fmt: skip
+        choice = backend.kernel_choice
+        return {
+            "single_decode_tokens_per_s": single["decode_tokens_per_s"],
+            "mixed_8_tokens_per_s": mixed["tokens_per_s"],
+            "base_batch_8_tokens_per_s": base["tokens_per_s"],
+            "mixed_8_vs_base_batch": mixed["tokens_per_s"] / base["tokens_per_s"],
+            "matmul_bytes_per_token": read if choice and choice.path(1) == "gemv" else None,
+            "kernels": choice.as_dict() if choice else None,
+        }
+    finally:
+        await backend.close()
+
+
+def fidelity(reference: Any, model: Any, ids: torch.Tensor) -> dict[str, float]:
+    """Teacher-forced on ``ids``: mean KL(fp32 || mode) per token and how often both
+    models' most likely next token is the same."""
+    with torch.inference_mode():
+        p = torch.log_softmax(reference(ids).logits[0].float(), -1)
+        q = torch.log_softmax(model(ids).logits[0].float(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    return {"kl_per_token": float(kl.mean()), "top1_agreement": float((p.argmax(-1) == q.argmax(-1)).float().mean()),
+            "tokens": int(ids.shape[1])}  # fmt: skip
+
+
+def fidelity_table(model_dir: Path, gguf: Path, modes: list[str]) -> dict[str, dict[str, float]]:
+    """Each mode against fp32 on :data:`FIXED_TEXT`, with the GGUF's blocks (the served
+    ones) and with blocks quantized here from the fp32 weights ("int4 here")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(FIXED_TEXT, return_tensors="pt").input_ids
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for mode in (m for m in modes if m != "fp32"):
+            for label, source in ((mode, gguf), (f"{mode} here", None)):
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+                quantize_model(model, mode, Path(folder) / label.replace(" ", "-"), gguf=source)
+                out[label] = fidelity(reference, model, ids)
+    return out
+
+
+def print_modes(by_mode: dict[str, dict[str, Any]], fidelities: dict[str, dict[str, float]], read_gb_s: float) -> None:
+    rows = []
+    for mode, r in by_mode.items():
+        f, here = fidelities.get(mode), fidelities.get(f"{mode} here")
+        ceiling = read_gb_s * 1e9 / r["matmul_bytes_per_token"] if r["matmul_bytes_per_token"] else None
+        rows.append([mode, r["single_decode_tokens_per_s"], ceiling or "", r["mixed_8_tokens_per_s"],
+                     r["base_batch_8_tokens_per_s"], f"{r['mixed_8_vs_base_batch']:.0%}",
+                     f"{f['kl_per_token']:.2e}" if f else "0", f"{f['top1_agreement']:.1%}" if f else "100%",
+                     f"{here['kl_per_token']:.2e} / {here['top1_agreement']:.1%}" if here else "",
+                     r["kernels"]["by_rows"] if r["kernels"] else ""])  # fmt: skip
+    headers = ["weights", "1 user decode tok/s", "its ceiling", "8 mixed tok/s", "8 base tok/s", "mixed vs base",
+               "KL/token (GGUF blocks)", "top-1 agree", "quantized here: KL / top-1", "kernels"]  # fmt: skip
+    print("\nweights modes (fidelity against fp32 on a fixed text, teacher-forced)")
+    print(report.table(headers, rows))
 
 
 @contextlib.contextmanager

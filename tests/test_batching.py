@@ -38,7 +38,7 @@ def adapters(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @contextlib.asynccontextmanager
-async def serving(model_dir: Path, kernel: str = "auto", cache: Path = MODEL_CACHE,
+async def serving(model_dir: Path, kernel: str = "auto", cache: Path = MODEL_CACHE, weights: str = "fp32",
                   **limits: float) -> AsyncIterator[LocalBackend]:  # fmt: skip
     """The local backend with these batching limits, started; closed afterwards."""
     backend = LocalBackend(
@@ -48,6 +48,7 @@ async def serving(model_dir: Path, kernel: str = "auto", cache: Path = MODEL_CAC
         repetition_penalty=1.1,
         batching=BatchLimits(**limits),  # type: ignore[arg-type]
         kernel=kernel,
+        weights=weights,
     )
     await backend.start()
     try:
@@ -217,7 +218,7 @@ async def test_every_matmul_path_gives_plain_generates_greedy_replies_with_mixed
         choice = backend.kernel_choice
         assert choice is not None and choice.final
         if kernel == "auto":
-            assert choice.how in ("measured", "cached") and set(choice.by_rows) == {1, 2, 8}
+            assert choice.how in ("measured", "cached") and set(choice.by_rows) == {1, 2, 8, 64}
         else:
             assert choice.how == "forced" and set(choice.by_rows.values()) == {kernel}
         cases = [(0, 16, adapters[0]), (3, 16, None), (1, 12, adapters[1]), (2, 14, adapters[0])]
@@ -256,3 +257,58 @@ async def test_the_choice_is_measured_once_and_falls_back_when_a_path_is_missing
     assert fallback is not None and fallback.final and set(fallback.by_rows.values()) == {"linear"}
     assert "kernel = 'gemv' is not available here" in caplog.text
     assert text == plain_generate(tiny_model_dir, PROMPTS[0], 12, repetition_penalty=1.1)
+
+
+def dequantized_copy(model_dir: Path, mode: str, out: Path) -> Path:
+    """``model_dir`` with its weights replaced by their ``mode`` blocks, dequantized: what
+    plain generate runs on to check a quantized mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent_core.llm.quantized import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    quantize_model(model, mode, out / "blocks")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def test_the_compiled_loops_on_int8_and_int4_blocks_equal_a_matmul_on_their_dequantized_weights() -> None:
+    import torch
+
+    from agent_core.llm.kernels import gemv
+    from agent_core.llm.quantized import Quantized
+
+    kernel = gemv(MODEL_CACHE / "kernels")
+    assert kernel is not None
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 96), torch.randn(300)
+    for layout in ("int8", "int4"):
+        blocks = Quantized.from_float(weight, layout)
+        dequantized = blocks.dequantize()
+        error = (dequantized - weight).abs().max() / weight.abs().max()
+        assert 0 < error < (0.01 if layout == "int8" else 0.1), layout  # rounded, and not by much
+        for rows in (1, 3, 8, 20):  # 20: more than one pass of 8 over each weight row
+            x = torch.randn(rows, 96)
+            assert torch.allclose(kernel.blocks(x, blocks, bias), x @ dequantized.t() + bias, atol=1e-4), (layout, rows)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+@pytest.mark.parametrize("kernel", ["gemv", "onednn", "linear"])
+async def test_every_weights_mode_and_path_gives_plain_generates_replies_on_the_dequantized_weights(
+    tiny_model_dir: Path, adapters: list[Path], tmp_path: Path, weights: str, kernel: str
+) -> None:
+    async with serving(tiny_model_dir, kernel, weights=weights, max_batch_size=4, batch_wait_s=0.2) as backend:
+        await asyncio.to_thread(backend.kernels_final.wait, 300)
+        choice = backend.kernel_choice
+        assert choice is not None and choice.how == "forced" and set(choice.by_rows.values()) == {kernel}
+        assert backend._engine is not None and backend._engine.decoder.weights == weights
+        cases = [(0, 16, adapters[0]), (3, 16, None), (1, 12, adapters[1]), (2, 14, adapters[0])]
+        together = await asyncio.gather(*(backend.generate(request(*c)) for c in cases))
+    reference = dequantized_copy(tiny_model_dir, weights, tmp_path / "dequantized")
+    expected = [plain_generate(reference, PROMPTS[p], n, adapter=ad, repetition_penalty=1.1) for p, n, ad in cases]
+    assert together == expected
+    fp32 = plain_generate(tiny_model_dir, PROMPTS[0], 16, adapter=adapters[0], repetition_penalty=1.1)
+    if weights == "int4":  # random weights lose enough to int4 that the reply changes: the blocks are what is served
+        assert together[0] != fp32

@@ -81,8 +81,11 @@ async def test_the_real_model_batched_with_two_adapters_matches_plain_generate(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """Three users at once on SmolLM2, two with their own adapters: each greedy reply is
-    what plain transformers generate (with peft) gives for that user alone."""
-    backend = LocalBackend("smollm2", MODEL_CACHE, repetition_penalty=1.1, batching=BatchLimits(batch_wait_s=0.2))
+    what plain transformers generate (with peft) gives for that user alone. Served in the
+    default weights mode, int4 from the GGUF's own blocks, which are exactly the fp32
+    weights plain generate runs on."""
+    backend = LocalBackend("smollm2", MODEL_CACHE, repetition_penalty=1.1, batching=BatchLimits(batch_wait_s=0.2),
+                           weights="int4")  # fmt: skip
     await backend.start()
     assert backend.model_dir is not None
     adapters = [
@@ -115,3 +118,39 @@ async def test_the_real_model_batched_with_two_adapters_matches_plain_generate(
         assert reply == plain_generate(backend.model_dir, messages, 24, adapter=path, repetition_penalty=1.1)
     base = [plain_generate(backend.model_dir, [{"role": "user", "content": text}], 24) for text, _ in cases[:2]]
     assert replies[:2] != base  # the adapters did change what those users got
+
+
+def test_the_ggufs_own_blocks_are_the_fp32_weights_and_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4 reads every layer's Q4_1 blocks (and the Q8_0 output layer) from the shipped
+    GGUF, in the row order the fp32 conversion has; int8 reads the output layer and
+    quantizes the rest. The blocks are cached: a second start does not read the GGUF."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agent_core.llm import quantized
+    from agent_core.llm.model_files import cached_directory, find_model
+
+    source = find_model("smollm2")
+    model_dir = cached_directory(source, MODEL_CACHE)
+    gguf = source.directory / str(source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    weights = quantized.quantizable(model)
+    assert len(weights) == 30 * 7 + 1
+    fp32 = {name: w.detach().clone() for name, w in weights.items()}
+    int4 = quantized._from_gguf(gguf, weights, "int4", model.config)
+    assert set(int4) == set(weights)
+    assert int4["lm_head.weight"].layout == "int8" and int4["model.layers.0.self_attn.q_proj.weight"].layout == "int4"
+    for name, blocks in int4.items():
+        assert torch.equal(blocks.dequantize(), fp32[name]), name
+    int8 = quantized._from_gguf(gguf, weights, "int8", model.config)
+    assert set(int8) == {"lm_head.weight"}
+
+    cache = MODEL_CACHE / "test-blocks"
+    for file in cache.glob("weights-*"):
+        file.unlink()
+    quantized.quantize_model(model, "int4", cache, gguf=gguf)
+    monkeypatch.setattr(quantized, "_from_gguf", lambda *args: pytest.fail("the GGUF was read again"))
+    again = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    blocks = quantized.quantize_model(again, "int4", cache, gguf=gguf)
+    assert set(blocks) == set(weights)
+    assert all(torch.equal(w, fp32[name]) for name, w in quantized.quantizable(again).items())

@@ -72,4 +72,5 @@ def create_backend(config: Config) -> LLMBackend:
         max_loaded_adapters=llm.local.max_loaded_adapters,
         batching=limits if local.batching else None,
         kernel=llm.local.kernel,
+        weights=llm.local.weights,
     )

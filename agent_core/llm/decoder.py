@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from agent_core.llm import kernels
 from agent_core.llm.base import LLMError
 from agent_core.llm.kernels import Gemv, KernelChoice
+from agent_core.llm.quantized import Quantized
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +127,19 @@ def _layer_and_projection(key: str) -> tuple[int, str]:
 class _Dense:
     """A linear layer (or several sharing an input, fused) prepared for small-batch CPU
     matmuls by each path of :mod:`agent_core.llm.kernels`: the fp32 weight (``gemv``,
-    ``linear``) and a copy packed once for oneDNN (``onednn``). ``choice`` says which
-    path a batch of so many rows takes; once it is final, a copy no chosen path reads
-    is dropped."""
+    ``linear``), a copy packed once for oneDNN (``onednn``), and in a quantized weights
+    mode its int8/int4 blocks, which ``gemv`` then reads instead of the fp32 weight.
+    ``choice`` says which path a batch of so many rows takes; once it is final, a copy no
+    chosen path reads is dropped."""
 
-    def __init__(self, modules: list[Any]) -> None:
+    def __init__(self, modules: list[Any], quantized: Mapping[Any, Quantized] | None = None) -> None:
         weight = torch.cat([m.weight.detach() for m in modules]).float().contiguous()
         biases = [m.bias for m in modules]
         self.bias = torch.cat([b.detach() for b in biases]).float() if all(b is not None for b in biases) else None
         self.sizes = [m.weight.shape[0] for m in modules]
         self.in_features = int(weight.shape[1])
+        parts = [quantized.get(m) for m in modules] if quantized else []
+        self.blocks: Quantized | None = Quantized.cat(parts) if parts and all(parts) else None  # type: ignore[arg-type]
         self.gemv: Gemv | None = None
         self.weight: torch.Tensor | None = weight
         self.packed: torch.Tensor | None = None
@@ -145,8 +150,12 @@ class _Dense:
     def run(self, path: str, flat: torch.Tensor) -> torch.Tensor:
         """``flat @ weight.T + bias`` by ``path``."""
         if path == "gemv":
-            if self.gemv is None or self.weight is None:
+            if self.gemv is None:
                 raise LLMError("the compiled gemv is not loaded")
+            if self.blocks is not None:
+                return self.gemv.blocks(flat.contiguous(), self.blocks, self.bias)
+            if self.weight is None:
+                raise LLMError("the fp32 weight was dropped")
             return self.gemv(flat.contiguous(), self.weight, self.bias)
         if path == "onednn":
             if self.packed is None:
@@ -165,8 +174,10 @@ class _Dense:
         """Drop the copies of the weight that none of ``paths`` reads."""
         if "onednn" not in paths:
             self.packed = None
-        if not paths & {"gemv", "linear"}:
+        if "linear" not in paths and not ("gemv" in paths and self.blocks is None):
             self.weight = None
+        if "gemv" not in paths:
+            self.blocks = None
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The fused output, cut back into one tensor per original layer."""
@@ -216,17 +227,23 @@ class BatchDecoder:
     one token each and returns their logits. Not thread-safe: one thread drives it.
     """
 
-    def __init__(self, model: Any, slots: int, max_length: int, *, initial_length: int = 256) -> None:
+    def __init__(self, model: Any, slots: int, max_length: int, *, initial_length: int = 256,
+                 quantized: Mapping[str, Quantized] | None = None) -> None:  # fmt: skip
+        """``quantized``: the model's weights in an int8/int4 mode by parameter name
+        (:func:`agent_core.llm.quantized.quantize_model`), read by the compiled loops."""
         problem = supports(model)
         if problem:
             raise LLMError(f"the batched decoder cannot run this model: {problem}")
         config = model.config
         inner = model.model
+        by_module = {model.get_submodule(name.removesuffix(".weight")): q for name, q in (quantized or {}).items()}
+        layouts = {q.layout for q in by_module.values()}
+        self.weights = "int4" if "int4" in layouts else "int8" if layouts else "fp32"  # the mode, for the choice's key
         self.embed = inner.embed_tokens
-        self.blocks = [_Block(block) for block in inner.layers]
+        self.blocks = [_Block(block, by_module) for block in inner.layers]
         self.norm = _RMSNorm(inner.norm)
         self.rotary = inner.rotary_emb
-        self.lm_head = _Dense([model.lm_head])
+        self.lm_head = _Dense([model.lm_head], by_module)
         self.kernels = self.lm_head.choice  # F.linear until choose_kernels
         first = self.blocks[0]
         self._sizes = {
@@ -262,8 +279,8 @@ class BatchDecoder:
         for dense in denses:
             dense.gemv = gemv
         first = denses[0]
-        here = {"gemv": gemv is not None and first.weight is not None, "onednn": first.packed is not None,
-                "linear": first.weight is not None}  # fmt: skip
+        here = {"gemv": gemv is not None and (first.weight is not None or first.blocks is not None),
+                "onednn": first.packed is not None, "linear": first.weight is not None}  # fmt: skip
         paths = [p for p in kernels.PATHS if here[p]]
         if setting in paths:
             choice = KernelChoice({rows: setting for rows in kernels.ROWS}, "forced", final=True)
@@ -272,7 +289,7 @@ class BatchDecoder:
                 why = "no compiler or no AVX2" if setting == "gemv" else "not in this torch"
                 log.warning("[llm.local] kernel = %r is not available here (%s); the fastest of %s is used", setting,
                             why, paths)  # fmt: skip
-            shapes = ";".join(f"{d.in_features}x{sum(d.sizes)}" for d in denses)
+            shapes = ";".join(f"{d.in_features}x{sum(d.sizes)}" for d in denses) + f";weights {self.weights}"
             choice = kernels.choose(lambda path, x, i: denses[i].run(path, x), [d.in_features for d in denses],
                                     paths, cache=cache, shapes=shapes, final=final)  # fmt: skip
         for dense in denses:
@@ -440,14 +457,14 @@ class _Pass:
 class _Block:
     """One decoder block's weights: RMS norms, projections fused and packed."""
 
-    def __init__(self, block: Any) -> None:
+    def __init__(self, block: Any, quantized: Mapping[Any, Quantized]) -> None:
         attn, mlp = block.self_attn, block.mlp
         self.attention_norm = _RMSNorm(block.input_layernorm)
         self.mlp_norm = _RMSNorm(block.post_attention_layernorm)
-        self.qkv = _Dense([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o = _Dense([attn.o_proj])
-        self.gate_up = _Dense([mlp.gate_proj, mlp.up_proj])
-        self.down = _Dense([mlp.down_proj])
+        self.qkv = _Dense([attn.q_proj, attn.k_proj, attn.v_proj], quantized)
+        self.o = _Dense([attn.o_proj], quantized)
+        self.gate_up = _Dense([mlp.gate_proj, mlp.up_proj], quantized)
+        self.down = _Dense([mlp.down_proj], quantized)
 
 
 class _RMSNorm:

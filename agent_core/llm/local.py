@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -23,7 +24,8 @@ from agent_core.llm.base import GenerationRequest, LLMBackend, LLMError
 from agent_core.llm.batching import DONE, BatchingEngine, BatchLimits
 from agent_core.llm.cpu import available_cores
 from agent_core.llm.kernels import KernelChoice
-from agent_core.llm.model_files import cached_directory, find_model
+from agent_core.llm.model_files import ModelSource, cached_directory, find_model
+from agent_core.llm.quantized import Quantized, quantize_model
 from agent_core.llm.style_control import StyleVocab, logits_processors, vocab_for
 
 DEFAULT_LIMITS = BatchLimits()
@@ -45,6 +47,7 @@ class LocalBackend(LLMBackend):
         max_loaded_adapters: int = 16,
         batching: BatchLimits | None = DEFAULT_LIMITS,  # None: plain generate, one at a time
         kernel: str = "auto",  # the decoder's matmul path: "auto" (measured) or one of kernels.PATHS
+        weights: str = "fp32",  # "fp32", "int8" or "int4" (agent_core/llm/quantized.py; the config says which)
     ) -> None:
         self.model_setting = model
         self.repetition_penalty = repetition_penalty
@@ -63,6 +66,8 @@ class LocalBackend(LLMBackend):
         self.model_dir: Path | None = None
         self.batching = batching
         self.kernel = kernel
+        self.weights = weights
+        self._quantized: dict[str, Quantized] = {}  # the weights' int8/int4 blocks by parameter name
         self.kernels_final = threading.Event()  # set once the batched decoder's matmul paths are chosen for good
         self._engine: BatchingEngine | None = None
         self._plain_tokens = 0
@@ -80,7 +85,8 @@ class LocalBackend(LLMBackend):
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.model_dir = cached_directory(find_model(self.model_setting), self.cache_dir)
+        source = find_model(self.model_setting)
+        self.model_dir = cached_directory(source, self.cache_dir)
         hf_logging.disable_progress_bar()  # shown while converting; loading the cache is quick
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._counter = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
@@ -94,6 +100,7 @@ class LocalBackend(LLMBackend):
         else:
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         model.eval()
+        self._quantized = self._quantize(model, source)
         self._model = model
         if vocab is not None:
             self._vocab = vocab.result()
@@ -102,6 +109,21 @@ class LocalBackend(LLMBackend):
         if self.batching is not None:
             self._engine = self._batching_engine(model)
         log.info("local model ready: %s", self.describe())
+
+    def _quantize(self, model: Any, source: ModelSource) -> dict[str, Quantized]:
+        """The model's weights in the configured mode: the blocks of the GGUF it came
+        from where they have that layout, else quantized here; cached beside the model
+        (a GGUF's conversion) or under the cache directory (a model directory of its own)."""
+        if self.weights == "fp32":
+            return {}
+        assert self.model_dir is not None
+        gguf = source.directory / source.gguf_file if source.gguf_file else None
+        if gguf is not None:
+            cache = self.model_dir
+        else:
+            digest = hashlib.sha256(str(self.model_dir.resolve()).encode()).hexdigest()[:10]
+            cache = self.cache_dir / "quantized" / f"{self.model_dir.name}-{digest}"
+        return quantize_model(model, self.weights, cache, gguf=gguf)
 
     def _batching_engine(self, model: Any) -> BatchingEngine | None:
         import torch
@@ -122,7 +144,7 @@ class LocalBackend(LLMBackend):
         def build() -> BatchDecoder:  # on the engine thread; OpenMP's thread count is per thread
             if threads:
                 torch.set_num_threads(threads)
-            decoder = BatchDecoder(model, slots, length)
+            decoder = BatchDecoder(model, slots, length, quantized=self._quantized)
             compiled = kernels.gemv(folder) if setting in ("auto", "gemv") and not later else None
             decoder.choose_kernels(compiled, setting=setting, cache=folder, final=not later)
             if not later:
@@ -174,7 +196,8 @@ class LocalBackend(LLMBackend):
 
     def describe(self) -> str:
         mode = f"batches of up to {self.batching.max_batch_size}" if self._engine and self.batching else "one at a time"
-        return f"local {self.model_dir or self.model_setting} (context {self.context_window} tokens, CPU fp32, {mode})"
+        return (f"local {self.model_dir or self.model_setting} (context {self.context_window} tokens, CPU, weights "
+                f"{self.weights}, {mode})")  # fmt: skip
 
     @property
     def loaded_adapters(self) -> list[str]:
