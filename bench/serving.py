@@ -11,7 +11,9 @@ is generated greedily. Rows, in the same run:
 - ``base_batch``: the same batches with every row on the base model, the upper bound for mixed adapters;
 - ``llama_cpp``: llama.cpp through llama-cpp-python on the same GGUF, serving the users one
   after another (the base model: it has no per-user adapters here); null when not installed;
-- ``ceiling``: the memory-bandwidth ceiling at batch 1, (read rate) / (fp32 weight bytes).
+- ``ceiling``: the memory-bandwidth ceiling at batch 1, (read rate) / (bytes of weights one
+  decode step reads in the default weights mode: int4 blocks where the 1-row path reads
+  them, else fp32); ``ceiling_fp32_tokens_per_s`` the same for fp32 weights.
 
 The main rows run in the default weights mode (``[llm.local] weights``). Then, per weights
 mode (``--weights fp32,int8,int4``), the batching engine again: single-stream decode,
@@ -275,6 +277,7 @@ async def main() -> None:
             results[users]["attune_mixed"] = await serve(batched, requests(users, args.tokens, adapters))
             results[users]["base_batch"] = await serve(batched, requests(users, args.tokens, None))
         engine_largest = batched._engine.largest_batch if batched._engine else 0
+        read_bytes = bytes_read(batched) or weight_bytes
         choice = batched.kernel_choice
         kernels = choice.as_dict() if choice else None
         quiet = await serve(batched, requests(1, args.tokens, adapters))
@@ -304,8 +307,8 @@ async def main() -> None:
                 llama.serve, requests(users, args.tokens, None), args.repetition_penalty
             )
         print("llama.cpp done", flush=True)
-    ceiling = bandwidth["read_gb_s"] * 1e9 / weight_bytes
-    print_report(results, ceiling, bandwidth, weight_bytes, threads, args.tokens, engine_largest)
+    ceiling = bandwidth["read_gb_s"] * 1e9 / read_bytes
+    print_report(results, ceiling, bandwidth, read_bytes, threads, args.tokens, engine_largest, default_weights)
     print(f"matmul path chosen on this CPU: {choice.describe() if choice else 'none (no batched decoder)'}")
     print(
         f"contended: single stream {contended['quiet_tokens_per_s']:.1f} tokens/s quiet, "
@@ -316,7 +319,9 @@ async def main() -> None:
         "params": {**vars(args), "threads": threads, "default_weights": default_weights},
         "weight_bytes": weight_bytes,
         **bandwidth,
+        "read_bytes_per_token": read_bytes,
         "ceiling_tokens_per_s": ceiling,
+        "ceiling_fp32_tokens_per_s": bandwidth["read_gb_s"] * 1e9 / weight_bytes,
         "by_users": {
             str(users): {
                 **{name: (r["tokens_per_s"] if r else None) for name, r in row.items()},
@@ -340,6 +345,17 @@ async def main() -> None:
         print(f"wrote {args.json}")
 
 
+def bytes_read(backend: LocalBackend) -> int | None:
+    """Bytes of weights one decode step of one row reads: each layer's blocks where the
+    1-row path reads them, else its fp32 weight (None: no batched decoder)."""
+    engine, choice = backend._engine, backend.kernel_choice
+    if engine is None or choice is None:
+        return None
+    quantized = choice.path(1) == "gemv"
+    return sum(d.blocks.nbytes if quantized and d.blocks is not None else d.in_features * sum(d.sizes) * 4
+               for d in engine.decoder._denses())  # fmt: skip
+
+
 async def weights_mode(backend: LocalBackend, adapters: list[AdapterRef], tokens: int) -> dict[str, Any]:
     """One weights mode on the batching engine: single-stream decode, 8 users with 8
     adapters, the base batch; the kernel path chosen and the bytes of weights read."""
@@ -352,16 +368,13 @@ async def weights_mode(backend: LocalBackend, adapters: list[AdapterRef], tokens
         base = await serve(backend, requests(8, tokens, None))
         engine = backend._engine
         assert engine is not None
-        decoder = engine.decoder
-        read = sum(d.blocks.nbytes if d.blocks is not None else (d.weight.numel() * 4 if d.weight is not None else 0)
-                   for d in decoder._denses())  # fmt: skip
         choice = backend.kernel_choice
         return {
             "single_decode_tokens_per_s": single["decode_tokens_per_s"],
             "mixed_8_tokens_per_s": mixed["tokens_per_s"],
             "base_batch_8_tokens_per_s": base["tokens_per_s"],
             "mixed_8_vs_base_batch": mixed["tokens_per_s"] / base["tokens_per_s"],
-            "matmul_bytes_per_token": read if choice and choice.path(1) == "gemv" else None,
+            "matmul_bytes_per_token": bytes_read(backend),
             "kernels": choice.as_dict() if choice else None,
         }
     finally:
@@ -453,9 +466,11 @@ def print_report(
     threads: int,
     tokens: int,
     largest: int,
+    weights: str,
 ) -> None:
     print(f"\nserving SmolLM2-135M, greedy, up to {tokens} new tokens a reply, {threads} threads")
-    print(f"weights {weight_bytes / 1e6:,.0f} MB fp32; memory read {bandwidth['read_gb_s']:.1f} GB/s")
+    read = bandwidth["read_gb_s"]
+    print(f"weights {weights}: {weight_bytes / 1e6:,.0f} MB read per token; memory read {read:.1f} GB/s")
     print(f"bandwidth ceiling at batch 1: {ceiling:.1f} tokens/s; largest batch stepped: {largest}")
     rows = []
     for users, row in results.items():

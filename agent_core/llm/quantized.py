@@ -166,18 +166,29 @@ def quantize_model(model: Any, mode: str, cache: Path, *, gguf: Path | None = No
     weights = quantizable(model)
     file = cache / f"weights-{mode}.safetensors"
     stamp = _stamp(weights, mode, gguf)
-    blocks = _read(file, stamp)
-    if blocks is None or set(blocks) != set(weights):
-        started = time.monotonic()
-        from_file = _from_gguf(gguf, weights, mode, model.config) if gguf is not None else {}
-        blocks = {name: from_file.get(name) or Quantized.from_float(w, layout_for(name, mode))
-                  for name, w in weights.items()}  # fmt: skip
-        log.info("weights in %s: %d of %d read from the GGUF's blocks, the rest quantized here (%.1f s)", mode,
-                 len(from_file), len(blocks), time.monotonic() - started)  # fmt: skip
-        _write(file, stamp, blocks)
+    cached = _read(file, stamp)
+    if cached is not None and set(cached[0]) == set(weights):
+        blocks, exact = cached
+        with torch.no_grad():
+            for name, w in weights.items():
+                if name not in exact:  # (de-quantizing all of SmolLM2 takes about 2 s)
+                    w.copy_(blocks[name].dequantize())
+        return blocks
+    started = time.monotonic()
+    from_file = _from_gguf(gguf, weights, mode, model.config) if gguf is not None else {}
+    blocks = {name: from_file.get(name) or Quantized.from_float(w, layout_for(name, mode))
+              for name, w in weights.items()}  # fmt: skip
+    exact = set()
     with torch.no_grad():
         for name, w in weights.items():
-            w.copy_(blocks[name].dequantize())
+            dequantized = blocks[name].dequantize()
+            if torch.equal(dequantized, w):
+                exact.add(name)  # the fp32 weight is these blocks already: nothing to copy at the next start
+            else:
+                w.copy_(dequantized)
+    log.info("weights in %s: %d of %d read from the GGUF's blocks, the rest quantized here; %d equal to the fp32 "
+             "weights (%.1f s)", mode, len(from_file), len(blocks), len(exact), time.monotonic() - started)  # fmt: skip
+    _write(file, stamp, blocks, exact)
     return blocks
 
 
@@ -240,7 +251,8 @@ def _stamp(weights: dict[str, torch.Tensor], mode: str, gguf: Path | None) -> st
     return digest.hexdigest()
 
 
-def _read(file: Path, stamp: str) -> dict[str, Quantized] | None:
+def _read(file: Path, stamp: str) -> tuple[dict[str, Quantized], set[str]] | None:
+    """The cached blocks, and the names of those equal to the fp32 weights they were made from."""
     from safetensors import safe_open
 
     if not file.is_file():
@@ -251,17 +263,18 @@ def _read(file: Path, stamp: str) -> dict[str, Quantized] | None:
             if meta.get("stamp") != stamp:
                 return None
             layouts = json.loads(meta["layouts"])
-            return {
+            blocks = {
                 name: Quantized(layout, f.get_tensor(f"{name}.q"), f.get_tensor(f"{name}.scale"),
                                 f.get_tensor(f"{name}.minimum") if layout == "int4" else None)
                 for name, layout in layouts.items()
             }  # fmt: skip
+            return blocks, set(json.loads(meta.get("exact", "[]")))
     except Exception as exc:  # a damaged cache: made again
         log.warning("could not read the quantized weights %s (%s); making them again", file, exc)
         return None
 
 
-def _write(file: Path, stamp: str, blocks: dict[str, Quantized]) -> None:
+def _write(file: Path, stamp: str, blocks: dict[str, Quantized], exact: set[str]) -> None:
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -269,7 +282,8 @@ def _write(file: Path, stamp: str, blocks: dict[str, Quantized]) -> None:
         tensors[f"{name}.q"], tensors[f"{name}.scale"] = b.q, b.scale
         if b.minimum is not None:
             tensors[f"{name}.minimum"] = b.minimum
-    meta = {"stamp": stamp, "layouts": json.dumps({name: b.layout for name, b in blocks.items()})}
+    meta = {"stamp": stamp, "layouts": json.dumps({name: b.layout for name, b in blocks.items()}),
+            "exact": json.dumps(sorted(exact))}  # fmt: skip
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
