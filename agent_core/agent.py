@@ -94,6 +94,25 @@ class Agent:
         self.one_at_a_time = OneAtATime()  # per person and chat
         self.boot = secrets.token_hex(8)  # marks the messages this process has taken and not answered yet
         self.started_at = time.time()
+        self.model_loading: asyncio.Future[None] | None = None  # set by load_model(); None: started by the caller
+
+    def load_model(self) -> asyncio.Future[None]:
+        """Start the backend in the background (``llm.start()``), so that the platforms
+        connect meanwhile: a reply waits for the model, a page or a command does not."""
+        self.model_loading = asyncio.ensure_future(self.llm.start())
+        return self.model_loading
+
+    async def _model_ready(self) -> bool:
+        """Wait for a model still loading; False if its loading failed."""
+        if self.model_loading is None:
+            return True
+        if not self.model_loading.done():
+            log.info("a reply waits for the model to finish loading")
+        try:
+            await asyncio.shield(self.model_loading)
+        except Exception:
+            return False  # the failure itself is the caller of load_model's to report
+        return True
 
     @classmethod
     async def open(cls, config: Config, llm: LLMBackend | None = None) -> Agent:
@@ -104,6 +123,9 @@ class Agent:
         if self.commands.background:  # an /admin training: stop it (the adapters in service stay)
             self.training.cancel()
             await asyncio.gather(*self.commands.background, return_exceptions=True)
+        if self.model_loading is not None and not self.model_loading.done():
+            log.info("stopping once the model has finished loading (it cannot be interrupted)")
+            await asyncio.gather(self.model_loading, return_exceptions=True)
         await self.llm.close()
         await self.store.db.close()
 
@@ -158,6 +180,9 @@ class Agent:
 
     async def _reply(self, msg: Message, received: Received, context: ReplyContext, on_text: OnText | None) -> Reply:
         """Write the reply to a stored message and store it, or tell the person it failed."""
+        if not await self._model_ready():
+            await self.store.settle(received.message_id)
+            return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         choice = await self.policy.choose(received.user_id, msg.text, context.preferences,
                                           key=_draw_key(msg, received))  # fmt: skip
         style = choice.style

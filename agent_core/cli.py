@@ -107,12 +107,13 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
 
     agent = await Agent.open(config)
     try:
-        await agent.llm.start()
+        stop = asyncio.Event()
+        loading = agent.load_model()  # platforms connect while it loads; replies wait for it
+        loading.add_done_callback(lambda done: done.cancelled() or done.exception() is None or stop.set())
         if chat:
             adapters = [TerminalAdapter(agent, config, user=user)]
         else:
             adapters = [cls(agent, config) for cls in configured_adapters(config)]
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -127,6 +128,8 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
         finally:
             if nightly is not None:
                 await nightly.stop()
+        if loading.done() and not loading.cancelled() and (failure := loading.exception()) is not None:
+            raise failure  # the model could not load (main() reports it)
         return 0
     finally:
         await agent.close()

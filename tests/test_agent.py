@@ -122,6 +122,60 @@ async def test_a_failing_backend_gives_an_apology_and_keeps_the_message(agent: A
     assert [tuple(r) for r in rows] == [("user", "are you there?")]
 
 
+class LoadingBackend(RecordingBackend):
+    """A backend whose start() takes until the test lets it finish (or fail)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.loaded = asyncio.Event()
+        self.fail_load = fail
+
+    async def start(self) -> None:
+        await self.loaded.wait()
+        if self.fail_load:
+            raise RuntimeError("the weights are not there")
+        await super().start()
+
+
+async def test_while_the_model_loads_a_message_waits_for_it_and_a_command_does_not(
+    make_config: Callable[..., Config],
+) -> None:
+    loading = LoadingBackend()
+    agent = await Agent.open(make_config(), llm=loading)
+    try:
+        agent.load_model()
+        waiting = asyncio.create_task(agent.handle_message(msg("hello while you load")))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # stored, its reply waits for the model
+        rows = await agent.store.db.fetchall("SELECT role, text FROM messages")
+        assert [tuple(r) for r in rows] == [("user", "hello while you load")]
+        stats = await send(agent, msg("/stats"))
+        assert stats.text and stats.kind != "error"  # a command is answered meanwhile
+        loading.loaded.set()
+        reply = await asyncio.wait_for(waiting, 10)
+        assert reply is not None and reply.kind == "answer" and reply.text == "echo: hello while you load"
+    finally:
+        await agent.close()
+
+
+async def test_a_model_that_fails_to_load_gives_an_apology_and_keeps_the_message(
+    make_config: Callable[..., Config],
+) -> None:
+    loading = LoadingBackend(fail=True)
+    agent = await Agent.open(make_config(), llm=loading)
+    try:
+        failed = agent.load_model()
+        waiting = asyncio.create_task(agent.handle_message(msg("anyone?")))
+        loading.loaded.set()
+        reply = await asyncio.wait_for(waiting, 10)
+        assert reply is not None and reply.kind == "error" and reply.text == APOLOGY
+        assert isinstance(failed.exception(), RuntimeError)
+        rows = await agent.store.db.fetchall("SELECT role, awaiting_reply FROM messages")
+        assert [tuple(r) for r in rows] == [("user", None)]  # kept, and not taken for one left unanswered
+    finally:
+        await agent.close()
+
+
 async def test_a_slow_backend_times_out_with_an_apology(make_config: Callable[..., Config]) -> None:
     slow = RecordingBackend(delay_s=5)
     agent = await Agent.open(make_config("[llm]\ntimeout_s = 0.2\n"), llm=slow)

@@ -53,7 +53,9 @@ class LLMBackend(ABC):
 
     Lifecycle: ``await start()`` once (load weights, open clients), then any number of
     concurrent ``stream``/``generate`` calls, then ``await close()``. Methods must not
-    block the event loop: heavy work runs in a worker thread or another process.
+    block the event loop: heavy work runs in a worker thread or another process. The agent
+    may await ``start()`` in the background while the platforms connect
+    (:meth:`agent_core.agent.Agent.load_model`); it asks for no reply before it returned.
     """
 
     #: Tokens the model can attend to: prompt plus reply must fit.
