@@ -96,6 +96,7 @@ class LocalLLMSettings(_Section):
     max_queue: int = Field(default=32, ge=0)  # requests waiting for a slot; past it: "busy"
     queue_timeout_s: float = Field(default=60.0, gt=0.0)  # longest wait for a slot; then "busy"
     batch_wait_ms: float = Field(default=10.0, ge=0.0, le=1000.0)  # idle: wait this long for a burst
+    prefill_chunk: int = Field(default=256, ge=16, le=8192)  # prompt tokens read in between two decode steps
     kernel: Literal["auto", "gemv", "onednn", "linear"] = "auto"  # the decoder's matmuls (agent_core/llm/kernels.py)
     weights: Literal["fp32", "int8", "int4"] = "int4"  # weight-only quantization (agent_core/llm/quantized.py)
 

@@ -312,3 +312,46 @@ async def test_every_weights_mode_and_path_gives_plain_generates_replies_on_the_
     fp32 = plain_generate(tiny_model_dir, PROMPTS[0], 16, adapter=adapters[0], repetition_penalty=1.1)
     if weights == "int4":  # random weights lose enough to int4 that the reply changes: the blocks are what is served
         assert together[0] != fp32
+
+
+LONG = [{"role": "user", "content": "Here is what happened on my trip, day by day. " * 30 + "What should I see next?"}]
+
+
+async def test_a_long_prompt_is_read_in_chunks_while_the_other_replies_go_on(
+    tiny_model_dir: Path, adapters: list[Path]
+) -> None:
+    """``prefill_chunk`` tokens at a time: the reply already under way gets tokens while
+    the long prompt is read in, and every reply still equals plain ``generate``'s, also
+    when a row leaves mid-read (the prompt's slot then moves down)."""
+    a, b = adapters
+    long = GenerationRequest(messages=LONG, max_new_tokens=12, temperature=0.0,  # type: ignore[arg-type]
+                             adapter=AdapterRef("user-a", str(a)))  # fmt: skip
+    async with serving(tiny_model_dir, max_batch_size=4, batch_wait_s=0.0, prefill_chunk=16) as backend:
+        assert backend._tokenizer is not None
+        prompt = backend._tokenizer.apply_chat_template(LONG, add_generation_prompt=True, return_dict=True)
+        prompt_tokens = len(prompt["input_ids"])
+        assert prompt_tokens > 16 * 10  # read in more than ten chunks
+        flowing: list[str] = []
+        seen_while_read: list[int] = []
+
+        async def under_way() -> str:
+            async for piece in backend.stream(request(0, 90, b)):
+                flowing.append(piece)
+            return "".join(flowing)
+
+        async def the_long_one() -> str:
+            while len(flowing) < 3:  # the other reply is under way
+                await asyncio.sleep(0.005)
+            before, pieces = len(flowing), []
+            async for piece in backend.stream(long):
+                if not pieces:
+                    seen_while_read.append(len(flowing) - before)
+                pieces.append(piece)
+            return "".join(pieces)
+
+        short = asyncio.create_task(backend.generate(request(2, 4)))  # leaves while the long prompt is read in
+        got = await asyncio.wait_for(asyncio.gather(under_way(), the_long_one(), short), 120)
+    assert seen_while_read[0] >= 5, seen_while_read  # tokens of the other reply came between the chunks
+    assert got[0] == plain_generate(tiny_model_dir, PROMPTS[0], 90, adapter=b, repetition_penalty=1.1)
+    assert got[1] == plain_generate(tiny_model_dir, LONG, 12, adapter=a, repetition_penalty=1.1)  # type: ignore[arg-type]
+    assert got[2] == plain_generate(tiny_model_dir, PROMPTS[2], 4, repetition_penalty=1.1)

@@ -60,6 +60,7 @@ def create_backend(config: Config) -> LLMBackend:
         max_queue=local.max_queue,
         batch_wait_s=local.batch_wait_ms / 1000,
         queue_timeout_s=local.queue_timeout_s,
+        prefill_chunk=local.prefill_chunk,
     )
     return LocalBackend(
         llm.local.model,

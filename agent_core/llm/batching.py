@@ -10,7 +10,9 @@ Limits (``[llm.local]``): ``max_batch_size`` rows at a time, ``max_queue`` reque
 waiting behind them (past that a request is refused with :class:`LLMBusy` at once),
 ``queue_timeout_s`` the longest a request waits for a slot (then it too gets
 :class:`LLMBusy`), ``batch_wait_ms`` how long an idle engine waits for more requests to
-arrive before starting, so that a burst is read in together.
+arrive before starting, so that a burst is read in together, ``prefill_chunk`` the most
+prompt tokens read in between two steps: a long prompt is read in chunks while the
+admitted requests go on generating (one prompt at a time; it joins once read).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class BatchLimits:
     max_queue: int = 32
     batch_wait_s: float = 0.01
     queue_timeout_s: float = 60.0
+    prefill_chunk: int = 256  # prompt tokens read in between two decode steps
 
 
 class Job:
@@ -54,6 +57,8 @@ class Job:
         self.enqueued = time.monotonic()
         self.ids: list[int] = []  # prompt, then the reply's tokens
         self.prompt_length = 0
+        self.read = 0  # prompt tokens in its slot so far
+        self.slot = 0  # while its prompt is read in: the decoder slot it is read into
         self.sent = ""  # reply text handed to the consumer so far
         self.processors: Any = None  # transformers' LogitsProcessorList for this request
         self.generator: torch.Generator | None = None
@@ -105,7 +110,7 @@ class BatchingEngine:
         self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._pending: deque[Job] = deque()
         self._rows: list[Job] = []  # row i generates in decoder slot i
-        self._admitting: Job | None = None  # taken from the queue, its prompt being read in
+        self._reading: Job | None = None  # taken from the queue, its prompt being read in (slot len(_rows))
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="attune-batching", daemon=True)
@@ -135,7 +140,7 @@ class BatchingEngine:
         with self._wakeup:
             if self._stopping:
                 raise LLMError("the local model is shutting down")
-            free = self.limits.max_batch_size - len(self._rows) - (self._admitting is not None)
+            free = self.limits.max_batch_size - len(self._rows) - (self._reading is not None)
             waiting = sum(not j.cancelled for j in self._pending) - free  # those with no slot to go to
             if waiting >= self.limits.max_queue:
                 raise LLMBusy(f"{waiting} requests are already waiting (max_queue = {self.limits.max_queue})")
@@ -176,24 +181,24 @@ class BatchingEngine:
             self._ready.set()
         with torch.inference_mode():  # every tensor the cache holds is an inference tensor
             self._serve()
-        for job in [*self._rows, *self._pending]:
+        for job in [*self._rows, *([self._reading] if self._reading else []), *self._pending]:
             job.emit(LLMError("the local model shut down"))
 
     def _serve(self) -> None:
         while True:
             with self._wakeup:
-                while not (self._pending or self._rows or self._stopping or self._calls):
+                while not (self._pending or self._rows or self._reading or self._stopping or self._calls):
                     self._wakeup.wait()
                 if self._stopping:
                     return
-                idle = not self._rows
+                idle = not (self._rows or self._reading)
                 calls, self._calls = self._calls, []
             for call in calls:
                 try:
                     call()
                 except Exception:
                     log.exception("a change to the decoder failed; it goes on as it was")
-            if not (self._pending or self._rows):
+            if not (self._pending or self._rows or self._reading):
                 continue
             try:
                 if idle:
@@ -208,6 +213,9 @@ class BatchingEngine:
     def _fail_rows(self, exc: Exception) -> None:
         log.exception("a batched step failed; its %d requests get an error", len(self._rows))
         failed, self._rows = self._rows, []
+        if self._reading is not None:
+            failed.append(self._reading)
+            self._reading = None
         for slot in range(len(failed)):
             self.decoder.assign(slot, None)
         for job in failed:
@@ -221,20 +229,24 @@ class BatchingEngine:
                 self._wakeup.wait(left)
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots; refuse those that waited too long."""
-        now = time.monotonic()
-        while True:
-            with self._wakeup:
-                if not self._pending or len(self._rows) >= self.limits.max_batch_size:
-                    break
-                job = self._admitting = self._pending.popleft()  # still counted by submit() while read in
+        """Read waiting requests' prompts into free slots, at most ``prefill_chunk`` tokens
+        before the next step; refuse the requests that waited too long."""
+        budget = self.limits.prefill_chunk
+        while budget > 0:
+            job = self._reading
+            if job is None:
+                with self._wakeup:
+                    if not self._pending or len(self._rows) >= self.limits.max_batch_size:
+                        break
+                    job = self._reading = self._pending.popleft()  # still counted by submit() while read in
             try:
-                if not job.cancelled:
-                    self._prefill(job)
+                if job.read == 0:
+                    self._start_reading(job)
+                budget -= self._read(job, budget)
             except Exception as exc:
+                self._reading = None
                 self._fail(job, exc)
-            finally:
-                self._admitting = None
+        now = time.monotonic()
         with self._wakeup:
             expired = [j for j in self._pending if now - j.enqueued > self.limits.queue_timeout_s]
             for job in expired:
@@ -243,7 +255,7 @@ class BatchingEngine:
             waited = now - job.enqueued
             job.emit(LLMBusy(f"no free slot after {waited:.0f} s (queue_timeout_s = {self.limits.queue_timeout_s:g})"))
 
-    def _prefill(self, job: Job) -> None:
+    def _start_reading(self, job: Job) -> None:
         request = job.request
         prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_dict=True)
         job.ids = list(prompt["input_ids"])
@@ -251,14 +263,32 @@ class BatchingEngine:
         job.processors = self._processors(request, job.prompt_length)
         if job.prompt_length >= self.decoder.max_length:
             raise LLMError(f"the prompt has {job.prompt_length} tokens; the context holds {self.decoder.max_length}")
+        job.slot = len(self._rows)
+        self.decoder.assign(job.slot, self._adapter(request.adapter))
+
+    def _read(self, job: Job, budget: int) -> int:
+        """Read the next chunk of ``job``'s prompt (at most ``budget`` tokens) into the slot
+        after the rows; once all is read, the job joins them with its first token. Returns
+        the tokens read."""
         slot = len(self._rows)
-        self.decoder.assign(slot, self._adapter(request.adapter))
-        logits = self.decoder.prefill(slot, job.ids)
+        if job.slot != slot:  # rows left while it was read in: keep the rows contiguous
+            self.decoder.move(job.slot, slot)
+            job.slot = slot
+        if job.cancelled:
+            self.decoder.assign(slot, None)
+            self._reading = None
+            return 0
+        chunk = job.ids[job.read : min(job.read + budget, job.prompt_length)]
+        logits = self.decoder.prefill(slot, chunk, start=job.read)
+        job.read += len(chunk)
+        if job.read < job.prompt_length:
+            return len(chunk)
         with self._wakeup:
             self._rows.append(job)
-            self._admitting = None
+            self._reading = None
         if self._advance(job, self._pick([job], logits[None])[0]):
             self._leave([job])
+        return len(chunk)
 
     def _step(self) -> None:
         """One new token for every row."""

@@ -341,13 +341,15 @@ class BatchDecoder:
     # --- forward -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
-        """Read a prompt into an empty slot; the logits [vocab] after its last token."""
-        n = len(ids)
-        self._reserve(n)
-        positions = torch.arange(n).unsqueeze(0)
-        logits = self._forward(torch.tensor([ids]), positions, slice(slot, slot + 1), None)
-        self.lengths[slot] = n
+    def prefill(self, slot: int, ids: list[int], start: int = 0) -> torch.Tensor:
+        """Read prompt tokens into ``slot``, which holds the prompt's first ``start`` tokens
+        already (0: an empty slot; a long prompt is read in chunks); the logits [vocab]
+        after the last of them."""
+        end = start + len(ids)
+        self._reserve(end)
+        positions = torch.arange(start, end).unsqueeze(0)
+        logits = self._forward(torch.tensor([ids]), positions, slice(slot, slot + 1), None, start=start)
+        self.lengths[slot] = end
         return logits[0, -1]
 
     @torch.inference_mode()
@@ -363,14 +365,15 @@ class BatchDecoder:
         return logits[:, -1]
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, rows: slice, decode_at: torch.Tensor | None
+        self, ids: torch.Tensor, positions: torch.Tensor, rows: slice, decode_at: torch.Tensor | None, start: int = 0
     ) -> torch.Tensor:
+        """The logits after each row's last position (a prompt's others are not needed)."""
         x = self.embed(ids)
-        step = _Pass(self, x, positions, rows, decode_at)
+        step = _Pass(self, x, positions, rows, decode_at, start)
         for i, block in enumerate(self.blocks):
             x = x + self._attention(i, block, block.attention_norm(x), step)
             x = x + self._mlp(i, block, block.mlp_norm(x), step)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, -1:]))
 
     def _lora(self, layer: int, names: tuple[str, ...], out: torch.Tensor, x: torch.Tensor, step: _Pass) -> None:
         """Add each row's own adapter products for these (fused) projections to ``out``."""
@@ -393,9 +396,9 @@ class BatchDecoder:
         k = qk[:, :, heads:].transpose(1, 2)
         v = qkv[..., (heads + kv_heads) * dim :].view(batch, span, kv_heads, dim).transpose(1, 2)
         cache_k, cache_v = self.keys[layer], self.values[layer]
-        if step.at is None:
-            cache_k[step.rows, :, :span] = k
-            cache_v[step.rows, :, :span] = v
+        if step.at is None:  # a prompt, or a chunk of one after step.start tokens
+            cache_k[step.rows, :, step.start : step.width] = k
+            cache_v[step.rows, :, step.start : step.width] = v
         elif step.single is not None:  # one row: plain slicing, cheaper than a scatter
             cache_k[0, :, step.single] = k[0, :, 0]
             cache_v[0, :, step.single] = v[0, :, 0]
@@ -407,7 +410,7 @@ class BatchDecoder:
             cache_k[step.rows, :, : step.width],
             cache_v[step.rows, :, : step.width],
             attn_mask=step.mask,
-            is_causal=step.at is None and span > 1,
+            is_causal=step.at is None and span > 1 and step.start == 0,
             enable_gqa=kv_heads != heads,
         )
         out = out.transpose(1, 2).reshape(batch, span, heads * dim)
@@ -427,12 +430,15 @@ class BatchDecoder:
 
 class _Pass:
     """What every layer of one forward pass shares: the rows, the rotary angles, and for
-    a decode step each row's position and the attention mask over its own length."""
+    a decode step each row's position and the attention mask over its own length (for a
+    later chunk of a prompt, the causal mask over the chunk and what precedes it)."""
 
     def __init__(
-        self, decoder: BatchDecoder, x: torch.Tensor, positions: torch.Tensor, rows: slice, at: torch.Tensor | None
-    ) -> None:
+        self, decoder: BatchDecoder, x: torch.Tensor, positions: torch.Tensor, rows: slice, at: torch.Tensor | None,
+        start: int = 0,
+    ) -> None:  # fmt: skip
         self.rows = rows
+        self.start = start
         self.lora = any(a is not None for a in decoder.adapters[rows])
         cos, sin = decoder.rotary(x, positions)  # [batch, span, head_dim]
         half = sin.shape[-1] // 2
@@ -442,7 +448,10 @@ class _Pass:
         self.at: torch.Tensor | None = None
         self.single: int | None = None  # a decode step of one row: its position
         self.mask: torch.Tensor | None = None  # None: every row sees its whole cache (or a causal prompt)
-        self.width = x.shape[1]
+        self.width = start + x.shape[1]
+        if start and x.shape[1] > 1:  # query i (at start + i) sees the keys up to start + i
+            visible = torch.arange(self.width).unsqueeze(0) <= torch.arange(start, self.width).unsqueeze(1)
+            self.mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
         if at is not None:
             self.at = at[:, 0]
             self.index = torch.arange(x.shape[0])
