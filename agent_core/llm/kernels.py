@@ -159,6 +159,25 @@ static inline void dot_any(int64_t M, const Load& load, int64_t G, const float* 
         }
     }
 }
+#else
+// Without AVX2: one group at a time turned into fp32 by ``load`` (float w[GROUP]), then
+// a dot product with each row of x.
+template <typename Load>
+static inline void dot_any(int64_t M, const Load& load, int64_t G, const float* xp, int64_t K, float* yp,
+                           int64_t N, int64_t n) {
+    float w[GROUP];
+    for (int64_t m = 0; m < M; m++) yp[m * N + n] = 0.f;
+    for (int64_t g = 0; g < G; g++) {
+        load(g, w);
+        for (int64_t m = 0; m < M; m++) {
+            const float* xr = xp + m * K + g * GROUP;
+            float a = 0.f;
+            #pragma omp simd reduction(+:a)
+            for (int64_t j = 0; j < GROUP; j++) a += w[j] * xr[j];
+            yp[m * N + n] += a;
+        }
+    }
+}
 #endif
 
 torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
@@ -184,21 +203,12 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c
             w[2] = _mm256_mul_ps(bytes_i8(hi), sc);
             w[3] = _mm256_mul_ps(bytes_i8(_mm_srli_si128(hi, 8)), sc);
         };
-        dot_any(M, load, G, xp, K, yp, N, n);
 #else
-        float w[GROUP];
-        for (int64_t m = 0; m < M; m++) yp[m * N + n] = 0.f;
-        for (int64_t g = 0; g < G; g++) {
+        auto load = [row, s](int64_t g, float* w) {
             for (int64_t j = 0; j < GROUP; j++) w[j] = s[g] * row[g * GROUP + j];
-            for (int64_t m = 0; m < M; m++) {
-                const float* xr = xp + m * K + g * GROUP;
-                float a = 0.f;
-                #pragma omp simd reduction(+:a)
-                for (int64_t j = 0; j < GROUP; j++) a += w[j] * xr[j];
-                yp[m * N + n] += a;
-            }
-        }
+        };
 #endif
+        dot_any(M, load, G, xp, K, yp, N, n);
     }
     if (bias.has_value()) y.add_(bias.value());
     return y;
@@ -232,25 +242,16 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale, t
             w[2] = _mm256_fmadd_ps(bytes_u8(hi), sc, mv);
             w[3] = _mm256_fmadd_ps(bytes_u8(_mm_srli_si128(hi, 8)), sc, mv);
         };
-        dot_any(M, load, G, xp, K, yp, N, n);
 #else
-        float w[GROUP];
-        for (int64_t m = 0; m < M; m++) yp[m * N + n] = 0.f;
-        for (int64_t g = 0; g < G; g++) {
+        auto load = [row, s, mn](int64_t g, float* w) {
             const uint8_t* b = row + g * 16;
             for (int64_t j = 0; j < 16; j++) {
                 w[j] = s[g] * (b[j] & 15) + mn[g];
                 w[j + 16] = s[g] * (b[j] >> 4) + mn[g];
             }
-            for (int64_t m = 0; m < M; m++) {
-                const float* xr = xp + m * K + g * GROUP;
-                float a = 0.f;
-                #pragma omp simd reduction(+:a)
-                for (int64_t j = 0; j < GROUP; j++) a += w[j] * xr[j];
-                yp[m * N + n] += a;
-            }
-        }
+        };
 #endif
+        dot_any(M, load, G, xp, K, yp, N, n);
     }
     if (bias.has_value()) y.add_(bias.value());
     return y;
