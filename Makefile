@@ -7,12 +7,6 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed-stamp
 CHROMIUM := /usr/bin/chromium
 POSTGRES := /usr/lib/postgresql
-# The PostgreSQL pass leaves out the tests that never touch the database.
-PG_PASS  := --ignore=tests/test_web_browser.py --ignore=tests/test_batching.py --ignore=tests/test_local_backend.py --ignore=tests/test_style_control.py \
-            --ignore=tests/test_real_model.py --ignore=tests/test_packaging.py --ignore=tests/test_prompts.py \
-            --ignore=tests/test_ray.py --ignore=tests/test_bench_personalization.py --ignore=tests/test_bench_scale.py \
-            --ignore=tests/test_sampling.py --ignore=tests/test_reward_training.py --ignore=tests/test_bench_text_features.py \
-            --ignore=tests/test_bench_adapters_by_reward.py
 SUDO     := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run test install lint bench clean
@@ -44,7 +38,7 @@ run: $(STAMP)
 test: $(STAMP) $(CHROMIUM) $(POSTGRES)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
-	ATTUNE_TEST_STORAGE=postgresql $(BIN)/pytest $(PG_PASS)
+	ATTUNE_TEST_STORAGE=postgresql $(BIN)/pytest  # leaves out the tests marked no_database (tests/conftest.py)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,7 +9,8 @@ that use it.
 throwaway server on 127.0.0.1 (storage/local_postgres.py) and every config written by
 :func:`write_config` gets a fresh database of its own. Tests about SQLite itself (its
 files, pragmas, locks) are marked ``sqlite_only`` and left out of that run; tests of
-several processes on one server are marked ``postgres_only`` and run only there.
+several processes on one server are marked ``postgres_only`` and run only there; tests
+that never touch the database are marked ``no_database`` and run in the SQLite pass only.
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ ATTUNE = str(Path(sys.executable).parent / "attune")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Leave out the tests about the other engine (deselected, not skipped)."""
-    other = "sqlite_only" if STORAGE == "postgresql" else "postgres_only"
-    left_out = [item for item in items if item.get_closest_marker(other)]
+    """Leave out the tests about the other engine, and on PostgreSQL those that never touch
+    the database (deselected, not skipped: they ran in the SQLite pass)."""
+    others = ("sqlite_only", "no_database") if STORAGE == "postgresql" else ("postgres_only",)
+    left_out = [item for item in items if any(item.get_closest_marker(m) for m in others)]
     if left_out:
         config.hook.pytest_deselected(items=left_out)
-        items[:] = [item for item in items if not item.get_closest_marker(other)]
+        items[:] = [item for item in items if item not in left_out]
 
 
 @pytest.fixture(scope="session", autouse=True)

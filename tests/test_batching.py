@@ -21,6 +21,8 @@ from agent_core.llm.batching import BatchLimits
 from agent_core.llm.local import LocalBackend
 from tests.conftest import MODEL_CACHE, plain_generate, random_lora, tiny_config_text
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 PROMPTS = [
     [{"role": "user", "content": "Hello there, how are you?"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers in Europe, please."}],

@@ -12,6 +12,8 @@ from agent_core.style import Style
 from bench.adapters_by_reward import best_style, described, like_rate, prompt_for, rate, summarise
 from bench.learning import SimUser, draw_users
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 BULLETS = Style.from_dict({"length": "brief", "tone": "casual", "emoji": "none", "format": "bullets"})
 TASTES = Path(__file__).resolve().parent.parent / "bench" / "populations" / "text_tastes.json"
 WITH = "For example, walk 20 minutes a day and you will sleep better."

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import MODEL_CACHE, ROOT
+
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
 
 
 def test_the_personalization_benchmark_runs_every_arm_and_writes_its_figures(

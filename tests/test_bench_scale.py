@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import MODEL_CACHE, ROOT
+
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
 
 
 def test_the_scale_benchmark_measures_both_databases_and_a_night_of_training(

@@ -9,6 +9,8 @@ from agent_core.style import Style
 from bench.learning import draw_users
 from bench.text_features import FEATURES, check
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 CASES = {
     "asks_followup": ("Try tea. Would you like more ideas?", "Try tea. That is all."),
     "has_number": ("Sleep 8 hours.", "Sleep enough."),

@@ -15,6 +15,8 @@ from agent_core.llm.local import LocalBackend
 from agent_core.llm.model_files import ModelNotFound, find_model
 from tests.conftest import MODEL_CACHE, plain_generate, random_lora, tiny_config_text, write_config
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"}]
 
 

@@ -8,7 +8,11 @@ import shlex
 import subprocess
 import tomllib
 
+import pytest
+
 from tests.conftest import ATTUNE, ROOT
+
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
 
 
 def _readme_commands() -> list[str]:

@@ -9,6 +9,8 @@ from agent_core.prompts import PromptParts, build_prompt
 from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 STYLE = Style(length="brief", tone="formal", emoji="none", format="bullets")
 
 

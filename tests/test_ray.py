@@ -23,6 +23,8 @@ from storage.training import TrainingRecords
 from tests.conftest import MODEL_CACHE
 from tests.test_training import history_agent, rate_history, training_text, user_id
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 RAY = str(Path(sys.executable).parent / "ray")
 
 

@@ -22,6 +22,8 @@ from agent_core.llm.local import LocalBackend
 from agent_core.style import measure_style
 from tests.conftest import MODEL_CACHE, plain_generate, random_lora, write_config
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 
 def _config_text() -> str:
     return f'[llm]\ntemperature = 0.0\nmax_new_tokens = 40\n[llm.local]\ncache_dir = "{MODEL_CACHE}"\n'

@@ -3,7 +3,7 @@ or dpo), end to end on a tiny random Llama with the real tokenizer: reward model
 through the batching engine, TRL, the gate on generated replies, serving.
 
 No storage of its own beyond what tests/test_training.py covers on both databases: the
-PostgreSQL pass leaves it out (Makefile PG_PASS).
+PostgreSQL pass leaves it out (marked ``no_database``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from storage.training import TrainingRecords
 from tests.conftest import MODEL_CACHE
 from tests.test_training import adapter_of, history_agent, rate_history, training_text, user_id
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.no_database]  # no database: not run again on PostgreSQL
 
 
 def test_the_reward_gate_needs_a_reward_model_better_than_chance_fluency_and_a_gain() -> None:

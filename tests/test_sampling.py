@@ -16,6 +16,8 @@ from agent_core.training.dataset import Example
 from agent_core.training.sampling import Sampler, rank, requests
 from tests.conftest import TEST_CACHE
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 PROMPTS: list[list[ChatMessage]] = [
     [{"role": "system", "content": "Be helpful."}, {"role": "user", "content": "How do I brew tea?"}],
     [{"role": "system", "content": "Be helpful."}, {"role": "user", "content": "Ideas for a rainy day?"}],

@@ -21,6 +21,8 @@ from agent_core.style import DIMENSIONS, Style, finish, measure_style, token_bud
 from bench.judge import degenerate
 from tests.conftest import MODEL_CACHE
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 QUESTIONS = ["How can I sleep better?", "What should I cook tonight?", "How do I learn to juggle?",
              "Give me tips for a long flight.", "How do I keep my plants alive?", "What is a good morning routine?",
              "How do I save money on groceries?", "How can I stay focused at work?"]  # fmt: skip

@@ -20,6 +20,8 @@ from agent_core.testing import RecordingBackend
 from bots.web import WebAdapter
 from tests.conftest import MODEL_CACHE, SCREENSHOTS
 
+pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
+
 CHROMIUM = Path("/usr/bin/chromium")
 ADMIN = "admin-token-for-tests"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
