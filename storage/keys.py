@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from storage.crypto import KEY_ENV, NEW_KEY_ENV, SEALED_COLUMNS, Cipher, EncryptionError, Key
 from storage.database import Database
-from storage.queries import note_terms
+from storage.note_search import note_terms
 
 # (table, rows done, rows in all)
 Progress = Callable[[str, int, int], None]
