@@ -9,6 +9,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 COPY pyproject.toml constraints.txt README.md config.toml ./
+COPY attune/ attune/
 COPY agent_core/ agent_core/
 COPY bots/ bots/
 COPY storage/ storage/

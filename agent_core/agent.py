@@ -20,7 +20,7 @@ from typing import Any
 
 from agent_core.access import Access
 from agent_core.commands import Caller, Commands, parse_command
-from agent_core.config import Config, Settings
+from agent_core.config import Settings
 from agent_core.events import Command, Event, Message, Reaction, Reply, well_formed
 from agent_core.llm import (
     AdapterRef,
@@ -30,7 +30,6 @@ from agent_core.llm import (
     LLMBusy,
     LLMError,
     base_model_dir,
-    create_backend,
 )
 from agent_core.memory import note_to_remember
 from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
@@ -42,15 +41,11 @@ from agent_core.training.job import TrainingJob
 from storage import (
     UNAVAILABLE,
     ActiveAdapter,
-    Database,
-    PostgresDatabase,
     Received,
     ReplyContext,
-    SqliteDatabase,
     Store,
     Unanswered,
 )
-from storage.crypto import PLAIN, Cipher, Key
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +108,6 @@ class Agent:
         except Exception:
             return False  # the failure itself is the caller of load_model's to report
         return True
-
-    @classmethod
-    async def open(cls, config: Config, llm: LLMBackend | None = None) -> Agent:
-        """Open the database (migrating it) and build the configured backend (not started)."""
-        return cls(config.settings, Store(await open_database(config)), llm or create_backend(config))
 
     async def close(self) -> None:
         if self.commands.background:  # an /admin training: stop it (the adapters in service stay)
@@ -382,16 +372,3 @@ def _draw_key(msg: Message, received: Received) -> int:
         return received.message_id
     digest = hashlib.sha256(f"{msg.platform}\x00{msg.chat_id}\x00{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big")
-
-
-async def open_database(config: Config, *, cipher: Cipher | None = None, rotating: bool = False) -> Database:
-    """The configured database, with the encryption key from the environment (if set), or
-    ``cipher`` (``attune keys rotate``: both keys, and the database to itself)."""
-    s = config.settings.storage
-    if cipher is None:
-        key = config.secrets.get("encryption_key")
-        cipher = Cipher(Key.from_text(key)) if key else PLAIN
-    if s.url:
-        return await PostgresDatabase.open(s.url, cipher=cipher, rotating=rotating)
-    return await SqliteDatabase.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous,
-                                     cipher=cipher, rotating=rotating)  # fmt: skip

@@ -25,10 +25,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python bench/core_overhead.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent_core.agent import Agent
 from agent_core.config import load_config
 from agent_core.events import Message
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from bench import report
 from storage import SqliteDatabase
 from storage.crypto import Key
@@ -80,7 +80,7 @@ async def run_agent(
     if encrypted:
         environ["ATTUNE_ENCRYPTION_KEY"] = Key.generate()
     config = load_config(environ=environ)
-    agent = await Agent.open(config, llm=RecordingBackend(context_window=2048, record=False))
+    agent = await open_agent(config, llm=RecordingBackend(context_window=2048, record=False))
     rng = random.Random(seed)
     # Each user arrives with a few notes, so recall has something to search.
     numbers = range(first_user, first_user + users)

@@ -52,6 +52,7 @@ from agent_core.config import load_config
 from agent_core.events import Command, Message, Reaction
 from agent_core.llm import LLMBackend, create_backend
 from agent_core.style import Style, measure_style
+from attune.wiring import open_agent
 from bench import report
 from bench.learning import POPULATIONS, SimUser, draw_users
 from scheduler.nightly import NightlyScheduler
@@ -125,7 +126,7 @@ class ArmRun:
 async def open_arm(arm: str, seed: int, users: list[SimUser], args: argparse.Namespace, work: Path,
                    llm: LLMBackend) -> ArmRun:  # fmt: skip
     config = load_config(None, environ=settings_for(arm, work / f"{arm}-{seed}", args, seed))
-    agent = await Agent.open(config, llm)
+    agent = await open_agent(config, llm)
     run = ArmRun(arm, agent, NightlyScheduler(agent.training, config.settings.training,
                                               config.settings.storage.sqlalchemy_url))  # fmt: skip
     if arm == REFERENCE:  # the user's preferred style, asked for outright

@@ -40,6 +40,7 @@ from agent_core.config import load_config
 from agent_core.events import Message, Reaction
 from agent_core.llm import GenerationRequest
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from bench import report
 from bench.core_overhead import run_agent
 from storage.local_postgres import LocalPostgres
@@ -117,7 +118,7 @@ async def rate(agent: Agent, users: int, rated: int) -> None:
 async def train_night(folder: Path, args: argparse.Namespace, workers: int) -> dict[str, Any]:
     config = load_config(environ=training_environ(folder, args, workers))
     backend = RecordingBackend(lambda request: _reply(request), record=False)
-    agent = await Agent.open(config, llm=backend)
+    agent = await open_agent(config, llm=backend)
     await backend.start()
     try:
         await rate(agent, args.users, args.rated)

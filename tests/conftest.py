@@ -31,6 +31,7 @@ import pytest
 from agent_core.agent import Agent
 from agent_core.config import Config, load_config
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from storage import Database, PostgresDatabase, SqliteDatabase
 from storage.local_postgres import LocalPostgres
 
@@ -132,7 +133,7 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
 async def agent(make_config: Callable[..., Config]) -> AsyncIterator[Agent]:
     """An Agent on a fresh database with the recording backend."""
     backend = RecordingBackend()
-    opened = await Agent.open(make_config(), llm=backend)
+    opened = await open_agent(make_config(), llm=backend)
     await backend.start()
     yield opened
     await opened.close()

@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from agent_core.agent import Agent
 from agent_core.config import load_config
 from agent_core.events import Message
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 
 
 def events(count: int) -> list[Message]:
@@ -32,7 +32,7 @@ def events(count: int) -> list[Message]:
 
 async def main(config_path: str, start_at: float, count: int) -> list[str]:
     backend = RecordingBackend(record=False)
-    agent = await Agent.open(load_config(Path(config_path), environ={}), llm=backend)
+    agent = await open_agent(load_config(Path(config_path), environ={}), llm=backend)
     await backend.start()
     try:
         await asyncio.sleep(max(0.0, start_at - time.time()))  # both processes begin together

@@ -10,6 +10,7 @@ from agent_core.agent import NOT_ALLOWED, Agent
 from agent_core.config import Config, ConfigError
 from agent_core.events import Command, Reaction
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from storage.training import TrainingRecords
 from tests.test_agent import msg, send
 
@@ -20,7 +21,7 @@ async def guarded(make_config: Callable[..., Config]) -> AsyncIterator[Agent]:
         '[access]\nallowed_users = ["test:ann", "test:root", "test:bob"]\nallowed_chats = ["test:c1", "test:g1"]\n'
         'admins = ["test:root"]\n'
     )
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     yield agent
     await agent.close()
 
@@ -94,7 +95,7 @@ async def test_in_a_group_each_persons_notes_prefs_style_and_adapter_stay_theirs
     make_config: Callable[..., Config],
 ) -> None:
     backend = RecordingBackend()
-    agent = await Agent.open(make_config(), llm=backend)
+    agent = await open_agent(make_config(), llm=backend)
     group = {"chat": "g1", "chat_kind": "group"}
     try:
         await command(agent, "/remember my hint is blue whale", chat="g1")

@@ -14,6 +14,7 @@ from agent_core.events import Message, Reaction, Reply
 from agent_core.llm import GenerationRequest
 from agent_core.style import Style
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from tests.conftest import other_connection
 
 
@@ -141,7 +142,7 @@ async def test_while_the_model_loads_a_message_waits_for_it_and_a_command_does_n
     make_config: Callable[..., Config],
 ) -> None:
     loading = LoadingBackend()
-    agent = await Agent.open(make_config(), llm=loading)
+    agent = await open_agent(make_config(), llm=loading)
     try:
         agent.load_model()
         waiting = asyncio.create_task(agent.handle_message(msg("hello while you load")))
@@ -162,7 +163,7 @@ async def test_a_model_that_fails_to_load_gives_an_apology_and_keeps_the_message
     make_config: Callable[..., Config],
 ) -> None:
     loading = LoadingBackend(fail=True)
-    agent = await Agent.open(make_config(), llm=loading)
+    agent = await open_agent(make_config(), llm=loading)
     try:
         failed = agent.load_model()
         waiting = asyncio.create_task(agent.handle_message(msg("anyone?")))
@@ -178,7 +179,7 @@ async def test_a_model_that_fails_to_load_gives_an_apology_and_keeps_the_message
 
 async def test_a_slow_backend_times_out_with_an_apology(make_config: Callable[..., Config]) -> None:
     slow = RecordingBackend(delay_s=5)
-    agent = await Agent.open(make_config("[llm]\ntimeout_s = 0.2\n"), llm=slow)
+    agent = await open_agent(make_config("[llm]\ntimeout_s = 0.2\n"), llm=slow)
     try:
         reply = await send(agent, msg("slow?"))
         assert reply.kind == "error"
@@ -189,7 +190,7 @@ async def test_a_slow_backend_times_out_with_an_apology(make_config: Callable[..
 
 async def test_per_person_and_global_rate_limits_answer_politely(make_config: Callable[..., Config]) -> None:
     config = make_config("[limits]\nmessages_per_minute = 2\nglobal_messages_per_minute = 4\n")
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     try:
         assert (await send(agent, msg("one"))).kind == "answer"
         assert (await send(agent, msg("two"))).kind == "answer"
@@ -208,7 +209,7 @@ async def test_per_person_and_global_rate_limits_answer_politely(make_config: Ca
 
 async def test_a_long_message_is_cut_for_the_model_and_the_reply_says_so(make_config: Callable[..., Config]) -> None:
     backend = RecordingBackend()
-    agent = await Agent.open(make_config("[limits]\nmax_message_chars = 50\n"), llm=backend)
+    agent = await open_agent(make_config("[limits]\nmax_message_chars = 50\n"), llm=backend)
     try:
         reply = await send(agent, msg("y" * 30 + " " + "z" * 100_000))
         assert reply.kind == "answer" and "first 50 characters" in reply.text
@@ -232,7 +233,7 @@ async def test_one_reply_at_a_time_per_person_and_chat(make_config: Callable[...
             events.append(f"end {asked}")
 
     backend = Logged(delay_s=0.1)
-    agent = await Agent.open(make_config(), llm=backend)
+    agent = await open_agent(make_config(), llm=backend)
     try:
         replies = await asyncio.gather(
             send(agent, msg("first")), send(agent, msg("second")), send(agent, msg("hi", user="bob"))
@@ -298,7 +299,7 @@ async def test_a_database_locked_by_another_writer_waits_or_fails_clearly(make_c
     from agent_core.agent import NOT_SAVED
 
     config = make_config(environ={"ATTUNE_STORAGE__BUSY_TIMEOUT_MS": "2000"})
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     other = sqlite3.connect(config.settings.storage.database_path, isolation_level=None, check_same_thread=False)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process writing

@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 
-from agent_core.agent import BUSY, Agent
+from agent_core.agent import BUSY
 from agent_core.config import Config
 from agent_core.events import Message
 from agent_core.llm import AdapterRef, GenerationRequest, LLMBusy, LLMError, create_backend
 from agent_core.llm.batching import BatchLimits
 from agent_core.llm.local import LocalBackend
+from attune.wiring import open_agent
 from tests.conftest import MODEL_CACHE, plain_generate, random_lora, tiny_config_text
 
 pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
@@ -170,7 +171,7 @@ async def test_the_agent_answers_busy_and_keeps_the_message(
 ) -> None:
     config = make_config(tiny_config_text(tiny_model_dir) + "max_batch_size = 1\nmax_queue = 0\n")
     backend = create_backend(config)
-    agent = await Agent.open(config, llm=backend)
+    agent = await open_agent(config, llm=backend)
     try:
         await backend.start()
         # seeded: an unseeded sample could end early (EOS) and free the slot before the message comes

@@ -11,6 +11,7 @@ import pytest
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from bots.discord import DiscordAdapter
 from tests.fakes.discord import BOT_USER, DM_CHANNEL, GUILD_CHANNEL, FakeDiscord
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
@@ -36,7 +37,7 @@ async def _started(
     fake: FakeDiscord, make_config: Callable[..., Config], backend: RecordingBackend, extra: str = ""
 ) -> DiscordAdapter:
     config = _config(make_config, fake, extra)
-    agent = await Agent.open(config, llm=backend)
+    agent = await open_agent(config, llm=backend)
     adapter = DiscordAdapter(agent, config)
     await adapter.start()
     return adapter
@@ -190,7 +191,7 @@ async def test_a_wrong_token_fails_start(fake: FakeDiscord, make_config: Callabl
         f'[discord]\napi_base = "{fake.api_base}"\ngateway_url = "{fake.gateway_url}"\n',
         environ={"DISCORD_BOT_TOKEN": "wrong"},
     )
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     try:
         with pytest.raises(Exception, match=r"(?i)token"):
             await DiscordAdapter(agent, config).start()

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from agent_core.agent import Agent, open_database
+from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from agent_core.training.dataset import Example, read_examples, write_examples
+from attune.wiring import open_agent, open_database
 from storage import SqliteDatabase, Store
 from storage.crypto import Cipher, EncryptionError, Key
 from storage.keys import rotate, rotation_cipher
@@ -55,7 +56,7 @@ def _files_hold(data_dir: Path, words: tuple[bytes, ...] = SECRET_WORDS) -> list
 
 
 async def _open(make_config: Callable[..., Config], key: str | None) -> Agent:
-    agent = await Agent.open(make_config(environ={"ATTUNE_ENCRYPTION_KEY": key} if key else {}), llm=RecordingBackend())
+    agent = await open_agent(make_config(environ={"ATTUNE_ENCRYPTION_KEY": key} if key else {}), llm=RecordingBackend())
     await agent.llm.start()
     return agent
 

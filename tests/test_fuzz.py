@@ -10,11 +10,11 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agent_core.agent import Agent
 from agent_core.commands import SPECS
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from tests.fuzzing import ODD, TEXT, unanswered
 
 IDS = st.text(alphabet=st.sampled_from([*ODD, "a", "1", ":"]), min_size=1, max_size=8)
@@ -32,7 +32,7 @@ def test_any_message_command_or_reaction_is_handled_whole(make_config: Callable[
         "[limits]\nmessages_per_minute = 1000000\nglobal_messages_per_minute = 0\nmax_message_chars = 5000\n"
     )
     loop = asyncio.new_event_loop()
-    agent = run(loop, lambda: Agent.open(config, llm=RecordingBackend()))
+    agent = run(loop, lambda: open_agent(config, llm=RecordingBackend()))
 
     @SETTINGS
     @given(text=TEXT, sender=IDS, chat=IDS, group=st.booleans())

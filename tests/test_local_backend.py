@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent_core.agent import Agent
 from agent_core.config import load_config
 from agent_core.llm import AdapterRef, GenerationRequest, LLMError, create_backend
 from agent_core.llm.local import LocalBackend
 from agent_core.llm.model_files import ModelNotFound, find_model
+from attune.wiring import open_agent
 from tests.conftest import MODEL_CACHE, plain_generate, random_lora, tiny_config_text, write_config
 
 pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
@@ -100,7 +100,7 @@ async def test_agent_end_to_end_with_the_tiny_model(tmp_path: Path, tiny_model_d
     config = load_config(write_config(tmp_path, tiny_config_text(tiny_model_dir)), environ={})
     backend = create_backend(config)
     assert isinstance(backend, LocalBackend)
-    agent = await Agent.open(config, llm=backend)
+    agent = await open_agent(config, llm=backend)
     try:
         await agent.llm.start()
         from agent_core.events import Message

@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Message
 from agent_core.llm import AdapterRef, GenerationRequest, LLMError, create_backend
 from agent_core.llm.openai_compat import OpenAIBackend
+from attune.wiring import open_agent
 from tests.fakes.openai import FakeOpenAI
 
 REQUEST = GenerationRequest(messages=[{"role": "user", "content": "hi"}], max_new_tokens=20, temperature=0.0)
@@ -61,7 +61,7 @@ async def test_server_errors_become_llm_errors_and_an_apology(make_config: Calla
         backend = _backend(make_config, server)
         with pytest.raises(LLMError, match=re.escape(server.base_url)):
             await backend.generate(REQUEST)
-        agent = await Agent.open(make_config(), llm=backend)
+        agent = await open_agent(make_config(), llm=backend)
         try:
             reply = await agent.handle_message(Message(platform="t", chat_id="c", sender_id="u", text="hello?"))
             assert reply is not None and reply.kind == "error"

@@ -60,7 +60,7 @@ def test_dockerfile_copies_existing_files_and_starts_the_console_script() -> Non
         assert package.rstrip("*") + "/" in sources, f"the image lacks the {package} package"
     entry = re.search(r"^ENTRYPOINT (.*)$", dockerfile, re.M)
     assert entry is not None and json.loads(entry.group(1)) == ["attune"]
-    assert pyproject["project"]["scripts"]["attune"] == "agent_core.cli:main"
+    assert pyproject["project"]["scripts"]["attune"] == "attune.cli:main"
     assert "-c constraints.txt" in dockerfile and "--no-deps" in dockerfile
 
 

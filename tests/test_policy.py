@@ -17,6 +17,7 @@ from agent_core.llm import GenerationRequest
 from agent_core.policy import LearningPolicy, classify
 from agent_core.style import Style, measure_style
 from agent_core.testing import RecordingBackend, styled_reply
+from attune.wiring import open_agent
 from tests.conftest import write_config
 
 
@@ -58,7 +59,7 @@ async def agent(make_config: Callable[..., Config]) -> AsyncIterator[Agent]:
     each reply in the style asked for (a perfectly steered model): the policy learns from
     the text, so the text must have the style."""
     backend = RecordingBackend(reply=styled_reply)
-    opened = await Agent.open(make_config("[limits]\nmessages_per_minute = 100000\n"), llm=backend)
+    opened = await open_agent(make_config("[limits]\nmessages_per_minute = 100000\n"), llm=backend)
     yield opened
     await opened.close()
 
@@ -147,7 +148,7 @@ async def test_reset_learning_forgets_what_was_learned(agent: Agent) -> None:
 
 async def _fresh(make_config: Callable[..., Config], seed: int) -> Agent:
     text = f"[policy]\nseed = {seed}\n[limits]\nmessages_per_minute = 100000\n"
-    return await Agent.open(make_config(text), llm=RecordingBackend(reply=styled_reply))
+    return await open_agent(make_config(text), llm=RecordingBackend(reply=styled_reply))
 
 
 async def test_choices_are_reproducible_for_a_seed_and_survive_a_restart(
@@ -277,7 +278,7 @@ async def test_the_same_events_get_the_same_styles_however_they_were_stored(tmp_
     for run, crowd in enumerate((0, 3)):
         (tmp_path / str(run)).mkdir()
         config = load_config(write_config(tmp_path / str(run), "[limits]\nmessages_per_minute = 100000\n"), environ={})
-        agent = await Agent.open(config, llm=RecordingBackend())
+        agent = await open_agent(config, llm=RecordingBackend())
         try:
             for i in range(crowd):  # messages in another chat first: every row id shifts
                 await agent.handle_message(Message(platform="t", chat_id="b", sender_id="ann", text="hi",
@@ -316,7 +317,7 @@ async def test_the_policy_learns_from_the_style_shown_and_asks_for_what_pays(
     came out formal count against formal, not against asking for casual), still asks for
     casual, and says what it asked for against what was shown."""
     _casual_half_the_time.asked = 0  # type: ignore[attr-defined]
-    agent = await Agent.open(make_config("[limits]\nmessages_per_minute = 100000\n"),
+    agent = await open_agent(make_config("[limits]\nmessages_per_minute = 100000\n"),
                              llm=RecordingBackend(reply=_casual_half_the_time))  # fmt: skip
     try:
         asked = []

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from agent_core.agent import Agent
 from agent_core.config import load_config
 from agent_core.events import Command, Message, Reaction
 from agent_core.llm import AdapterRef, GenerationRequest
 from agent_core.llm.batching import BatchLimits
 from agent_core.llm.local import LocalBackend
 from agent_core.style import measure_style
+from attune.wiring import open_agent
 from tests.conftest import MODEL_CACHE, plain_generate, random_lora, write_config
 
 pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
@@ -31,7 +31,7 @@ def _config_text() -> str:
 
 async def test_a_short_conversation_with_the_real_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = load_config(write_config(tmp_path, _config_text()), environ={})
-    agent = await Agent.open(config)
+    agent = await open_agent(config)
     assert isinstance(agent.llm, LocalBackend)
     try:
         await agent.llm.start()

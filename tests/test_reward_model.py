@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from agent_core import reward_model
-from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction
 from agent_core.reward_model import RewardModel, auc, held_out_auc, tokens
 from agent_core.style import DIMENSIONS
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from storage.training import TrainingRecords
 
 TOPICS = ["tea", "running", "the garden", "sleep", "budgets", "bread", "music", "trains", "rain", "paint"]
@@ -100,7 +100,7 @@ async def test_stats_says_how_well_the_reward_model_predicts_the_user(
     for more reactions, then reports a held-out AUC well above chance."""
     rng = np.random.default_rng(6)
     backend = RecordingBackend(reply=lambda request: reply(rng, question=bool(rng.random() < 0.5), number=False))
-    agent = await Agent.open(make_config("[limits]\nmessages_per_minute = 100000\n"), llm=backend)
+    agent = await open_agent(make_config("[limits]\nmessages_per_minute = 100000\n"), llm=backend)
     try:
 
         async def stats() -> str:

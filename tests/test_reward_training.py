@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from agent_core.agent import Agent
 from agent_core.config import Config, TrainingSettings
 from agent_core.events import Command, Message
 from agent_core.llm.decoder import LoraAdapter
 from agent_core.training.evaluate import reward_gate
 from agent_core.training.worker import peft_model
+from attune.wiring import open_agent
 from storage.training import TrainingRecords
 from tests.conftest import MODEL_CACHE
 from tests.test_training import adapter_of, history_agent, rate_history, training_text, user_id
@@ -85,7 +85,7 @@ async def test_a_reward_trained_adapter_is_judged_on_its_generated_replies_and_s
     if objective == "dpo":  # on a random tiny model DPO's pairs move little: the gate decides either way
         return
     assert task.status == "promoted", task.reason  # SFT on the best of the samples and the liked lists
-    served = await Agent.open(config)
+    served = await open_agent(config)
     await served.llm.start()
     try:
         first = await served.handle_message(Message(platform="web", chat_id="ann", sender_id="ann", text="hello"))

@@ -14,6 +14,7 @@ from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from agent_core.training.job import Plan, TrainingJob
+from attune import wiring
 from scheduler import JOB_ID, NightlyScheduler
 
 
@@ -31,7 +32,7 @@ class CountingJob(TrainingJob):
 
 
 async def open_agent(config: Config) -> Agent:
-    return await Agent.open(config, llm=RecordingBackend())
+    return await wiring.open_agent(config, llm=RecordingBackend())
 
 
 def scheduler_for(job: TrainingJob, config: Config) -> NightlyScheduler:

@@ -17,6 +17,7 @@ from slack_sdk.signature import SignatureVerifier
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from bots.slack import SlackAdapter
 from tests.fakes.slack import FakeSlack
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
@@ -42,7 +43,7 @@ async def fake() -> AsyncIterator[FakeSlack]:
 @pytest.fixture
 async def bot(fake: FakeSlack, make_config: Callable[..., Config]) -> AsyncIterator[SlackAdapter]:
     config = _config(make_config, fake)
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     adapter = SlackAdapter(agent, config)
     await adapter.start()
     await fake.connected()
@@ -166,7 +167,7 @@ async def test_http_mode_verifies_signatures_and_ignores_retries(
 ) -> None:
     port = _free_port()
     config = _config(make_config, fake, f'mode = "http"\nhttp_port = {port}\n')
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     adapter = SlackAdapter(agent, config)
     await adapter.start()
     url = f"http://127.0.0.1:{port}/slack/events"
@@ -210,7 +211,7 @@ async def _writing_slowly(
 ) -> AsyncIterator[SlackAdapter]:
     """A started Slack adapter whose backend writes ``words`` one by one, like a model."""
     config = _config(make_config, fake, extra)
-    agent = await Agent.open(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.04))
+    agent = await open_agent(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.04))
     adapter = SlackAdapter(agent, config)
     await adapter.start()
     try:
@@ -251,7 +252,7 @@ async def test_fuzzed_events_and_commands_are_skipped_or_answered_and_never_stop
     wrong type, huge or full of odd characters (hypothesis): the bot answers the next
     good message and leaves no turn half-written."""
     config = _config(make_config, fake, NO_LIMITS)
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     adapter = SlackAdapter(agent, config)
     await adapter.start()
     try:

@@ -19,6 +19,7 @@ from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Reply
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from bots.telegram import ALLOWED_UPDATES, TelegramAdapter
 from tests.fakes.telegram import BOT, FakeTelegram, parsed
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
@@ -44,7 +45,7 @@ async def fake() -> AsyncIterator[FakeTelegram]:
 @pytest.fixture
 async def bot(fake: FakeTelegram, make_config: Callable[..., Config]) -> AsyncIterator[TelegramAdapter]:
     config = _config(make_config, fake)
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     adapter = TelegramAdapter(agent, config)
     await adapter.start()
     yield adapter
@@ -169,7 +170,7 @@ async def test_a_malformed_update_is_skipped_and_the_next_message_answered(
 
 async def test_long_replies_are_split_at_4096(fake: FakeTelegram, make_config: Callable[..., Config]) -> None:
     config = _config(make_config, fake)
-    agent = await Agent.open(config, llm=RecordingBackend(reply=lambda r: "word " * 1500))
+    agent = await open_agent(config, llm=RecordingBackend(reply=lambda r: "word " * 1500))
     adapter = TelegramAdapter(agent, config)
     await adapter.start()
     try:
@@ -218,7 +219,7 @@ async def test_webhook_mode_checks_the_secret_token(fake: FakeTelegram, make_con
     port = _free_port()
     extra = f'mode = "webhook"\nwebhook_url = "https://bot.example.invalid/telegram"\nwebhook_port = {port}\n'
     config = _config(make_config, fake, extra, TELEGRAM_WEBHOOK_SECRET="s3cret-token")
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     adapter = TelegramAdapter(agent, config)
     await adapter.start()
     try:
@@ -242,7 +243,7 @@ async def test_a_wrong_token_fails_start_cleanly(fake: FakeTelegram, make_config
     config = make_config(
         f'[telegram]\nbase_url = "{fake.base_url}"\nrequest_timeout_s = 5.0\n', environ={"TELEGRAM_BOT_TOKEN": "0:bad"}
     )
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     try:
         with pytest.raises(Exception, match="rejected"):
             await TelegramAdapter(agent, config).start()
@@ -269,7 +270,7 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
 ) -> None:
     config = _config(make_config, fake, "stream_edit_interval_s = 0.1\n")
     words = "one two three four five six seven eight nine ten eleven twelve"
-    agent = await Agent.open(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.04))
+    agent = await open_agent(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.04))
     adapter = TelegramAdapter(agent, config)
     shown: list[float] = []  # when each draft or edit went out
     send, edit = adapter.send, adapter.edit
@@ -315,7 +316,7 @@ async def test_fuzzed_updates_are_skipped_or_answered_and_never_stop_the_bot(
     caplog.set_level(logging.DEBUG, logger="bots")
     caplog.set_level(logging.DEBUG, logger="agent_core")
     config = _config(make_config, fake, NO_LIMITS)
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     adapter = TelegramAdapter(agent, config)
     await adapter.start()
     try:

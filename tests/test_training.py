@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from agent_core.agent import Agent
-from agent_core.cli import main
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction
 from agent_core.llm import GenerationRequest
@@ -31,6 +30,8 @@ from agent_core.training.evaluate import gate
 from agent_core.training.executors import LocalPool
 from agent_core.training.job import Task, TrainingBusy
 from agent_core.training.redact import Redactor
+from attune.cli import main
+from attune.wiring import open_agent
 from storage.crypto import Key
 from storage.training import TrainingRecords
 from tests.conftest import MODEL_CACHE, ROOT, integrity, other_connection, query, tiny_config_text, write_config
@@ -74,7 +75,7 @@ async def rate_history(
 
 async def history_agent(config: Config) -> Agent:
     backend = RecordingBackend(styled_reply)
-    agent = await Agent.open(config, llm=backend)
+    agent = await open_agent(config, llm=backend)
     await backend.start()
     return agent
 
@@ -173,7 +174,7 @@ async def test_an_adapter_is_trained_gated_promoted_and_serves_only_its_user(
     assert not list((config.settings.storage.data_path / "training").glob("*"))  # training copies deleted
 
     # Served from ann's next message, with no restart of anything; bob still gets the base model.
-    served = await Agent.open(config)
+    served = await open_agent(config)
     await served.llm.start()
     try:
         first = await served.handle_message(Message(platform="web", chat_id="ann", sender_id="ann", text="hello"))
@@ -358,7 +359,7 @@ async def test_training_on_the_real_smollm2_for_a_few_steps(make_config: Callabl
     base, new = task.metrics["base"]["nll_liked"], task.metrics["candidate"]["nll_liked"]
     assert 0 < new < base < 10  # a real language model, and the liked list became more likely
     assert task.status == "promoted"
-    served = await Agent.open(config)
+    served = await open_agent(config)
     await served.llm.start()
     try:
         reply = await served.handle_message(Message(platform="web", chat_id="ann", sender_id="ann", text="list fruit"))

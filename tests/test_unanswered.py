@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent_core.agent import APOLOGY, MISSED, Agent
+from agent_core.agent import APOLOGY, MISSED
 from agent_core.config import Config
 from agent_core.events import Message
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from tests.conftest import ATTUNE, integrity, query, write_config
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.telegram import FakeTelegram
@@ -80,7 +81,7 @@ async def test_each_message_a_stopped_process_left_is_answered_or_told_and_never
     make_config: Callable[..., Config],
 ) -> None:
     config = make_config("[run]\nanswer_missed_within_s = 600\n")
-    before = await Agent.open(config, llm=RecordingBackend(fail=True))
+    before = await open_agent(config, llm=RecordingBackend(fail=True))
     told = await before.handle_message(_message("the model fails on this one", 1))
     assert told is not None and told.text == APOLOGY  # told at once: not answered again later
     user = await before.store.resolve_user("web", "ann", "Ann")
@@ -93,7 +94,7 @@ async def test_each_message_a_stopped_process_left_is_answered_or_told_and_never
     await before.close()
 
     backend = RecordingBackend()
-    after = await Agent.open(config, llm=backend)
+    after = await open_agent(config, llm=backend)
     await backend.start()
     try:
         assert await after.handle_message(_message("remember that I like tea", 3)) is None  # the platform sent it again
@@ -108,7 +109,7 @@ async def test_each_message_a_stopped_process_left_is_answered_or_told_and_never
         assert [n.text for n in await after.store.list_memories(user)] == ["I like tea"]
     finally:
         await after.close()
-    again = await Agent.open(config, llm=RecordingBackend())
+    again = await open_agent(config, llm=RecordingBackend())
     try:
         assert await again.unanswered("web") == []
         stats = await again.store.stats(user)

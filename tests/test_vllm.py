@@ -17,6 +17,7 @@ from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Message
 from agent_core.llm import create_backend
+from attune.wiring import open_agent
 from storage.training import TrainingRecords
 from tests.fakes.openai import FakeOpenAI
 
@@ -43,7 +44,7 @@ def _adapter_dir(config: Config, user_id: int, version: int) -> Path:
 
 async def _agent_and_ann(config: Config) -> tuple[Agent, int]:
     """An agent on the configured server, and the id of ann, who has said hello."""
-    agent = await Agent.open(config, llm=create_backend(config))
+    agent = await open_agent(config, llm=create_backend(config))
     await _ask(agent, "ann", "hello")
     ann = await agent.store.find_user("web", "ann")
     assert ann is not None

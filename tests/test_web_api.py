@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import pytest
 
-from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from bots.web import SECURITY_HEADERS, WebAdapter
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
@@ -19,7 +19,7 @@ ADMIN = "admin-token-for-api-tests"
 
 async def _start(make_config: Callable[..., Config], environ: dict[str, str]) -> WebAdapter:
     config = make_config("[web]\nport = 0\nmax_body_bytes = 4096\n", environ=environ)
-    agent = await Agent.open(config, llm=RecordingBackend())
+    agent = await open_agent(config, llm=RecordingBackend())
     web = WebAdapter(agent, config)
     await web.start()
     return web
@@ -147,7 +147,7 @@ async def test_fuzzed_requests_get_a_clear_answer_and_never_a_server_error(
     and bytes that are not UTF-8 (hypothesis): each gets a 2xx or a 4xx with a reason,
     never a 500, and the chat goes on; no turn is left half-written."""
     config = make_config("[web]\nport = 0\nmax_body_bytes = 262144\n" + NO_LIMITS)
-    web = WebAdapter(await Agent.open(config, llm=RecordingBackend()), config)
+    web = WebAdapter(await open_agent(config, llm=RecordingBackend()), config)
     await web.start()
     statuses: dict[int, int] = {}
     try:

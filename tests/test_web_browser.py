@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.llm.local import LocalBackend
 from agent_core.testing import RecordingBackend
+from attune.wiring import open_agent
 from bots.web import WebAdapter
 from tests.conftest import MODEL_CACHE, SCREENSHOTS
 
@@ -40,7 +40,7 @@ async def browser() -> AsyncIterator[Browser]:
 
 async def _serve(make_config: Callable[..., Config], llm: object, extra: str = "") -> tuple[WebAdapter, str]:
     config = make_config("[web]\nport = 0\n" + extra, environ={"ATTUNE_ADMIN_TOKEN": ADMIN})
-    agent = await Agent.open(config, llm=llm)  # type: ignore[arg-type]
+    agent = await open_agent(config, llm=llm)  # type: ignore[arg-type]
     await agent.llm.start()
     web = WebAdapter(agent, config)
     await web.start()

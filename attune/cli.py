@@ -7,7 +7,7 @@
     attune [--config PATH] adapters list | rollback --user U       the adapters it made
     attune [--config PATH] keys new | rotate                        the database's encryption key
 
-This is the one place that wires the core to the platform adapters (``bots``).
+This is the process's entry point; ``attune.wiring`` puts the parts together.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from importlib.metadata import PackageNotFoundError, version
 
 import tomli_w
 
-from agent_core import keys_cli, training_cli
-from agent_core.agent import Agent
 from agent_core.config import CONFIG_ENV, Config, ConfigError, effective_settings, load_config
 from agent_core.llm.model_files import ModelNotFound
 from agent_core.logs import setup_logging
+from attune import keys_cli, training_cli
+from attune.wiring import open_agent
 from storage import DatabaseError
 from storage.crypto import EncryptionError
 
@@ -105,7 +105,7 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
     from bots.runner import run_adapters
     from bots.terminal import TerminalAdapter
 
-    agent = await Agent.open(config)
+    agent = await open_agent(config)
     try:
         stop = asyncio.Event()
         loading = agent.load_model()  # platforms connect while it loads; replies wait for it

@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent_core.agent import open_database
 from agent_core.config import Config
 from agent_core.llm import base_model_dir
 from agent_core.training.job import POPULATION, Task, TrainingBusy, TrainingJob
+from attune.wiring import open_database
 from storage import Store
 from storage.training import TrainingRecords
 

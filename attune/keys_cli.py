@@ -14,8 +14,8 @@ import argparse
 import time
 from typing import Any
 
-from agent_core.agent import open_database
 from agent_core.config import Config
+from attune.wiring import open_database
 from storage.crypto import KEY_ENV, NEW_KEY_ENV, EncryptionError, Key
 from storage.keys import rotate, rotation_cipher
 

@@ -1,0 +1,33 @@
+"""The wiring: which database engine, which platforms, the nightly scheduler, one agent.
+
+Everything that needs two layers at once lives here, so that the layers themselves
+import only downwards (``bots`` -> ``agent_core`` -> ``storage``).
+"""
+
+from __future__ import annotations
+
+from agent_core.agent import Agent
+from agent_core.config import Config
+from agent_core.llm import LLMBackend, create_backend
+from storage import Database, PostgresDatabase, SqliteDatabase, Store
+from storage.crypto import PLAIN, Cipher, Key
+
+
+async def open_database(config: Config, *, cipher: Cipher | None = None, rotating: bool = False) -> Database:
+    """The configured database (``[storage] url``: PostgreSQL, else SQLite at ``data_dir``),
+    migrated, with the encryption key from the environment (if set), or ``cipher``
+    (``attune keys rotate``: both keys, and the database to itself)."""
+    s = config.settings.storage
+    if cipher is None:
+        key = config.secrets.get("encryption_key")
+        cipher = Cipher(Key.from_text(key)) if key else PLAIN
+    if s.url:
+        return await PostgresDatabase.open(s.url, cipher=cipher, rotating=rotating)
+    return await SqliteDatabase.open(s.database_path, busy_timeout_ms=s.busy_timeout_ms, synchronous=s.synchronous,
+                                     cipher=cipher, rotating=rotating)  # fmt: skip
+
+
+async def open_agent(config: Config, llm: LLMBackend | None = None) -> Agent:
+    """An agent on the configured database (opened and migrated) and the configured
+    backend (``llm`` in its place if given); the backend is not started yet."""
+    return Agent(config.settings, Store(await open_database(config)), llm or create_backend(config))
