@@ -32,6 +32,7 @@ from agent_core.llm import (
     base_model_dir,
 )
 from agent_core.memory import note_to_remember
+from agent_core.operations import Operations
 from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
 from agent_core.prompts import PromptParts, build_prompt
 from agent_core.ratelimit import OneAtATime, RateLimiter
@@ -79,7 +80,8 @@ class Agent:
             else DefaultsPolicy(settings.style)
         )
         self.training = TrainingJob(store, settings, model_dir=lambda: base_model_dir(settings))
-        self.commands = Commands(store, self.policy, describe_model=llm.describe, training=self.training)
+        self.operations = Operations(self.training, self.policy, llm.describe)  # train now, roll back, stop, status
+        self.commands = Commands(store, self.policy, describe_model=llm.describe, operations=self.operations)
         self.access = Access(settings.access)
         self.rewards = RewardMap(settings.rewards)
         limits = settings.limits
@@ -110,9 +112,7 @@ class Agent:
         return True
 
     async def close(self) -> None:
-        if self.commands.background:  # an /admin training: stop it (the adapters in service stay)
-            self.training.cancel()
-            await asyncio.gather(*self.commands.background, return_exceptions=True)
+        await self.operations.close()  # a training started by /admin or the dashboard stops (adapters stay)
         if self.model_loading is not None and not self.model_loading.done():
             log.info("stopping once the model has finished loading (it cannot be interrupted)")
             await asyncio.gather(self.model_loading, return_exceptions=True)
@@ -350,6 +350,16 @@ class Agent:
         """The adapter sent ``reply`` and the platform gave it this id."""
         if reply.reply_id is not None:
             await self.store.set_platform_message_id(reply.reply_id, platform_message_id)
+
+    async def history(self, platform: str, user: str, chat: str, name: str = "") -> list[dict[str, Any]]:
+        """This person's last messages in this chat, oldest first, each reply with the emoji
+        on it (the web chat shows them again on reload)."""
+        user_id = await self.store.resolve_user(platform, user, name)
+        return await self.store.history(user_id, await self.store.resolve_chat(platform, chat))
+
+    async def set_display_name(self, platform: str, user: str, name: str) -> None:
+        """The name a person chose for themselves (the web chat asks for one)."""
+        await self.store.set_display_name(platform, user, name)
 
 
 def _adapter_name(adapter: ActiveAdapter | None) -> str | None:

@@ -7,7 +7,6 @@ through :func:`parse_command`. A wrong use gets the usage back, never a trace.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -20,9 +19,9 @@ from statistics import fmean
 from agent_core import reward_model
 from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
+from agent_core.operations import Operations, UnknownUser
 from agent_core.policy import StylePolicy, realisation_counts
 from agent_core.style import DIMENSIONS, describe_asked_and_shown, is_valid
-from agent_core.training.job import TrainingBusy, TrainingJob
 from storage import Store
 from storage.training import TrainingRecords
 
@@ -92,13 +91,12 @@ class Commands:
         policy: StylePolicy,
         *,
         describe_model: Callable[[], str],
-        training: TrainingJob | None = None,
+        operations: Operations | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self.describe_model = describe_model
-        self.training = training  # for /admin train
-        self.background: set[asyncio.Task[None]] = set()  # trainings started by /admin train
+        self.operations = operations  # for /admin and /forget all (the adapter files)
         self._forget_pending: dict[int, float] = {}  # user id -> deadline of "/forget all"
         self._link_failures: dict[int, list[float]] = {}  # user id -> times of wrong /link codes
         self.specs: dict[str, CommandSpec] = {s.name: s for s in SPECS}
@@ -203,8 +201,8 @@ async def _forget(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         if time.monotonic() > deadline:
             return CommandResult("Nothing to confirm: send /forget all first.", private=True)
         await cmds.store.delete_user(caller.user_id)
-        if cmds.training is not None:
-            cmds.training.delete_files(caller.user_id)
+        if cmds.operations is not None:
+            cmds.operations.training.delete_files(caller.user_id)
         return CommandResult("Done: everything I stored about you is deleted.", private=True)
     if len(words) == 1 and (number := row_id(words[0].lstrip("#"))) is not None:
         if await cmds.store.delete_memory(caller.user_id, number):
@@ -345,53 +343,31 @@ async def _admin(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     action = action.lower()
     if action not in ADMIN_ACTIONS:
         raise UsageError("Say what to do: stats, train <user> or rollback <user>.")
+    ops = cmds.operations
+    if ops is None:
+        return CommandResult("Training is not available in this process.", private=True)
     if action == "stats":
-        t = await cmds.store.totals()
-        lock = await TrainingRecords(cmds.store.db).lock_holder()
+        t = await ops.totals()
+        running = await ops.running()
         return CommandResult(
             f"Users: {t['users']}. Messages: {t['messages']}, replies: {t['replies']}, reactions: {t['reactions']}.\n"
-            f"Adapters in service: {t['active_adapters']}. Training: {'running' if lock else 'idle'}.\n"
+            f"Adapters in service: {t['active_adapters']}. Training: {'running' if running else 'idle'}.\n"
             f"Model: {cmds.describe_model()}",
             private=True,
         )
-    user_id = await _user_arg(cmds, who.strip())
-    if action == "rollback":
-        taken, back = await TrainingRecords(cmds.store.db).rollback(user_id)
-        if taken is None:
-            return CommandResult(f"User {user_id} has no adapter in service.", private=True)
-        now = f"version {back.version}" if back else "the base model"
-        return CommandResult(f"User {user_id}: adapter version {taken.version} taken out; now {now}.", private=True)
-    if cmds.training is None:
-        return CommandResult("Training is not available in this process.", private=True)
-    if not (await cmds.training.plan([user_id])).tasks:
-        return CommandResult(f"User {user_id} has too little rated feedback to train on yet.", private=True)
-    task = asyncio.create_task(_train(cmds.training, user_id))
-    cmds.background.add(task)
-    task.add_done_callback(cmds.background.discard)
-    return CommandResult(f"Training user {user_id} now; /admin stats shows when it is done.", private=True)
-
-
-async def _user_arg(cmds: Commands, who: str) -> int:
-    """A user by the core's number (as on the dashboard) or by ``platform:id``."""
-    if not who:
+    if not who.strip():
         raise UsageError("Which user? Give their number or platform:id.")
-    if (number := row_id(who)) is not None and await cmds.store.user_exists(number):
-        return number
-    platform, _, ident = who.partition(":")
-    found = await cmds.store.find_user(platform, ident) if ident else None
-    if found is None:
-        raise UsageError(f"No user {who}.")
-    return found
-
-
-async def _train(training: TrainingJob, user_id: int) -> None:
     try:
-        plan = await training.run([user_id])
-        log.info("/admin training of user %d: %s", user_id, [(t.name, t.status) for t in plan.tasks] or plan.skipped)
-    except TrainingBusy as exc:
-        log.info("/admin training of user %d skipped: %s", user_id, exc)
-    except Exception:
-        log.exception("/admin training of user %d failed", user_id)
+        user_id = await ops.find_user(who.strip())
+    except UnknownUser:
+        user_id = None
+    if user_id is None:
+        raise UsageError(f"No user {who.strip()}.")
+    if action == "rollback":
+        return CommandResult((await ops.rollback(user_id)).message, private=True)
+    outcome = await ops.train_now(user_id, by="/admin")
+    suffix = " /admin stats shows when it is done." if outcome.ok else ""
+    return CommandResult(outcome.message + suffix, private=True)
 
 
 SPECS: list[CommandSpec] = [

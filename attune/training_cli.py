@@ -23,10 +23,10 @@ from rich.table import Table
 
 from agent_core.config import Config
 from agent_core.llm import base_model_dir
-from agent_core.training.job import POPULATION, Task, TrainingBusy, TrainingJob
+from agent_core.operations import Operations, UnknownUser
+from agent_core.training.job import Task, TrainingBusy, TrainingJob
 from attune.wiring import open_database
 from storage import Store
-from storage.training import TrainingRecords
 
 console = Console()
 
@@ -47,35 +47,30 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 async def run(config: Config, args: argparse.Namespace) -> int:
     db = await open_database(config)
     try:
+        ops = Operations(TrainingJob(Store(db), config.settings, lambda: base_model_dir(config.settings)))
         if args.command == "train":
-            return await _train(config, Store(db), args)
-        records = TrainingRecords(db)
+            return await _train(ops, args)
         if args.adapters_command == "list":
-            return await _list(records)
-        return await _rollback(records, args.user)
+            return await _list(ops)
+        return await _rollback(ops, args.user)
     finally:
         await db.close()
 
 
-async def _who(records: TrainingRecords, user: str) -> int | str | None:
-    """The user's id, None for the population, or an error message."""
-    if user == POPULATION:
-        return None
-    found = await records.find_user(user)
-    return found if found is not None else f"no user {user!r} (give an id, or platform:id such as web:ann)"
-
-
-async def _train(config: Config, store: Store, args: argparse.Namespace) -> int:
-    job = TrainingJob(store, config.settings, lambda: base_model_dir(config.settings))
+async def _train(ops: Operations, args: argparse.Namespace) -> int:
     users = None
     if args.user:
-        who = await _who(job.records, args.user)
-        if isinstance(who, str) or who is None:
-            console.print(f"attune train: {who or 'the population adapter trains with --all'}")
+        try:
+            who = await ops.find_user(args.user)
+        except UnknownUser as exc:
+            console.print(f"attune train: {exc}")
+            return 2
+        if who is None:
+            console.print("attune train: the population adapter trains with --all")
             return 2
         users = [who]
     if args.dry_run:
-        plan = await job.plan(users)
+        plan = await ops.plan(users)
         table = Table(
             "will train", "train liked / disliked", "held out liked / disliked", title="attune train --dry-run"
         )
@@ -88,7 +83,7 @@ async def _train(config: Config, store: Store, args: argparse.Namespace) -> int:
             console.print(f"skipped {who_}: {why}")
         return 0
     with contextlib.suppress(RuntimeError, NotImplementedError):  # Ctrl-C stops the training cleanly
-        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, job.cancel)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, ops.training.cancel)
     columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[status]}"))  # fmt: skip
     with Progress(*columns, console=console) as bars:
@@ -100,7 +95,7 @@ async def _train(config: Config, store: Store, args: argparse.Namespace) -> int:
             bars.update(ids[task.name], completed=task.step, total=task.steps or None, status=task.status)
 
         try:
-            plan = await job.run(users, progress=progress)
+            plan = await ops.train(users, progress=progress)
         except TrainingBusy as exc:
             console.print(f"attune train: {exc}; try again when it has finished")
             return 1
@@ -129,9 +124,9 @@ def _summary(tasks: list[Task]) -> Table:
     return table
 
 
-async def _list(records: TrainingRecords) -> int:
+async def _list(ops: Operations) -> int:
     table = Table("adapter", "status", "trained on top of", "created", "held-out NLL liked (new vs served)", "path")
-    for a in await records.adapters():
+    for a in await ops.adapters():
         m = a.metrics
         nll = f"{_fmt(m.get('candidate', {}).get('nll_liked'))} vs {_fmt(m.get('in_service', {}).get('nll_liked'))}"
         created = dt.datetime.fromtimestamp(a.created_at).strftime("%Y-%m-%d %H:%M")
@@ -140,15 +135,15 @@ async def _list(records: TrainingRecords) -> int:
     return 0
 
 
-async def _rollback(records: TrainingRecords, user: str) -> int:
-    who = await _who(records, user)
-    if isinstance(who, str):
-        console.print(f"attune adapters rollback: {who}")
+async def _rollback(ops: Operations, user: str) -> int:
+    try:
+        who = await ops.find_user(user)
+    except UnknownUser as exc:
+        console.print(f"attune adapters rollback: {exc}")
         return 2
-    taken, back = await records.rollback(who)
-    if taken is None:
+    done = await ops.rollback(who)
+    if done.taken is None:
         console.print(f"{user} has no adapter in service; nothing to roll back")
         return 1
-    fallback = "the population adapter, else the base model" if who is not None else "the base model"
-    console.print(f"took {taken.name} out of service; now serving {back.name if back else fallback}")
+    console.print(f"took {done.taken.name} out of service; now serving {done.now}")
     return 0

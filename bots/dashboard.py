@@ -9,24 +9,21 @@ JavaScript. ``GET /dashboard/api/overview`` returns the same data as JSON.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import logging
 import time
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiohttp import web
 
 from agent_core.agent import Agent
 from agent_core.config import Config
-from agent_core.policy import REALISATION_WINDOW, realisation_counts
+from agent_core.operations import Outcome
+from agent_core.policy import REALISATION_WINDOW
 from agent_core.style import DIMENSIONS
-from agent_core.training.job import TrainingBusy
-from storage.reports import Reports, UserSummary
-from storage.training import TrainingRecords
 
 if TYPE_CHECKING:
     from bots.web import WebAdapter
@@ -39,19 +36,20 @@ NOTICES = {
     "train-started": "Training started for that user; reload this page to follow its run below.",
     "train-busy": "A training run is already going on; try again when it has finished.",
     "train-too-little": "That user has too little rated feedback to train on yet (a few liked replies at least).",
-    "rolled-back": "Rolled back: the user's previous adapter (or the shared one) serves their next message.",
+    "rolled-back": "Rolled back; the user's row says what serves them now.",
     "no-adapter": "That user has no adapter of their own in service; nothing to roll back.",
     "cancelled": "The running training was asked to stop; the adapters in service stay as they are.",
+    "not-running": "No training is running.",
 }
 
 
 class Dashboard:
     def __init__(self, agent: Agent, config: Config, web_adapter: WebAdapter) -> None:
         self.agent = agent
-        self.reports = Reports(agent.store.db)
+        self.operations = agent.operations
         self.token = config.secrets.get("admin_token")
         self.web = web_adapter
-        self._training: set[asyncio.Task[None]] = set()
+        self._said: dict[str, str] = {}  # notice code -> the last outcome's own words (which model serves now)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/dashboard", self.page)
@@ -117,54 +115,27 @@ class Dashboard:
             return refused
         user_id = int(request.match_info["user_id"])
         if request.match_info["action"] == "rollback":
-            taken, _ = await TrainingRecords(self.agent.store.db).rollback(user_id)
-            raise web.HTTPSeeOther(f"/dashboard?notice={'rolled-back' if taken else 'no-adapter'}")
-        if await TrainingRecords(self.agent.store.db).lock_holder() is not None:
-            raise web.HTTPSeeOther("/dashboard?notice=train-busy")
-        if not (await self.agent.training.plan([user_id])).tasks:
-            raise web.HTTPSeeOther("/dashboard?notice=train-too-little")
-        task = asyncio.create_task(self._train(user_id))
-        self._training.add(task)
-        task.add_done_callback(self._training.discard)
-        raise web.HTTPSeeOther("/dashboard?notice=train-started")
+            self._notice(await self.operations.rollback(user_id))
+        self._notice(await self.operations.train_now(user_id, by="dashboard"), "Reload to follow its run below.")
 
-    async def _train(self, user_id: int) -> None:
-        try:
-            plan = await self.agent.training.run([user_id])
-            log.info(
-                "dashboard training of user %d: %s", user_id, [(t.name, t.status) for t in plan.tasks] or plan.skipped
-            )
-        except TrainingBusy as exc:
-            log.info("dashboard training of user %d skipped: %s", user_id, exc)
-        except Exception:
-            log.exception("dashboard training of user %d failed", user_id)
+    def _notice(self, outcome: Outcome, then: str = "") -> NoReturn:
+        """Back to the page, which shows what the action did in the operations' own words."""
+        self._said[outcome.code] = f"{outcome.message} {then}" if then and outcome.ok else outcome.message
+        raise web.HTTPSeeOther(f"/dashboard?notice={outcome.code}")
 
     async def _stop_training(self, app: web.Application) -> None:
         """The server is stopping: a training started here stops too (adapters in service stay)."""
-        if self._training:
-            self.agent.training.cancel()
-            await asyncio.gather(*self._training, return_exceptions=True)
+        await self.operations.close()
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._refusal(request)) is not None:
             return refused
-        self.agent.training.cancel()
-        raise web.HTTPSeeOther("/dashboard?notice=cancelled")
+        self._notice(await self.operations.stop())
 
     # --- what it shows -------------------------------------------------------------------
 
     async def overview(self) -> dict[str, Any]:
-        users = await self.reports.users()
-        return {
-            "model": self.agent.llm.describe(),
-            "users": [u.__dict__ for u in users],
-            "beliefs": {str(u.id): await self.agent.policy.beliefs(u.id) for u in users},
-            "daily": await self.reports.daily_activity(),
-            "reward_by_day": await self.reports.reward_by_day(),
-            "adapters": await self.reports.adapters(),
-            "training_runs": await self.reports.training_runs(),
-            "asked_and_shown": (await realisation_counts(self.agent.store, REALISATION_WINDOW)).table(),
-        }
+        return await self.operations.overview()
 
     async def overview_json(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._refusal(request)) is not None:
@@ -178,7 +149,8 @@ class Dashboard:
         users: list[dict[str, Any]] = data["users"]
         names = {str(u["id"]): u["name"] for u in users}
         csrf = escape(self.web.csrf_token(request))
-        notice = NOTICES.get(request.query.get("notice", ""), "")
+        code = request.query.get("notice", "")
+        notice = self._said.get(code) or NOTICES.get(code, "")
         daily = data["daily"]
         shown = [[dim, value, n, k, f"{k / n:.0%}" if n else "–"]
                  for dim, values in data["asked_and_shown"].items() for value, (n, k) in values.items()]  # fmt: skip
@@ -199,7 +171,7 @@ class Dashboard:
             "(read by <code>measure_style</code>). The policy learns from what was shown.</p>",
             _table(["dimension", "value", "asked", "shown", "share"], shown, "No replies yet."),
             "</section><section><h2>Users</h2>",
-            _users_table([UserSummary(**u) for u in users], {int(k): v for k, v in data["beliefs"].items()}, csrf),
+            _users_table(users, {int(k): v for k, v in data["beliefs"].items()}, csrf),
             "</section><section><h2>Adapters</h2>",
             _table(
                 ["user", "version", "status", "on top of", "held-out NLL liked: served → new", "pref. accuracy"],
@@ -240,18 +212,18 @@ def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _beliefs(user: UserSummary, beliefs: dict[str, Any]) -> str:
+def _beliefs(user: dict[str, Any], beliefs: dict[str, Any]) -> str:
     """Per style dimension: the explicit setting, else what the policy believes (and how
     sure), with the mean reward seen for each value."""
     items = []
     prefers = beliefs.get("prefers", {})
     for dim in DIMENSIONS:
-        if dim in user.preferences:
-            items.append(f"<li><b>{dim}</b>: {escape(user.preferences[dim])} (set by /prefs)</li>")
+        if dim in user["preferences"]:
+            items.append(f"<li><b>{dim}</b>: {escape(user['preferences'][dim])} (set by /prefs)</li>")
             continue
         belief = prefers.get(dim)
         text = f"{escape(belief['value'])} ({belief['probability']:.0%})" if belief else "no belief"
-        seen = user.style_rewards.get(dim, {})
+        seen = user["style_rewards"].get(dim, {})
         if seen:
             ranked = sorted(seen.items(), key=lambda kv: -kv[1][0])
             text += "; seen: " + ", ".join(f"{escape(v)} {mean:+.2f} (n={n})" for v, (mean, n) in ranked)
@@ -259,20 +231,20 @@ def _beliefs(user: UserSummary, beliefs: dict[str, Any]) -> str:
     return f"<ul class='beliefs'>{''.join(items)}</ul>"
 
 
-def _users_table(users: list[UserSummary], beliefs: dict[int, dict[str, Any]], csrf: str) -> str:
+def _users_table(users: list[dict[str, Any]], beliefs: dict[int, dict[str, Any]], csrf: str) -> str:
     if not users:
         return "<p class='empty'>Nobody has written yet.</p>"
     rows = []
     for u in users:
-        reward = "" if u.mean_reward is None else f"{u.mean_reward:+.2f}"
+        reward = "" if u["mean_reward"] is None else f"{u['mean_reward']:+.2f}"
         buttons = "".join(
-            f'<form method="post" action="/dashboard/users/{u.id}/{action}"><input type="hidden" name="csrf" '
+            f'<form method="post" action="/dashboard/users/{u["id"]}/{action}"><input type="hidden" name="csrf" '
             f'value="{csrf}"><button>{label}</button></form>'
             for action, label in (("train", "Train now"), ("rollback", "Roll back"))
         )
         rows.append(
-            f"<tr><td>{escape(u.name)}</td><td>{escape(', '.join(u.platforms))}</td><td>{u.messages}</td>"
-            f"<td>{u.reactions}</td><td>{reward}</td><td>{_beliefs(u, beliefs.get(u.id, {}))}</td>"
+            f"<tr><td>{escape(u['name'])}</td><td>{escape(', '.join(u['platforms']))}</td><td>{u['messages']}</td>"
+            f"<td>{u['reactions']}</td><td>{reward}</td><td>{_beliefs(u, beliefs.get(u['id'], {}))}</td>"
             f"<td class='actions'>{buttons}</td></tr>"
         )
     head = "".join(f"<th>{h}</th>" for h in ("user", "platforms", "messages", "reactions", "mean reward",

@@ -189,7 +189,7 @@ class WebAdapter(Adapter):
         name = " ".join(str((await self._json(request)).get("name", "")).split())[:MAX_NAME]
         if not name:
             raise BadRequest("give a name")
-        await self.agent.store.set_display_name(self.platform, self._uid(request), name)
+        await self.agent.set_display_name(self.platform, self._uid(request), name)
         response = web.json_response({"name": name})
         response.set_cookie("attune_name", name, httponly=True, samesite="Strict",
                             secure=self.settings.secure_cookies, max_age=10 * 365 * 86400, path="/")  # fmt: skip
@@ -197,9 +197,8 @@ class WebAdapter(Adapter):
 
     async def history(self, request: web.Request) -> web.StreamResponse:
         event = self._event(request)
-        user = await self.agent.store.resolve_user(self.platform, event["sender_id"], event["sender_name"])
-        chat = await self.agent.store.resolve_chat(self.platform, event["chat_id"])
-        return self.with_cookies(request, web.json_response({"messages": await self.agent.store.history(user, chat)}))
+        messages = await self.agent.history(self.platform, event["sender_id"], event["chat_id"], event["sender_name"])
+        return self.with_cookies(request, web.json_response({"messages": messages}))
 
     async def message(self, request: web.Request) -> web.StreamResponse:
         body = await self._json(request)
