@@ -37,11 +37,13 @@ run: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM) $(POSTGRES)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports  # the layers and import rules in pyproject.toml [tool.importlinter]
 	$(BIN)/pytest
 	ATTUNE_TEST_STORAGE=postgresql $(BIN)/pytest  # leaves out the tests marked no_database (tests/conftest.py)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check .
 
 bench: $(STAMP)

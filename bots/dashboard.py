@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from html import escape
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from aiohttp import web
 
@@ -24,9 +24,6 @@ from agent_core.config import Config
 from agent_core.operations import Outcome
 from agent_core.policy import REALISATION_WINDOW
 from agent_core.style import DIMENSIONS
-
-if TYPE_CHECKING:
-    from bots.web import WebAdapter
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +40,19 @@ NOTICES = {
 }
 
 
+class Site(Protocol):
+    """What the dashboard needs of the web chat server it is mounted on (``bots.web``)."""
+
+    @property
+    def secure_cookies(self) -> bool: ...
+
+    def csrf_token(self, request: web.Request) -> str: ...
+
+    def with_cookies(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse: ...
+
+
 class Dashboard:
-    def __init__(self, agent: Agent, config: Config, web_adapter: WebAdapter) -> None:
+    def __init__(self, agent: Agent, config: Config, web_adapter: Site) -> None:
         self.agent = agent
         self.operations = agent.operations
         self.token = config.secrets.get("admin_token")
@@ -102,7 +110,7 @@ class Dashboard:
             return web.Response(text=_layout("Refused", "<p>Wrong token.</p>"), status=403, content_type="text/html")
         response = web.HTTPSeeOther("/dashboard")
         response.set_cookie(ADMIN_COOKIE, self._session_value(), httponly=True, samesite="Strict",
-                            secure=self.web.settings.secure_cookies, path="/dashboard")  # fmt: skip
+                            secure=self.web.secure_cookies, path="/dashboard")  # fmt: skip
         raise response
 
     async def logout(self, request: web.Request) -> web.StreamResponse:

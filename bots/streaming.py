@@ -14,12 +14,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from agent_core.agent import Agent
 from agent_core.events import Message, Reply
-
-if TYPE_CHECKING:
-    from bots.base import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +25,27 @@ WRITING = " …"  # shown after the text while the reply is still being written
 FIRST_DRAFT_S = 1.0  # the first draft waits this long (or the interval, if shorter)
 
 
+class Editable(Protocol):
+    """What a live reply needs of the platform it is shown on (every connector in
+    ``bots.base`` has it; ``send`` and ``edit`` are only called where it can edit)."""
+
+    platform: str
+    agent: Agent
+
+    async def send(self, reply: Reply) -> str | None: ...
+
+    async def edit(self, chat_id: str, platform_message_id: str, text: str) -> None: ...
+
+    async def deliver(self, reply: Reply | None) -> None: ...
+
+    def chunks(self, text: str) -> list[str]: ...
+
+
 class LiveReply:
     """One reply being written to ``message``'s chat: :meth:`add` each piece, then
     :meth:`finish` with the agent's final reply."""
 
-    def __init__(self, adapter: Adapter, message: Message, interval_s: float) -> None:
+    def __init__(self, adapter: Editable, message: Message, interval_s: float) -> None:
         self.adapter = adapter
         self.message = message
         self.interval_s = interval_s

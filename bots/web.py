@@ -34,6 +34,7 @@ from agent_core.commands import parse_command
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
 from bots.base import Adapter
+from bots.dashboard import Dashboard
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,11 @@ class WebAdapter(Adapter):
 
     # --- the server ---------------------------------------------------------------------
 
-    def build_app(self) -> web.Application:
-        from bots.dashboard import Dashboard
+    @property
+    def secure_cookies(self) -> bool:
+        return self.settings.secure_cookies
 
+    def build_app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self.same_origin_posts])
         app.on_response_prepare.append(_security_headers)
         app.router.add_get("/", self.chat_page)
