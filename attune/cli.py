@@ -1,6 +1,6 @@
 """The ``attune`` command line: the process's entry point and composition root.
 
-    attune [--config PATH] run                 every configured adapter (else the default front end)
+    attune [--config PATH] run                 every configured platform (else the default front end)
     attune [--config PATH] chat [--user NAME]  talk to the bot in this terminal
     attune [--config PATH] config show         the effective settings, secrets masked
     attune [--config PATH] train [--user U | --all] [--dry-run]    the nightly training, now
@@ -101,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
-    from bots import configured_adapters
-    from bots.runner import run_adapters
-    from bots.terminal import TerminalAdapter
+    from bots import configured_connectors
+    from bots.supervisor import run_connectors
+    from bots.terminal import TerminalConnector
 
     agent = await open_agent(config)
     try:
@@ -111,9 +111,9 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
         loading = agent.load_model()  # platforms connect while it loads; replies wait for it
         loading.add_done_callback(lambda done: done.cancelled() or done.exception() is None or stop.set())
         if chat:
-            adapters = [TerminalAdapter(agent, config, user=user)]
+            connectors = [TerminalConnector(agent, config, user=user)]
         else:
-            adapters = [cls(agent, config) for cls in configured_adapters(config)]
+            connectors = [cls(agent, config) for cls in configured_connectors(config)]
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -124,7 +124,7 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
             nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.sqlalchemy_url)
             nightly.start()
         try:
-            await run_adapters(adapters, config.settings.run, stop)
+            await run_connectors(connectors, config.settings.run, stop)
         finally:
             if nightly is not None:
                 await nightly.stop()

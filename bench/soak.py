@@ -42,13 +42,13 @@ from agent_core.config import load_config
 from agent_core.logs import setup_logging
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
-from bots.web import WebAdapter
+from bots.web import WebConnector
 
 async def main() -> None:
     setup_logging("WARNING")
     config = load_config(sys.argv[1], environ={})
     agent = await open_agent(config, llm=RecordingBackend(record=False))
-    web = WebAdapter(agent, config)
+    web = WebConnector(agent, config)
     await web.start()
     print("ready", flush=True)
     await asyncio.Event().wait()

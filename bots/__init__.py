@@ -1,39 +1,39 @@
-"""Platform adapters: one module each, registered here with one line.
+"""Platform connectors: one module each, registered here with one line.
 
-The contract every adapter follows is :class:`bots.base.Adapter`.
+The contract every connector follows is :class:`bots.base.Connector`.
 """
 
 from __future__ import annotations
 
 from agent_core.config import Config
-from bots.base import Adapter
-from bots.discord import DiscordAdapter
-from bots.slack import SlackAdapter
-from bots.telegram import TelegramAdapter
-from bots.terminal import TerminalAdapter
-from bots.web import WebAdapter
+from bots.base import Connector
+from bots.discord import DiscordConnector
+from bots.slack import SlackConnector
+from bots.telegram import TelegramConnector
+from bots.terminal import TerminalConnector
+from bots.web import WebConnector
 
 # Every platform attune can talk on. A new platform: one module, one line here.
-ADAPTERS: dict[str, type[Adapter]] = {
-    "web": WebAdapter,
-    "terminal": TerminalAdapter,
-    "telegram": TelegramAdapter,
-    "slack": SlackAdapter,
-    "discord": DiscordAdapter,
+CONNECTORS: dict[str, type[Connector]] = {
+    "web": WebConnector,
+    "terminal": TerminalConnector,
+    "telegram": TelegramConnector,
+    "slack": SlackConnector,
+    "discord": DiscordConnector,
 }
 
 # What `attune run` starts when no platform is configured.
-DEFAULT_FRONT_END: type[Adapter] = WebAdapter
+DEFAULT_FRONT_END: type[Connector] = WebConnector
 
 
-def configured_adapters(config: Config) -> list[type[Adapter]]:
-    """The adapters `attune run` starts: every platform whose token is set, and the
+def configured_connectors(config: Config) -> list[type[Connector]]:
+    """The connectors `attune run` starts: every platform whose token is set, and the
     default front end beside them (unless ``[run] default_front_end`` is false), or
     alone when no platform is configured."""
-    chosen = [cls for cls in ADAPTERS.values() if cls is not DEFAULT_FRONT_END and cls.configured(config)]
+    chosen = [cls for cls in CONNECTORS.values() if cls is not DEFAULT_FRONT_END and cls.configured(config)]
     if config.settings.run.default_front_end or not chosen:
         chosen.append(DEFAULT_FRONT_END)
     return chosen
 
 
-__all__ = ["ADAPTERS", "DEFAULT_FRONT_END", "Adapter", "configured_adapters"]
+__all__ = ["CONNECTORS", "DEFAULT_FRONT_END", "Connector", "configured_connectors"]

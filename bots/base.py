@@ -1,22 +1,22 @@
-"""The adapter contract: what every platform adapter does, written down once.
+"""The connector contract: what every platform connector does, written down once.
 
-An adapter knows its platform and nothing else; the core knows no platform. It:
+A connector knows its platform and nothing else; the core knows no platform. It:
 
 1. turns what its platform sends into :mod:`agent_core.events` (Message, Reaction,
    Command), using the platform library's own handlers and command system, and hands
    them to the :class:`~agent_core.agent.Agent`;
 2. sends the :class:`~agent_core.events.Reply` it gets back and reports the platform's
-   id of the sent message (:meth:`Adapter.deliver`), so a later reaction finds the reply.
+   id of the sent message (:meth:`Connector.deliver`), so a later reaction finds the reply.
 3. once started, answers what a stopped process left unanswered on its platform
-   (:meth:`Adapter.answer_unanswered`, called by the runner; nothing to write per platform).
+   (:meth:`Connector.answer_unanswered`, called by the runner; nothing to write per platform).
 
-Required of every adapter: :meth:`configured`, :meth:`start`, :meth:`stop`, :meth:`send`.
+Required of every connector: :meth:`configured`, :meth:`start`, :meth:`stop`, :meth:`send`.
 
 Optional capabilities have plain fallbacks here, so a platform without them does
-without: a typing indicator (:attr:`Adapter.has_typing`), message edits
-(:attr:`Adapter.can_edit`), private replies (``Reply.private``: an adapter
+without: a typing indicator (:attr:`Connector.has_typing`), message edits
+(:attr:`Connector.can_edit`), private replies (``Reply.private``: a connector
 that cannot answer ephemerally or in a direct message answers in the chat), long
-replies (:func:`split_text` at :attr:`Adapter.max_length`).
+replies (:func:`split_text` at :attr:`Connector.max_length`).
 
 Adding a platform is one module in ``bots/`` plus one line in ``bots/__init__.py``.
 """
@@ -43,7 +43,7 @@ TYPING_REFRESH_S = 4.0  # platforms show "typing" for about 5 s after each call
 P = ParamSpec("P")
 
 
-class Adapter(ABC):
+class Connector(ABC):
     #: The platform's name in events and the database ("telegram", "terminal", ...).
     platform: ClassVar[str]
     #: The longest message the platform takes; longer replies are split (None: no limit).
@@ -56,13 +56,13 @@ class Adapter(ABC):
     def __init__(self, agent: Agent, config: Config) -> None:
         self.agent = agent
         self.config = config
-        #: Set when the adapter ended by itself (the terminal at end of input).
+        #: Set when the connector ended by itself (the terminal at end of input).
         self.finished = asyncio.Event()
 
     @classmethod
     @abstractmethod
     def configured(cls, config: Config) -> bool:
-        """Whether ``attune run`` should start this adapter (its token is set, ...)."""
+        """Whether ``attune run`` should start this connector (its token is set, ...)."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -82,7 +82,7 @@ class Adapter(ABC):
     async def answer_unanswered(self) -> None:
         """Answer the messages of this platform that a stopped process had stored but not
         answered (:meth:`Agent.unanswered`), side by side; the runner calls it once the
-        adapter has started. A message the platform sends again is stored already, so it
+        connector has started. A message the platform sends again is stored already, so it
         gets no second reply."""
         missed = await self.agent.unanswered(self.platform)
         if not missed:
@@ -122,7 +122,7 @@ class Adapter(ABC):
 
     async def respond(self, message: Message) -> None:
         """Hand a message to the agent with the typing indicator on, and deliver the reply:
-        shown as it is written (edited at the platform's rate) where the adapter can edit
+        shown as it is written (edited at the platform's rate) where the connector can edit
         and streaming is on, else sent once, whole."""
         interval = self.stream_edit_interval()
         live = LiveReply(self, message, interval) if interval > 0 else None
@@ -189,7 +189,7 @@ def outline(value: Any, depth: int = 4) -> str:
 
 def skip_broken(handler: Callable[P, Awaitable[Any]]) -> Callable[P, Awaitable[None]]:
     """Wrap a platform event handler: an event it cannot handle is logged and skipped,
-    and the adapter keeps running."""
+    and the connector keeps running."""
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> None:

@@ -30,7 +30,7 @@ from discord import app_commands
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
-from bots.base import Adapter, outline, skip_broken
+from bots.base import Connector, outline, skip_broken
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,13 @@ AdminAction = Literal["stats", "train", "rollback"]
 
 
 class _Client(discord.Client):
-    """discord.py's client, with its events forwarded to the adapter."""
+    """discord.py's client, with its events forwarded to the connector."""
 
-    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+    def __init__(self, connector: DiscordConnector, **options: Any) -> None:
         super().__init__(intents=INTENTS, **options)
-        self.adapter = adapter
+        self.connector = connector
         self.tree = app_commands.CommandTree(self)
-        adapter.register_commands(self.tree)
+        connector.register_commands(self.tree)
         # discord.py parses gateway events in its connection loop, where one malformed
         # payload would end the connection: guard each parser so it is logged and skipped.
         parsers = self._connection.parsers
@@ -62,13 +62,13 @@ class _Client(discord.Client):
             parsers[name] = _skipping_broken(name, parse)
 
     async def on_message(self, message: discord.Message) -> None:
-        await self.adapter.on_message(message)
+        await self.connector.on_message(message)
 
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        await self.adapter.on_reaction(payload, added=True)
+        await self.connector.on_reaction(payload, added=True)
 
     async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
-        await self.adapter.on_reaction(payload, added=False)
+        await self.connector.on_reaction(payload, added=False)
 
     async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
         log.exception("discord: skipped a %s event", event_method)
@@ -84,7 +84,7 @@ def _skipping_broken(name: str, parse: Callable[[Any], None]) -> Callable[[Any],
     return parse_or_skip
 
 
-class DiscordAdapter(Adapter):
+class DiscordConnector(Connector):
     platform = "discord"
     max_length = 2000
     has_typing = True

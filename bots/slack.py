@@ -26,7 +26,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
-from bots.base import Adapter, outline, skip_broken
+from bots.base import Connector, outline, skip_broken
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ _MENTION = re.compile(r"<@[A-Z0-9]+>")
 IGNORED_SUBTYPES = {"bot_message", "message_changed", "message_deleted", "channel_join", "channel_leave"}
 
 
-class SlackAdapter(Adapter):
+class SlackConnector(Connector):
     platform = "slack"
     max_length = 4000  # Slack shows up to 40,000 characters, but advises 4,000
     can_edit = True

@@ -45,8 +45,8 @@ class LiveReply:
     """One reply being written to ``message``'s chat: :meth:`add` each piece, then
     :meth:`finish` with the agent's final reply."""
 
-    def __init__(self, adapter: Editable, message: Message, interval_s: float) -> None:
-        self.adapter = adapter
+    def __init__(self, connector: Editable, message: Message, interval_s: float) -> None:
+        self.connector = connector
         self.message = message
         self.interval_s = interval_s
         self.text = ""
@@ -76,12 +76,12 @@ class LiveReply:
                 try:
                     if self.platform_id is None:
                         draft = Reply(text=text + WRITING, chat_id=chat_id, in_reply_to=self.message.message_id)
-                        self.platform_id = await self.adapter.send(draft)
+                        self.platform_id = await self.connector.send(draft)
                     elif text != self._shown:
-                        await self.adapter.edit(chat_id, self.platform_id, text + WRITING)
+                        await self.connector.edit(chat_id, self.platform_id, text + WRITING)
                     self._shown = text
                 except Exception as exc:  # a missed edit is not worth a failure; the final text follows
-                    log.warning("%s: could not show the reply so far (%s)", self.adapter.platform, exc)
+                    log.warning("%s: could not show the reply so far (%s)", self.connector.platform, exc)
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     async def finish(self, reply: Reply | None) -> None:
@@ -94,15 +94,15 @@ class LiveReply:
         if reply is None:
             return
         if self.platform_id is None or reply.attachment is not None:
-            await self.adapter.deliver(reply)
+            await self.connector.deliver(reply)
             return
-        first, *rest = self.adapter.chunks(reply.text)
+        first, *rest = self.connector.chunks(reply.text)
         try:
-            await self.adapter.edit(reply.chat_id, self.platform_id, first)
+            await self.connector.edit(reply.chat_id, self.platform_id, first)
         except Exception as exc:
-            log.warning("%s: could not put the final text in place (%s); sending it anew", self.adapter.platform, exc)
-            await self.adapter.deliver(reply)
+            log.warning("%s: could not put the final text in place (%s); sending it anew", self.connector.platform, exc)
+            await self.connector.deliver(reply)
             return
         for chunk in rest:
-            await self.adapter.send(Reply(text=chunk, chat_id=reply.chat_id))
-        await self.adapter.agent.delivered(reply, self.platform_id)
+            await self.connector.send(Reply(text=chunk, chat_id=reply.chat_id))
+        await self.connector.agent.delivered(reply, self.platform_id)

@@ -35,7 +35,7 @@ from telegram.request import HTTPXRequest
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
-from bots.base import Adapter, outline, skip_broken
+from bots.base import Connector, outline, skip_broken
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class TolerantBot(ExtBot[None]):
         return kept
 
 
-class TelegramAdapter(Adapter):
+class TelegramConnector(Connector):
     platform = "telegram"
     max_length = 4096
     has_typing = True

@@ -21,7 +21,7 @@ from agent_core.agent import Agent
 from agent_core.commands import parse_command
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
-from bots.base import Adapter
+from bots.base import Connector
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def default_user() -> str:
         return "you"
 
 
-class TerminalAdapter(Adapter):
+class TerminalConnector(Connector):
     platform = "terminal"
 
     def __init__(

@@ -14,7 +14,7 @@ Everything the page does is a plain JSON API, documented in the README:
 
 Every POST needs the ``X-CSRF-Token`` header from ``/api/session`` and a same-origin
 request; bodies are limited to ``[web] max_body_bytes``. The operator's dashboard
-(``bots/dashboard.py``) is served by the same server.
+(``bots/web_dashboard.py``) is served by the same server.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from agent_core.agent import Agent
 from agent_core.commands import parse_command
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
-from bots.base import Adapter
-from bots.dashboard import Dashboard
+from bots.base import Connector
+from bots.web_dashboard import Dashboard
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class BadRequest(web.HTTPBadRequest):
         super().__init__(text=json.dumps({"error": message}), content_type="application/json")
 
 
-class WebAdapter(Adapter):
+class WebConnector(Connector):
     platform = "web"
 
     def __init__(self, agent: Agent, config: Config) -> None:

@@ -12,7 +12,7 @@ from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
-from bots.discord import DiscordAdapter
+from bots.discord import DiscordConnector
 from tests.fakes.discord import BOT_USER, DM_CHANNEL, GUILD_CHANNEL, FakeDiscord
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
@@ -35,24 +35,24 @@ async def fake() -> AsyncIterator[FakeDiscord]:
 
 async def _started(
     fake: FakeDiscord, make_config: Callable[..., Config], backend: RecordingBackend, extra: str = ""
-) -> DiscordAdapter:
+) -> DiscordConnector:
     config = _config(make_config, fake, extra)
     agent = await open_agent(config, llm=backend)
-    adapter = DiscordAdapter(agent, config)
-    await adapter.start()
-    return adapter
+    connector = DiscordConnector(agent, config)
+    await connector.start()
+    return connector
 
 
 @pytest.fixture
-async def bot(fake: FakeDiscord, make_config: Callable[..., Config]) -> AsyncIterator[DiscordAdapter]:
-    adapter = await _started(fake, make_config, RecordingBackend())
-    yield adapter
-    await adapter.stop()
-    await adapter.agent.close()
+async def bot(fake: FakeDiscord, make_config: Callable[..., Config]) -> AsyncIterator[DiscordConnector]:
+    connector = await _started(fake, make_config, RecordingBackend())
+    yield connector
+    await connector.stop()
+    await connector.agent.close()
 
 
 async def _reply_id(agent: Agent, timeout_s: float = 10.0) -> str:
-    """The platform id of the stored reply, once the adapter reported it (a moment after the fake saw the send)."""
+    """The platform id of the stored reply, once the connector reported it (a moment after the fake saw the send)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         row = await agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
@@ -72,7 +72,7 @@ async def _eventually(read: Callable[[], object], expected: object, timeout: flo
             await asyncio.sleep(0.02)
 
 
-async def test_start_syncs_typed_application_commands(bot: DiscordAdapter, fake: FakeDiscord) -> None:
+async def test_start_syncs_typed_application_commands(bot: DiscordConnector, fake: FakeDiscord) -> None:
     synced = fake.requests("PUT", "/commands")[0]
     assert {c["name"] for c in synced} == {"help", "prefs", "remember", "forget", "export", "stats", "link", "admin"}
     admin = next(c for c in synced if c["name"] == "admin")
@@ -84,7 +84,7 @@ async def test_start_syncs_typed_application_commands(bot: DiscordAdapter, fake:
     assert remember["options"][0]["required"] is True and remember["options"][0]["type"] == 3  # a string
 
 
-async def test_a_direct_message_gets_a_reply_with_typing(bot: DiscordAdapter, fake: FakeDiscord) -> None:
+async def test_a_direct_message_gets_a_reply_with_typing(bot: DiscordConnector, fake: FakeDiscord) -> None:
     await fake.dispatch("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "hello discord"))
     sent = await fake.wait(fake.sent_messages, 1)
     assert sent[0][0] == DM_CHANNEL and sent[0][1]["content"] == "echo: hello discord"
@@ -93,7 +93,7 @@ async def test_a_direct_message_gets_a_reply_with_typing(bot: DiscordAdapter, fa
     assert await _reply_id(bot.agent)
 
 
-async def test_in_a_server_only_mentions_are_answered(bot: DiscordAdapter, fake: FakeDiscord) -> None:
+async def test_in_a_server_only_mentions_are_answered(bot: DiscordConnector, fake: FakeDiscord) -> None:
     await fake.dispatch("MESSAGE_CREATE", fake.message(GUILD_CHANNEL, ANN, "people talking", guild=True))
     question = fake.message(GUILD_CHANNEL, BOB, f"<@{BOT_USER['id']}> what is tea?", mentions=[BOT_USER], guild=True)
     await fake.dispatch("MESSAGE_CREATE", question)
@@ -104,7 +104,7 @@ async def test_in_a_server_only_mentions_are_answered(bot: DiscordAdapter, fake:
     assert len(fake.sent_messages()) == 1
 
 
-async def test_raw_reactions_are_stored_and_undone(bot: DiscordAdapter, fake: FakeDiscord) -> None:
+async def test_raw_reactions_are_stored_and_undone(bot: DiscordConnector, fake: FakeDiscord) -> None:
     await fake.dispatch("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "rate me"))
     await fake.wait(fake.sent_messages, 1)
     reply = await _reply_id(bot.agent)
@@ -119,7 +119,7 @@ async def test_raw_reactions_are_stored_and_undone(bot: DiscordAdapter, fake: Fa
     assert [r[0] for r in rows] == ["❤", "👎"]
 
 
-async def test_every_application_command_answers(bot: DiscordAdapter, fake: FakeDiscord) -> None:
+async def test_every_application_command_answers(bot: DiscordConnector, fake: FakeDiscord) -> None:
     tone = [{"name": "setting", "type": 3, "value": "tone"}, {"name": "value", "type": 3, "value": "formal"}]
     await fake.dispatch("INTERACTION_CREATE", fake.interaction("prefs", ANN, tone))
     callbacks = await fake.wait(fake.callbacks, 1)
@@ -147,13 +147,13 @@ async def test_every_application_command_answers(bot: DiscordAdapter, fake: Fake
     assert document["memories"][0]["text"] == "I live in Oslo"
 
 
-async def test_a_sent_message_can_be_edited(bot: DiscordAdapter, fake: FakeDiscord) -> None:
+async def test_a_sent_message_can_be_edited(bot: DiscordConnector, fake: FakeDiscord) -> None:
     assert bot.can_edit
     await bot.edit(DM_CHANNEL, "4242", "better text")
     assert [e["content"] for e in fake.requests("PATCH", f"channels/{DM_CHANNEL}/messages/4242")] == ["better text"]
 
 
-async def test_a_duplicate_delivery_gets_one_reply(bot: DiscordAdapter, fake: FakeDiscord) -> None:
+async def test_a_duplicate_delivery_gets_one_reply(bot: DiscordConnector, fake: FakeDiscord) -> None:
     message = fake.message(DM_CHANNEL, ANN, "once")
     await fake.dispatch("MESSAGE_CREATE", message)
     await fake.dispatch("MESSAGE_CREATE", message)
@@ -164,7 +164,7 @@ async def test_a_duplicate_delivery_gets_one_reply(bot: DiscordAdapter, fake: Fa
 
 
 async def test_a_malformed_event_is_skipped_and_the_next_message_answered(
-    bot: DiscordAdapter, fake: FakeDiscord
+    bot: DiscordConnector, fake: FakeDiscord
 ) -> None:
     await fake.dispatch("MESSAGE_CREATE", {"id": "1", "channel_id": DM_CHANNEL})  # no author, no content
     await fake.dispatch("MESSAGE_REACTION_ADD", {"user_id": ANN})
@@ -175,15 +175,15 @@ async def test_a_malformed_event_is_skipped_and_the_next_message_answered(
 
 
 async def test_long_replies_are_split_at_2000(fake: FakeDiscord, make_config: Callable[..., Config]) -> None:
-    adapter = await _started(fake, make_config, RecordingBackend(reply=lambda r: "word " * 900))
+    connector = await _started(fake, make_config, RecordingBackend(reply=lambda r: "word " * 900))
     try:
         await fake.dispatch("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "talk"))
         sent = await fake.wait(fake.sent_messages, 3)
         assert all(len(body["content"]) <= 2000 for _, body in sent)
         assert " ".join(body["content"] for _, body in sent).split() == ["word"] * 900
     finally:
-        await adapter.stop()
-        await adapter.agent.close()
+        await connector.stop()
+        await connector.agent.close()
 
 
 async def test_a_wrong_token_fails_start(fake: FakeDiscord, make_config: Callable[..., Config]) -> None:
@@ -194,7 +194,7 @@ async def test_a_wrong_token_fails_start(fake: FakeDiscord, make_config: Callabl
     agent = await open_agent(config, llm=RecordingBackend())
     try:
         with pytest.raises(Exception, match=r"(?i)token"):
-            await DiscordAdapter(agent, config).start()
+            await DiscordConnector(agent, config).start()
     finally:
         await agent.close()
 
@@ -204,13 +204,13 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing(
 ) -> None:
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
     backend = RecordingBackend(lambda r: words, piece_delay_s=0.05)
-    adapter = await _started(fake, make_config, backend, "stream_edit_interval_s = 0.1\n")
+    connector = await _started(fake, make_config, backend, "stream_edit_interval_s = 0.1\n")
     try:
         await fake.dispatch("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "letters please"))
         draft = (await fake.wait(fake.sent_messages, 1))[0][1]
         assert draft["content"].startswith("alpha") and draft["content"].endswith(" …")
         async with asyncio.timeout(10):
-            while (row := await adapter.agent.store.db.fetchone(
+            while (row := await connector.agent.store.db.fetchone(
                 "SELECT platform_message_id FROM messages WHERE role = 'assistant' AND platform_message_id IS NOT NULL"
             )) is None:  # fmt: skip
                 await asyncio.sleep(0.02)
@@ -219,8 +219,8 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing(
         assert edits[-1] == words and len(edits) >= 2
         assert len(fake.sent_messages()) == 1
     finally:
-        await adapter.stop()
-        await adapter.agent.close()
+        await connector.stop()
+        await connector.agent.close()
 
 
 async def test_fuzzed_gateway_events_are_skipped_or_answered_and_never_stop_the_bot(
@@ -229,7 +229,7 @@ async def test_fuzzed_gateway_events_are_skipped_or_answered_and_never_stop_the_
     """Message, reaction and slash-command gateway events with fields missing, of the
     wrong type, huge or full of odd characters (hypothesis): the bot answers the next
     good message and leaves no turn half-written."""
-    adapter = await _started(fake, make_config, RecordingBackend(), NO_LIMITS)
+    connector = await _started(fake, make_config, RecordingBackend(), NO_LIMITS)
     try:
         events = [("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "hello")),
                   ("MESSAGE_REACTION_ADD", fake.reaction(DM_CHANNEL, "1", ANN, "👍")),
@@ -242,7 +242,7 @@ async def test_fuzzed_gateway_events_are_skipped_or_answered_and_never_stop_the_
         async with asyncio.timeout(60):
             while "echo: still there?" not in [body.get("content") for _, body in fake.sent_messages()]:
                 await asyncio.sleep(0.05)
-        await settled_whole(adapter.agent)
+        await settled_whole(connector.agent)
     finally:
-        await adapter.stop()
-        await adapter.agent.close()
+        await connector.stop()
+        await connector.agent.close()

@@ -59,7 +59,7 @@ async def test_run_serves_telegram_while_slack_keeps_failing(tmp_path: Path, tin
             await reader
     log = "".join(lines)
     assert proc.returncode == 0, log
-    assert "telegram adapter started" in log
+    assert "telegram connector started" in log
     assert "nightly training scheduled (0 3 * * *); next run" in log
     assert "123:TEST" not in log and "xoxb-t" not in log  # tokens never reach the log
 

@@ -18,7 +18,7 @@ from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
-from bots.slack import SlackAdapter
+from bots.slack import SlackConnector
 from tests.fakes.slack import FakeSlack
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
@@ -41,14 +41,14 @@ async def fake() -> AsyncIterator[FakeSlack]:
 
 
 @pytest.fixture
-async def bot(fake: FakeSlack, make_config: Callable[..., Config]) -> AsyncIterator[SlackAdapter]:
+async def bot(fake: FakeSlack, make_config: Callable[..., Config]) -> AsyncIterator[SlackConnector]:
     config = _config(make_config, fake)
     agent = await open_agent(config, llm=RecordingBackend())
-    adapter = SlackAdapter(agent, config)
-    await adapter.start()
+    connector = SlackConnector(agent, config)
+    await connector.start()
     await fake.connected()
-    yield adapter
-    await adapter.stop()
+    yield connector
+    await connector.stop()
     await agent.close()
 
 
@@ -62,7 +62,7 @@ async def _eventually(read: Callable[[], object], expected: object, timeout: flo
             await asyncio.sleep(0.02)
 
 
-async def test_a_direct_message_gets_a_reply(bot: SlackAdapter, fake: FakeSlack) -> None:
+async def test_a_direct_message_gets_a_reply(bot: SlackConnector, fake: FakeSlack) -> None:
     await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "hello slack")))
     posted = await fake.wait_for("chat.postMessage", 1)
     assert posted[0]["channel"] == DM and posted[0]["text"] == "echo: hello slack"
@@ -77,7 +77,7 @@ async def test_a_direct_message_gets_a_reply(bot: SlackAdapter, fake: FakeSlack)
     assert fake.posted("auth.test") and fake.posted("apps.connections.open")
 
 
-async def test_in_a_channel_only_mentions_are_answered_in_their_thread(bot: SlackAdapter, fake: FakeSlack) -> None:
+async def test_in_a_channel_only_mentions_are_answered_in_their_thread(bot: SlackConnector, fake: FakeSlack) -> None:
     await fake.push("events_api", fake.event_body(fake.message(CHANNEL, ANN, "humans talking")))
     await fake.push("events_api", fake.event_body(fake.mention(CHANNEL, BOB, "what is tea?", ts="1700.0001")))
     posted = await fake.wait_for("chat.postMessage", 1)
@@ -92,7 +92,7 @@ async def test_in_a_channel_only_mentions_are_answered_in_their_thread(bot: Slac
     assert len(fake.posted()) == 2
 
 
-async def test_reactions_by_slack_name_are_stored_and_undone(bot: SlackAdapter, fake: FakeSlack) -> None:
+async def test_reactions_by_slack_name_are_stored_and_undone(bot: SlackConnector, fake: FakeSlack) -> None:
     await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "rate this")))
     await fake.wait_for("chat.postMessage", 1)
     row = await bot.agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
@@ -107,7 +107,7 @@ async def test_reactions_by_slack_name_are_stored_and_undone(bot: SlackAdapter, 
     await _eventually(lambda: _rewards(bot.agent, ANN), [0.5, -1.0])
 
 
-async def test_the_slash_command_is_acknowledged_and_answered_ephemerally(bot: SlackAdapter, fake: FakeSlack) -> None:
+async def test_the_slash_command_is_acknowledged_and_answered_ephemerally(bot: SlackConnector, fake: FakeSlack) -> None:
     envelope = await fake.push("slash_commands", fake.command(CHANNEL, ANN, "prefs tone formal"))
     responses = await fake.wait_for("responses", 1)
     assert responses[0] == {"text": "Set tone to formal.", "response_type": "ephemeral"}
@@ -124,14 +124,14 @@ async def test_the_slash_command_is_acknowledged_and_answered_ephemerally(bot: S
     assert all(r["response_type"] == "ephemeral" for r in responses)
 
 
-async def test_a_sent_message_can_be_edited(bot: SlackAdapter, fake: FakeSlack) -> None:
+async def test_a_sent_message_can_be_edited(bot: SlackConnector, fake: FakeSlack) -> None:
     assert bot.can_edit
     await bot.edit(DM, "1700000001.000100", "better text")
     update = fake.posted("chat.update")[0]
     assert (update["channel"], update["ts"], update["text"]) == (DM, "1700000001.000100", "better text")
 
 
-async def test_a_retried_event_gets_one_reply(bot: SlackAdapter, fake: FakeSlack) -> None:
+async def test_a_retried_event_gets_one_reply(bot: SlackConnector, fake: FakeSlack) -> None:
     body = fake.event_body(fake.message(DM, ANN, "are you there?", ts="1700.0100"))
     await fake.push("events_api", body)
     await fake.push("events_api", body, retry_attempt=1)
@@ -141,7 +141,9 @@ async def test_a_retried_event_gets_one_reply(bot: SlackAdapter, fake: FakeSlack
     assert [p["text"] for p in fake.posted()] == ["echo: are you there?", "echo: next"]
 
 
-async def test_a_malformed_payload_is_skipped_and_the_next_message_answered(bot: SlackAdapter, fake: FakeSlack) -> None:
+async def test_a_malformed_payload_is_skipped_and_the_next_message_answered(
+    bot: SlackConnector, fake: FakeSlack
+) -> None:
     await fake.push_raw("{this is not json")
     await fake.push("events_api", fake.event_body({"type": "message", "channel_type": "im", "user": ANN}))  # no ts
     await fake.push("events_api", fake.event_body({"type": "reaction_added", "user": ANN, "item": "nonsense"}))
@@ -168,8 +170,8 @@ async def test_http_mode_verifies_signatures_and_ignores_retries(
     port = _free_port()
     config = _config(make_config, fake, f'mode = "http"\nhttp_port = {port}\n')
     agent = await open_agent(config, llm=RecordingBackend())
-    adapter = SlackAdapter(agent, config)
-    await adapter.start()
+    connector = SlackConnector(agent, config)
+    await connector.start()
     url = f"http://127.0.0.1:{port}/slack/events"
     try:
         async with aiohttp.ClientSession() as http:
@@ -195,37 +197,37 @@ async def test_http_mode_verifies_signatures_and_ignores_retries(
         await asyncio.sleep(0.3)
         assert [p["text"] for p in fake.posted()] == ["echo: over http"]
     finally:
-        await adapter.stop()
+        await connector.stop()
         await agent.close()
 
 
 def test_socket_mode_needs_the_app_token(fake: FakeSlack, make_config: Callable[..., Config]) -> None:
     config = make_config(f'[slack]\napi_url = "{fake.api_url}"\n', environ={"SLACK_BOT_TOKEN": "xoxb-test"})
     with pytest.raises(ValueError, match="SLACK_APP_TOKEN"):
-        SlackAdapter(None, config)  # type: ignore[arg-type]
+        SlackConnector(None, config)  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
 async def _writing_slowly(
     fake: FakeSlack, make_config: Callable[..., Config], words: str, extra: str = ""
-) -> AsyncIterator[SlackAdapter]:
-    """A started Slack adapter whose backend writes ``words`` one by one, like a model."""
+) -> AsyncIterator[SlackConnector]:
+    """A started Slack connector whose backend writes ``words`` one by one, like a model."""
     config = _config(make_config, fake, extra)
     agent = await open_agent(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.04))
-    adapter = SlackAdapter(agent, config)
-    await adapter.start()
+    connector = SlackConnector(agent, config)
+    await connector.start()
     try:
         await fake.connected()
-        yield adapter
+        yield connector
     finally:
-        await adapter.stop()
+        await connector.stop()
         await agent.close()
 
 
 async def test_slack_sends_the_final_text_once_by_default(fake: FakeSlack, make_config: Callable[..., Config]) -> None:
     words = "slow words arrive one by one here"
-    async with _writing_slowly(fake, make_config, words) as adapter:
-        assert adapter.config.settings.slack.stream_edit_interval_s == 0
+    async with _writing_slowly(fake, make_config, words) as connector:
+        assert connector.config.settings.slack.stream_edit_interval_s == 0
         await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "hello")))
         posted = await fake.wait_for("chat.postMessage", 1)
         assert posted[0]["text"] == words
@@ -253,8 +255,8 @@ async def test_fuzzed_events_and_commands_are_skipped_or_answered_and_never_stop
     good message and leaves no turn half-written."""
     config = _config(make_config, fake, NO_LIMITS)
     agent = await open_agent(config, llm=RecordingBackend())
-    adapter = SlackAdapter(agent, config)
-    await adapter.start()
+    connector = SlackConnector(agent, config)
+    await connector.start()
     try:
         await fake.connected()
         events = [fake.message(DM, ANN, "hello", ts="1700.0001"), fake.mention(CHANNEL, ANN, "hi", ts="1700.0002"),
@@ -270,5 +272,5 @@ async def test_fuzzed_events_and_commands_are_skipped_or_answered_and_never_stop
                 await asyncio.sleep(0.05)
         await settled_whole(agent)
     finally:
-        await adapter.stop()
+        await connector.stop()
         await agent.close()

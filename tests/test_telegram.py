@@ -20,7 +20,7 @@ from agent_core.config import Config
 from agent_core.events import Reply
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
-from bots.telegram import ALLOWED_UPDATES, TelegramAdapter
+from bots.telegram import ALLOWED_UPDATES, TelegramConnector
 from tests.fakes.telegram import BOT, FakeTelegram, parsed
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
@@ -43,13 +43,13 @@ async def fake() -> AsyncIterator[FakeTelegram]:
 
 
 @pytest.fixture
-async def bot(fake: FakeTelegram, make_config: Callable[..., Config]) -> AsyncIterator[TelegramAdapter]:
+async def bot(fake: FakeTelegram, make_config: Callable[..., Config]) -> AsyncIterator[TelegramConnector]:
     config = _config(make_config, fake)
     agent = await open_agent(config, llm=RecordingBackend())
-    adapter = TelegramAdapter(agent, config)
-    await adapter.start()
-    yield adapter
-    await adapter.stop()
+    connector = TelegramConnector(agent, config)
+    await connector.start()
+    yield connector
+    await connector.stop()
     await agent.close()
 
 
@@ -58,7 +58,7 @@ async def _rewards(agent: Agent, user_id: int) -> list[float]:
     return (await agent.store.stats(user))["rewards"]
 
 
-async def test_start_registers_commands_and_asks_for_reactions(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+async def test_start_registers_commands_and_asks_for_reactions(bot: TelegramConnector, fake: FakeTelegram) -> None:
     commands = parsed(fake.sent("setMyCommands")[0]["commands"])
     names = {"help", "prefs", "remember", "forget", "export", "stats", "link", "admin"}
     assert {c["command"] for c in commands} == names
@@ -68,7 +68,9 @@ async def test_start_registers_commands_and_asks_for_reactions(bot: TelegramAdap
     assert "message_reaction" in ALLOWED_UPDATES
 
 
-async def test_a_private_message_gets_a_reply_and_a_typing_indicator(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+async def test_a_private_message_gets_a_reply_and_a_typing_indicator(
+    bot: TelegramConnector, fake: FakeTelegram
+) -> None:
     await fake.push_text(ANN, ANN, "hello bot")
     sent = await fake.wait_sent(1)
     assert sent[0]["chat_id"] == str(ANN) and sent[0]["text"] == "echo: hello bot"
@@ -78,7 +80,7 @@ async def test_a_private_message_gets_a_reply_and_a_typing_indicator(bot: Telegr
 
 
 async def test_in_a_group_only_mentions_and_replies_to_the_bot_are_answered(
-    bot: TelegramAdapter, fake: FakeTelegram
+    bot: TelegramConnector, fake: FakeTelegram
 ) -> None:
     await fake.push_text(GROUP, ANN, "just chatting among humans")
     mention = "@attune_bot what time is it?"
@@ -94,7 +96,7 @@ async def test_in_a_group_only_mentions_and_replies_to_the_bot_are_answered(
     assert len(fake.sent()) == 2  # "just chatting" got nothing
 
 
-async def test_reactions_are_stored_undone_and_changed(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+async def test_reactions_are_stored_undone_and_changed(bot: TelegramConnector, fake: FakeTelegram) -> None:
     await fake.push_text(ANN, ANN, "rate me")
     await fake.wait_sent(1)
     reply_id = int(await _delivered_id(bot.agent))
@@ -109,7 +111,7 @@ async def test_reactions_are_stored_undone_and_changed(bot: TelegramAdapter, fak
 
 
 async def test_commands_work_and_personal_answers_in_groups_go_private(
-    bot: TelegramAdapter, fake: FakeTelegram
+    bot: TelegramConnector, fake: FakeTelegram
 ) -> None:
     await fake.push_text(ANN, ANN, "/prefs tone formal")
     assert (await fake.wait_sent(1))[0]["text"] == "Set tone to formal."
@@ -139,14 +141,14 @@ async def test_commands_work_and_personal_answers_in_groups_go_private(
     assert not [m for m in fake.sent()[8:] if m["chat_id"] == str(GROUP) and "tone" in m["text"]]
 
 
-async def test_a_sent_message_can_be_edited(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+async def test_a_sent_message_can_be_edited(bot: TelegramConnector, fake: FakeTelegram) -> None:
     assert bot.can_edit
     await bot.edit(str(ANN), "10123", "better text")
     edits = fake.sent("editMessageText")
     assert edits == [{"chat_id": str(ANN), "message_id": "10123", "text": "better text"}]
 
 
-async def test_a_duplicate_delivery_gets_one_reply(bot: TelegramAdapter, fake: FakeTelegram) -> None:
+async def test_a_duplicate_delivery_gets_one_reply(bot: TelegramConnector, fake: FakeTelegram) -> None:
     message = fake.message(ANN, ANN, "only once")
     await fake.push({"message": message})
     await fake.wait_sent(1)
@@ -159,7 +161,7 @@ async def test_a_duplicate_delivery_gets_one_reply(bot: TelegramAdapter, fake: F
 
 
 async def test_a_malformed_update_is_skipped_and_the_next_message_answered(
-    bot: TelegramAdapter, fake: FakeTelegram
+    bot: TelegramConnector, fake: FakeTelegram
 ) -> None:
     await fake.push({"message": {"message_id": 1, "text": "no chat, no date"}})
     await fake.push({"message": "not even an object"})
@@ -171,8 +173,8 @@ async def test_a_malformed_update_is_skipped_and_the_next_message_answered(
 async def test_long_replies_are_split_at_4096(fake: FakeTelegram, make_config: Callable[..., Config]) -> None:
     config = _config(make_config, fake)
     agent = await open_agent(config, llm=RecordingBackend(reply=lambda r: "word " * 1500))
-    adapter = TelegramAdapter(agent, config)
-    await adapter.start()
+    connector = TelegramConnector(agent, config)
+    await connector.start()
     try:
         await fake.push_text(ANN, ANN, "talk a lot")
         sent = await fake.wait_sent(2)
@@ -180,7 +182,7 @@ async def test_long_replies_are_split_at_4096(fake: FakeTelegram, make_config: C
         assert " ".join(m["text"] for m in sent).split() == ["word"] * 1500
         assert await _delivered_id(agent) is not None
     finally:
-        await adapter.stop()
+        await connector.stop()
         await agent.close()
 
 
@@ -196,7 +198,7 @@ async def _wait_for_message(
 
 
 async def _delivered_id(agent: Agent, timeout_s: float = 10.0) -> str:
-    """The platform id of the (first) stored reply, once the adapter has reported it: that
+    """The platform id of the (first) stored reply, once the connector has reported it: that
     happens after Telegram answered the send, so a moment after the fake saw it."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -220,8 +222,8 @@ async def test_webhook_mode_checks_the_secret_token(fake: FakeTelegram, make_con
     extra = f'mode = "webhook"\nwebhook_url = "https://bot.example.invalid/telegram"\nwebhook_port = {port}\n'
     config = _config(make_config, fake, extra, TELEGRAM_WEBHOOK_SECRET="s3cret-token")
     agent = await open_agent(config, llm=RecordingBackend())
-    adapter = TelegramAdapter(agent, config)
-    await adapter.start()
+    connector = TelegramConnector(agent, config)
+    await connector.start()
     try:
         webhook = fake.sent("setWebhook")[0]
         assert webhook["url"] == "https://bot.example.invalid/telegram" and webhook["secret_token"] == "s3cret-token"
@@ -235,7 +237,7 @@ async def test_webhook_mode_checks_the_secret_token(fake: FakeTelegram, make_con
         sent = await fake.wait_sent(1)
         assert [m["text"] for m in sent] == ["echo: via webhook"]
     finally:
-        await adapter.stop()
+        await connector.stop()
         await agent.close()
 
 
@@ -246,7 +248,7 @@ async def test_a_wrong_token_fails_start_cleanly(fake: FakeTelegram, make_config
     agent = await open_agent(config, llm=RecordingBackend())
     try:
         with pytest.raises(Exception, match="rejected"):
-            await TelegramAdapter(agent, config).start()
+            await TelegramConnector(agent, config).start()
     finally:
         await agent.close()
 
@@ -261,8 +263,8 @@ def test_the_token_comes_from_the_environment(tmp_path: Path) -> None:
     from agent_core.config import load_config
     from tests.conftest import write_config
 
-    assert not TelegramAdapter.configured(load_config(write_config(tmp_path), environ={}))
-    assert TelegramAdapter.configured(load_config(write_config(tmp_path), environ={"TELEGRAM_BOT_TOKEN": "1:x"}))
+    assert not TelegramConnector.configured(load_config(write_config(tmp_path), environ={}))
+    assert TelegramConnector.configured(load_config(write_config(tmp_path), environ={"TELEGRAM_BOT_TOKEN": "1:x"}))
 
 
 async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
@@ -271,9 +273,9 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
     config = _config(make_config, fake, "stream_edit_interval_s = 0.1\n")
     words = "one two three four five six seven eight nine ten eleven twelve"
     agent = await open_agent(config, llm=RecordingBackend(lambda r: words, piece_delay_s=0.04))
-    adapter = TelegramAdapter(agent, config)
+    connector = TelegramConnector(agent, config)
     shown: list[float] = []  # when each draft or edit went out
-    send, edit = adapter.send, adapter.edit
+    send, edit = connector.send, connector.edit
 
     async def timed_send(reply: Reply) -> str | None:
         shown.append(time.monotonic())
@@ -283,8 +285,8 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
         shown.append(time.monotonic())
         await edit(chat_id, message_id, text)
 
-    adapter.send, adapter.edit = timed_send, timed_edit  # type: ignore[method-assign]
-    await adapter.start()
+    connector.send, connector.edit = timed_send, timed_edit  # type: ignore[method-assign]
+    await connector.start()
     try:
         await fake.push_text(ANN, ANN, "count for me")
         draft = (await fake.wait_sent(1))[0]
@@ -302,7 +304,7 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
         assert stored is not None and stored[1] == words
         assert stored[0] == fake.sent("editMessageText")[-1]["message_id"]  # reactions on it find the reply
     finally:
-        await adapter.stop()
+        await connector.stop()
         await agent.close()
 
 
@@ -317,8 +319,8 @@ async def test_fuzzed_updates_are_skipped_or_answered_and_never_stop_the_bot(
     caplog.set_level(logging.DEBUG, logger="agent_core")
     config = _config(make_config, fake, NO_LIMITS)
     agent = await open_agent(config, llm=RecordingBackend())
-    adapter = TelegramAdapter(agent, config)
-    await adapter.start()
+    connector = TelegramConnector(agent, config)
+    await connector.start()
     try:
         command = fake.message(ANN, ANN, "/prefs tone formal", entities=[{"type": "bot_command", "offset": 0,
                                                                           "length": 6}])  # fmt: skip
@@ -338,5 +340,5 @@ async def test_fuzzed_updates_are_skipped_or_answered_and_never_stop_the_bot(
         assert "skipped a malformed Telegram update" in caplog.text
         assert "quokkaword" not in caplog.text
     finally:
-        await adapter.stop()
+        await connector.stop()
         await agent.close()

@@ -12,8 +12,8 @@ import pytest
 
 from agent_core.agent import Agent
 from agent_core.config import load_config
-from bots import DEFAULT_FRONT_END, configured_adapters
-from bots.terminal import TerminalAdapter, as_reaction
+from bots import DEFAULT_FRONT_END, configured_connectors
+from bots.terminal import TerminalConnector, as_reaction
 from tests.conftest import ATTUNE, query, tiny_config_text, write_config
 
 
@@ -39,9 +39,9 @@ def test_which_lines_are_reactions(line: str, emoji: str | None) -> None:
 
 async def _session(agent: Agent, lines: str, user: str = "alice") -> str:
     out = io.StringIO()
-    adapter = TerminalAdapter(agent, None, user=user, stdin=io.StringIO(lines), stdout=out)  # type: ignore[arg-type]
-    await adapter.start()
-    await adapter.finished.wait()
+    connector = TerminalConnector(agent, None, user=user, stdin=io.StringIO(lines), stdout=out)  # type: ignore[arg-type]
+    await connector.start()
+    await connector.finished.wait()
     return out.getvalue()
 
 
@@ -68,7 +68,7 @@ async def test_export_prints_the_json(agent: Agent) -> None:
 
 
 def test_run_starts_the_default_front_end_when_no_platform_is_configured(tmp_path: Path) -> None:
-    assert configured_adapters(load_config(write_config(tmp_path), environ={})) == [DEFAULT_FRONT_END]
+    assert configured_connectors(load_config(write_config(tmp_path), environ={})) == [DEFAULT_FRONT_END]
 
 
 def _env() -> dict[str, str]:

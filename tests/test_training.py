@@ -374,12 +374,12 @@ async def test_the_dashboard_trains_a_user_now_and_rolls_the_adapter_back(
 ) -> None:
     import aiohttp
 
-    from bots.web import WebAdapter
+    from bots.web import WebConnector
 
     token = "dashboard-training-token"
     config = make_config(training_text(tiny_model_dir, "[web]\nport = 0\n"), environ={"ATTUNE_ADMIN_TOKEN": token})
     agent = await history_agent(config)
-    web = WebAdapter(agent, config)
+    web = WebConnector(agent, config)
     await web.start()
     try:
         await rate_history(agent, "ann", 12)

@@ -11,26 +11,26 @@ import pytest
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
-from bots.web import SECURITY_HEADERS, WebAdapter
+from bots.web import SECURITY_HEADERS, WebConnector
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
 ADMIN = "admin-token-for-api-tests"
 
 
-async def _start(make_config: Callable[..., Config], environ: dict[str, str]) -> WebAdapter:
+async def _start(make_config: Callable[..., Config], environ: dict[str, str]) -> WebConnector:
     config = make_config("[web]\nport = 0\nmax_body_bytes = 4096\n", environ=environ)
     agent = await open_agent(config, llm=RecordingBackend())
-    web = WebAdapter(agent, config)
+    web = WebConnector(agent, config)
     await web.start()
     return web
 
 
 @pytest.fixture
-async def web(make_config: Callable[..., Config]) -> AsyncIterator[WebAdapter]:
-    adapter = await _start(make_config, {"ATTUNE_ADMIN_TOKEN": ADMIN})
-    yield adapter
-    await adapter.stop()
-    await adapter.agent.close()
+async def web(make_config: Callable[..., Config]) -> AsyncIterator[WebConnector]:
+    connector = await _start(make_config, {"ATTUNE_ADMIN_TOKEN": ADMIN})
+    yield connector
+    await connector.stop()
+    await connector.agent.close()
 
 
 class Client:
@@ -49,14 +49,14 @@ class Client:
 
 
 @pytest.fixture
-async def client(web: WebAdapter) -> AsyncIterator[Client]:
+async def client(web: WebConnector) -> AsyncIterator[Client]:
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
         api = Client(http, f"http://127.0.0.1:{web.port}")
         await api.start()
         yield api
 
 
-async def test_send_react_command_and_history_as_plain_json(web: WebAdapter, client: Client) -> None:
+async def test_send_react_command_and_history_as_plain_json(web: WebConnector, client: Client) -> None:
     reply = (await (await client.post("/api/messages", {"text": "hi"})).json())["reply"]
     assert reply["text"] == "echo: hi" and reply["kind"] == "answer"
     reaction = await (await client.post("/api/reactions", {"message_id": reply["id"], "emoji": "❤️"})).json()
@@ -91,7 +91,7 @@ async def test_streaming_sends_tokens_then_the_reply(client: Client) -> None:
     ],
 )
 async def test_cross_site_and_tokenless_posts_are_refused(
-    web: WebAdapter, client: Client, headers: dict[str, str], why: str
+    web: WebConnector, client: Client, headers: dict[str, str], why: str
 ) -> None:
     response = await client.post("/api/messages", {"text": "forged"}, **headers)
     assert response.status == 403, why
@@ -147,7 +147,7 @@ async def test_fuzzed_requests_get_a_clear_answer_and_never_a_server_error(
     and bytes that are not UTF-8 (hypothesis): each gets a 2xx or a 4xx with a reason,
     never a 500, and the chat goes on; no turn is left half-written."""
     config = make_config("[web]\nport = 0\nmax_body_bytes = 262144\n" + NO_LIMITS)
-    web = WebAdapter(await open_agent(config, llm=RecordingBackend()), config)
+    web = WebConnector(await open_agent(config, llm=RecordingBackend()), config)
     await web.start()
     statuses: dict[int, int] = {}
     try:

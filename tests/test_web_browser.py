@@ -17,7 +17,7 @@ from agent_core.config import Config
 from agent_core.llm.local import LocalBackend
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
-from bots.web import WebAdapter
+from bots.web import WebConnector
 from tests.conftest import MODEL_CACHE, SCREENSHOTS
 
 pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
@@ -38,17 +38,17 @@ async def browser() -> AsyncIterator[Browser]:
         await launched.close()
 
 
-async def _serve(make_config: Callable[..., Config], llm: object, extra: str = "") -> tuple[WebAdapter, str]:
+async def _serve(make_config: Callable[..., Config], llm: object, extra: str = "") -> tuple[WebConnector, str]:
     config = make_config("[web]\nport = 0\n" + extra, environ={"ATTUNE_ADMIN_TOKEN": ADMIN})
     agent = await open_agent(config, llm=llm)  # type: ignore[arg-type]
     await agent.llm.start()
-    web = WebAdapter(agent, config)
+    web = WebConnector(agent, config)
     await web.start()
     return web, f"http://127.0.0.1:{web.port}"
 
 
 @pytest.fixture
-async def site(make_config: Callable[..., Config]) -> AsyncIterator[tuple[WebAdapter, str]]:
+async def site(make_config: Callable[..., Config]) -> AsyncIterator[tuple[WebConnector, str]]:
     web, url = await _serve(make_config, RecordingBackend())
     yield web, url
     await web.stop()
@@ -90,7 +90,7 @@ async def test_chat_with_the_real_model_and_react(browser: Browser, make_config:
         await web.agent.close()
 
 
-async def test_replies_stream_and_reactions_change_and_go(browser: Browser, site: tuple[WebAdapter, str]) -> None:
+async def test_replies_stream_and_reactions_change_and_go(browser: Browser, site: tuple[WebConnector, str]) -> None:
     web, url = site
     page = await _open_chat(browser, url)
     await _say(page, "hello there")
@@ -115,7 +115,9 @@ async def test_replies_stream_and_reactions_change_and_go(browser: Browser, site
     await expect(page.locator("li.message.bot .text")).to_have_text(["echo: hello there"])
 
 
-async def test_slash_commands_with_suggestions_set_preferences(browser: Browser, site: tuple[WebAdapter, str]) -> None:
+async def test_slash_commands_with_suggestions_set_preferences(
+    browser: Browser, site: tuple[WebConnector, str]
+) -> None:
     web, url = site
     page = await _open_chat(browser, url)
     await page.fill("#input", "/pr")
@@ -133,7 +135,9 @@ async def test_slash_commands_with_suggestions_set_preferences(browser: Browser,
     await expect(download).to_have_attribute("download", "attune-export.json")
 
 
-async def test_two_browsers_are_two_users_with_separate_memory(browser: Browser, site: tuple[WebAdapter, str]) -> None:
+async def test_two_browsers_are_two_users_with_separate_memory(
+    browser: Browser, site: tuple[WebConnector, str]
+) -> None:
     web, url = site
     first = await _open_chat(browser, url)
     await _say(first, "/remember my secret is blue")
@@ -151,7 +155,7 @@ async def test_two_browsers_are_two_users_with_separate_memory(browser: Browser,
 PAYLOADS = ['<script>window.__pwned = "script"</script>', "<img src=x onerror=\"window.__pwned = 'img'\">"]
 
 
-async def test_user_text_is_never_run_as_html(browser: Browser, site: tuple[WebAdapter, str]) -> None:
+async def test_user_text_is_never_run_as_html(browser: Browser, site: tuple[WebConnector, str]) -> None:
     _web, url = site
     page = await _open_chat(browser, url)
     await page.fill("#name", PAYLOADS[1])
@@ -180,7 +184,7 @@ async def _sign_in(page: Page, url: str, token: str = ADMIN) -> None:
 
 
 async def test_the_dashboard_refuses_without_the_token_and_shows_the_reward_plot(
-    browser: Browser, site: tuple[WebAdapter, str]
+    browser: Browser, site: tuple[WebConnector, str]
 ) -> None:
     _web, url = site
     chat = await _open_chat(browser, url)

@@ -52,11 +52,11 @@ class Site(Protocol):
 
 
 class Dashboard:
-    def __init__(self, agent: Agent, config: Config, web_adapter: Site) -> None:
+    def __init__(self, agent: Agent, config: Config, site: Site) -> None:
         self.agent = agent
         self.operations = agent.operations
         self.token = config.secrets.get("admin_token")
-        self.web = web_adapter
+        self.web = site
         self._said: dict[str, str] = {}  # notice code -> the last outcome's own words (which model serves now)
 
     def add_routes(self, app: web.Application) -> None:

@@ -1,4 +1,4 @@
-"""Running adapters side by side: a platform that cannot connect is retried, the others run on."""
+"""Running connectors side by side: a platform that cannot connect is retried, the others run on."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 from agent_core.agent import Agent
 from agent_core.config import Config, RunSettings, load_config
 from agent_core.events import Reply
-from bots import DEFAULT_FRONT_END, configured_adapters
-from bots.base import Adapter, split_text
-from bots.runner import run_adapters
-from bots.telegram import TelegramAdapter
+from bots import DEFAULT_FRONT_END, configured_connectors
+from bots.base import Connector, split_text
+from bots.supervisor import run_connectors
+from bots.telegram import TelegramConnector
 from tests.conftest import write_config
 
 
-class Flaky(Adapter):
+class Flaky(Connector):
     """Fails to start ``failures`` times, then runs until stopped."""
 
     platform = "flaky"
@@ -53,7 +53,7 @@ async def test_a_failing_platform_is_retried_while_the_others_run(
     config = make_config()
     healthy, flaky = Flaky(agent, config, failures=0), Flaky(agent, config, failures=3)
     stop = asyncio.Event()
-    runner = asyncio.create_task(run_adapters([healthy, flaky], RunSettings(retry_initial_s=0.01), stop))
+    runner = asyncio.create_task(run_connectors([healthy, flaky], RunSettings(retry_initial_s=0.01), stop))
     async with asyncio.timeout(10):
         while not flaky.running:
             await asyncio.sleep(0.01)
@@ -67,7 +67,7 @@ async def test_a_failing_platform_is_retried_while_the_others_run(
 async def test_running_ends_when_every_adapter_has_finished(agent: Agent, make_config: Callable[..., Config]) -> None:
     config = make_config()
     one, two = Flaky(agent, config, 0), Flaky(agent, config, 0)
-    runner = asyncio.create_task(run_adapters([one, two], RunSettings(), asyncio.Event()))
+    runner = asyncio.create_task(run_connectors([one, two], RunSettings(), asyncio.Event()))
     await asyncio.sleep(0.05)
     one.finished.set()
     await asyncio.sleep(0.05)
@@ -78,11 +78,11 @@ async def test_running_ends_when_every_adapter_has_finished(agent: Agent, make_c
 
 def test_run_starts_every_platform_with_a_token_and_the_front_end(tmp_path: Path) -> None:
     path = write_config(tmp_path)
-    assert configured_adapters(load_config(path, environ={})) == [DEFAULT_FRONT_END]
+    assert configured_connectors(load_config(path, environ={})) == [DEFAULT_FRONT_END]
     with_token = load_config(path, environ={"TELEGRAM_BOT_TOKEN": "1:x"})
-    assert configured_adapters(with_token) == [TelegramAdapter, DEFAULT_FRONT_END]
+    assert configured_connectors(with_token) == [TelegramConnector, DEFAULT_FRONT_END]
     no_front = load_config(path, environ={"TELEGRAM_BOT_TOKEN": "1:x", "ATTUNE_RUN__DEFAULT_FRONT_END": "false"})
-    assert configured_adapters(no_front) == [TelegramAdapter]
+    assert configured_connectors(no_front) == [TelegramConnector]
 
 
 @pytest.mark.parametrize("limit", [10, 50, 2000])
