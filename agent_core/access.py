@@ -1,6 +1,6 @@
 """Who may talk to the bot, and who may run /admin: ``[access]``.
 
-Entries are ``"platform:id"`` (``"telegram:12345"``, ``"slack:U0123"``). A platform with
+Entries are ``"platform:id"``: the platform's name and its own id of the user or chat. A platform with
 no ``allowed_users`` entry answers everyone on it; once it has one, it answers only the
 users listed. ``allowed_chats`` works the same way for chats (groups, channels, DMs).
 ``admins`` may use ``/admin``; being an admin does not bypass the allowlists.

@@ -309,7 +309,10 @@ class Agent:
         reaction = well_formed(reaction)
         if not self.access.allows(reaction.platform, reaction.sender_id, reaction.chat_id):
             return ReactionOutcome(stored=False)
-        if reaction.event_id is not None and not await self.store.claim_event(reaction.platform, reaction.event_id):
+        claimed = reaction.event_id is None or await self.store.claim_event(
+            reaction.platform, reaction.event_id, reaction.chat_id
+        )
+        if not claimed:
             return ReactionOutcome(stored=False)
         reply = await self.store.find_reply(reaction.platform, reaction.chat_id, reaction.message_id)
         if reply is None:
@@ -333,7 +336,9 @@ class Agent:
         command = well_formed(command)
         if not self.access.allows(command.platform, command.sender_id, command.chat_id):
             return self._not_allowed(command)
-        if command.event_id is not None and not await self.store.claim_event(command.platform, command.event_id):
+        if command.event_id is not None and not await self.store.claim_event(
+            command.platform, command.event_id, command.chat_id
+        ):
             return None
         user_id = await self.store.resolve_user(command.platform, command.sender_id, command.sender_name)
         caller = Caller(user_id, command.platform, admin=self.access.is_admin(command.platform, command.sender_id))

@@ -16,17 +16,28 @@ Any problem — a wrong type, a bad value, an unknown key, a secret in the file 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
+from agent_core.platforms import PlatformSpec
 from agent_core.style import Emoji, Format, Length, Tone
 
 ENV_PREFIX = "ATTUNE_"
@@ -38,12 +49,12 @@ class ConfigError(Exception):
     """Bad configuration: the message names the key and the file (or variable)."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     # Strict: a TOML string where a number belongs is an error, not a silent coercion.
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
-class StorageSettings(_Section):
+class StorageSettings(Section):
     data_dir: str = "./data"
     database: str = "attune.db"
     url: str = ""  # "postgresql://user@host:port/db" for PostgreSQL; empty: the SQLite file above
@@ -81,7 +92,7 @@ class StorageSettings(_Section):
         return f"sqlite:///{self.database_path}"
 
 
-class LocalLLMSettings(_Section):
+class LocalLLMSettings(Section):
     model: str = "smollm2"
     cache_dir: str = ""
     threads: int = Field(default=0, ge=0)
@@ -101,7 +112,7 @@ class LocalLLMSettings(_Section):
     weights: Literal["fp32", "int8", "int4"] = "int4"  # weight-only quantization (agent_core/llm/quantized.py)
 
 
-class OpenAISettings(_Section):
+class OpenAISettings(Section):
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-4o-mini"
     context_window: int = Field(default=8192, ge=256)
@@ -111,7 +122,7 @@ class OpenAISettings(_Section):
     adapter_dir: str = ""  # the adapters directory as the server sees it; "" = the same path as here
 
 
-class LLMSettings(_Section):
+class LLMSettings(Section):
     backend: Literal["local", "openai"] = "local"
     max_new_tokens: int = Field(default=160, ge=1, le=4096)
     temperature: float = Field(default=0.3, ge=0.0, le=2.0)
@@ -121,14 +132,14 @@ class LLMSettings(_Section):
     openai: OpenAISettings = OpenAISettings()
 
 
-class AgentSettings(_Section):
+class AgentSettings(Section):
     name: str = "attune"
     system_prompt: str = "You are attune, a friendly and helpful assistant."
     recent_turns: int = Field(default=12, ge=0)
     memory_notes: int = Field(default=5, ge=0)
 
 
-class StyleDefaults(_Section):
+class StyleDefaults(Section):
     """The style used for a dimension the user has not set and nothing has learned."""
 
     length: Length = "brief"
@@ -137,14 +148,14 @@ class StyleDefaults(_Section):
     format: Format = "prose"
 
 
-class PolicySettings(_Section):
+class PolicySettings(Section):
     learn: bool = True
     seed: int = 0
     discount: float = Field(default=0.96, gt=0.5, le=1.0)
     refit_every: int = Field(default=20, ge=1)
 
 
-class TrainingSettings(_Section):
+class TrainingSettings(Section):
     """The nightly per-user LoRA job (agent_core/training, scheduler/)."""
 
     enabled: bool = True
@@ -209,13 +220,13 @@ class TrainingSettings(_Section):
         return value
 
 
-class LimitsSettings(_Section):
+class LimitsSettings(Section):
     messages_per_minute: int = Field(default=20, ge=1)
     global_messages_per_minute: int = Field(default=600, ge=0)  # 0: no limit for the bot as a whole
     max_message_chars: int = Field(default=4000, ge=1)
 
 
-class AccessSettings(_Section):
+class AccessSettings(Section):
     allowed_users: list[str] = Field(default_factory=list)  # "platform:id"; a platform listed answers only these
     allowed_chats: list[str] = Field(default_factory=list)  # "platform:chat id"; likewise for chats
     admins: list[str] = Field(default_factory=list)  # "platform:id": may use /admin
@@ -226,55 +237,19 @@ class AccessSettings(_Section):
         for entry in entries:
             platform, _, ident = entry.partition(":")
             if not platform or not ident or platform != platform.strip().lower() or ident != ident.strip():
-                raise ValueError(f'{entry!r} is not "platform:id" (e.g. "telegram:12345")')
+                raise ValueError(f'{entry!r} is not "platform:id" (a platform, a colon, its id of the user or chat)')
         return entries
 
 
-class LoggingSettings(_Section):
+class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
-class RunSettings(_Section):
+class RunSettings(Section):
     default_front_end: bool = True
     retry_initial_s: float = Field(default=5.0, gt=0)
     retry_max_s: float = Field(default=300.0, gt=0)
     answer_missed_within_s: float = Field(default=3600.0, ge=0)
-
-
-class WebSettings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    max_body_bytes: int = Field(default=65536, ge=1024)
-    secure_cookies: bool = False
-
-
-class TelegramSettings(_Section):
-    base_url: str = "https://api.telegram.org/bot"
-    base_file_url: str = "https://api.telegram.org/file/bot"
-    mode: Literal["polling", "webhook"] = "polling"
-    poll_timeout_s: int = Field(default=30, ge=0)
-    request_timeout_s: float = Field(default=20.0, gt=0)
-    webhook_url: str = ""
-    webhook_listen: str = "127.0.0.1"
-    webhook_port: int = Field(default=8443, ge=1, le=65535)
-    stream_edit_interval_s: float = Field(default=3.0, ge=0.0)  # 0: send the final text only
-
-
-class DiscordSettings(_Section):
-    api_base: str = "https://discord.com/api/v10"
-    gateway_url: str = "wss://gateway.discord.gg/"
-    sync_commands: bool = True
-    guild_ready_timeout_s: float = Field(default=2.0, ge=0)
-    stream_edit_interval_s: float = Field(default=1.5, ge=0.0)  # 0: send the final text only
-
-
-class SlackSettings(_Section):
-    api_url: str = "https://slack.com/api/"
-    mode: Literal["socket", "http"] = "socket"
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(default=3000, ge=1, le=65535)
-    command: str = Field(default="/attune", pattern=r"^/[a-z0-9_-]{1,31}$")
-    stream_edit_interval_s: float = Field(default=0.0, ge=0.0)  # 0: send the final text only
 
 
 DEFAULT_REWARDS: dict[str, float] = {
@@ -304,7 +279,7 @@ DEFAULT_REWARDS: dict[str, float] = {
 Reward = Annotated[float, Field(ge=-1.0, le=1.0)]
 
 
-class Settings(_Section):
+class Settings(Section):
     storage: StorageSettings = StorageSettings()
     llm: LLMSettings = LLMSettings()
     agent: AgentSettings = AgentSettings()
@@ -316,66 +291,60 @@ class Settings(_Section):
     rewards: dict[str, Reward] = Field(default_factory=lambda: dict(DEFAULT_REWARDS))
     logging: LoggingSettings = LoggingSettings()
     run: RunSettings = RunSettings()
-    web: WebSettings = WebSettings()
-    telegram: TelegramSettings = TelegramSettings()
-    discord: DiscordSettings = DiscordSettings()
-    slack: SlackSettings = SlackSettings()
+    # Each platform's own section ([<platform>]) is added by settings_model().
+
+
+@functools.cache
+def settings_model(platforms: tuple[PlatformSpec, ...]) -> type[Settings]:
+    """:class:`Settings` with a ``[<name>]`` section for each platform (its own model)."""
+    sections: dict[str, Any] = {p.name: (p.settings, p.settings()) for p in platforms if p.settings is not None}
+    if not sections:
+        return Settings
+    clash = set(sections) & set(Settings.model_fields)
+    if clash:
+        raise ValueError(f"platform names {sorted(clash)} are core settings sections")
+    return create_model("Settings", __base__=Settings, **sections)
 
 
 class Secrets(BaseModel):
-    """Values read only from the environment; never written to logs or output."""
+    """Values read only from the environment; never written to logs or output. The
+    core's own are below; each platform's come from its :class:`~agent_core.platforms.Secret`."""
 
     model_config = ConfigDict(frozen=True)
     openai_api_key: SecretStr | None = None
-    telegram_bot_token: SecretStr | None = None
-    telegram_webhook_secret: SecretStr | None = None
-    discord_bot_token: SecretStr | None = None
-    slack_bot_token: SecretStr | None = None
-    slack_app_token: SecretStr | None = None
-    slack_signing_secret: SecretStr | None = None
-    admin_token: SecretStr | None = None
     encryption_key: SecretStr | None = None
     new_encryption_key: SecretStr | None = None
     database_password: SecretStr | None = None  # read by libpq itself; known here to keep it out of logs
+    platform: dict[str, SecretStr] = Field(default_factory=dict)  # a platform's secret name -> its value
+    env: dict[str, str] = Field(default_factory=lambda: dict(SECRET_ENV))  # every secret name -> its variable
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> Secrets:
-        return cls(**{name: environ[var] for name, var in SECRET_ENV.items() if environ.get(var)})
+    def from_env(cls, environ: Mapping[str, str], platforms: tuple[PlatformSpec, ...] = ()) -> Secrets:
+        declared = {s.name: s.env for p in platforms for s in p.secrets}
+        core = {name: environ[var] for name, var in SECRET_ENV.items() if environ.get(var)}
+        theirs = {name: SecretStr(environ[var]) for name, var in declared.items() if environ.get(var)}
+        return cls(**core, platform=theirs, env={**SECRET_ENV, **declared})
 
     def values(self) -> list[str]:
         """Every secret that is set, for log redaction."""
-        return [s.get_secret_value() for s in (getattr(self, n) for n in SECRET_ENV) if s]
+        return [value for name in self.env if (value := self.get(name))]
 
     def get(self, name: str) -> str | None:
         """The plain value of one secret, or None when its variable is not set."""
-        value: SecretStr | None = getattr(self, name)
+        value: SecretStr | None = self.platform.get(name) if name in self.platform else getattr(self, name, None)
         return value.get_secret_value() if value else None
 
 
-# Secret name -> its environment variable.
+# The core's secret names -> their environment variables (the platforms declare their own).
 SECRET_ENV: dict[str, str] = {
     "openai_api_key": "OPENAI_API_KEY",
-    "telegram_bot_token": "TELEGRAM_BOT_TOKEN",
-    "telegram_webhook_secret": "TELEGRAM_WEBHOOK_SECRET",
-    "discord_bot_token": "DISCORD_BOT_TOKEN",
-    "slack_bot_token": "SLACK_BOT_TOKEN",
-    "slack_app_token": "SLACK_APP_TOKEN",
-    "slack_signing_secret": "SLACK_SIGNING_SECRET",
-    "admin_token": "ATTUNE_ADMIN_TOKEN",
     "encryption_key": "ATTUNE_ENCRYPTION_KEY",
     "new_encryption_key": "ATTUNE_NEW_ENCRYPTION_KEY",  # for `attune keys rotate`
     "database_password": "PGPASSWORD",  # [storage] url = "postgresql://..."
 }
-# Where someone might wrongly put a secret in the file -> the variable to use instead.
+# Where someone might wrongly put one of the core's secrets in the file -> the variable to use instead.
 SECRET_FILE_KEYS: dict[str, str] = {
     "llm.openai.api_key": "OPENAI_API_KEY",
-    "telegram.token": "TELEGRAM_BOT_TOKEN",
-    "telegram.webhook_secret": "TELEGRAM_WEBHOOK_SECRET",
-    "discord.token": "DISCORD_BOT_TOKEN",
-    "slack.bot_token": "SLACK_BOT_TOKEN",
-    "slack.app_token": "SLACK_APP_TOKEN",
-    "slack.signing_secret": "SLACK_SIGNING_SECRET",
-    "web.admin_token": "ATTUNE_ADMIN_TOKEN",
     "storage.encryption_key": "ATTUNE_ENCRYPTION_KEY",
 }
 
@@ -399,9 +368,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{msg[0].lower()}{msg[1:]} (got {got!r})"
 
 
-def _field_type(path: tuple[str, ...]) -> Any:
-    """The annotation of the setting at ``path``, or None for an unknown key."""
-    model: Any = Settings
+def _field_type(model: Any, path: tuple[str, ...]) -> Any:
+    """The annotation of the setting at ``path`` in ``model``, or None for an unknown key."""
     for i, part in enumerate(path):
         if isinstance(model, type) and issubclass(model, BaseModel):
             field = model.model_fields.get(part)
@@ -415,7 +383,9 @@ def _field_type(path: tuple[str, ...]) -> Any:
     return model
 
 
-def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+def _env_overrides(
+    environ: Mapping[str, str], model: type[Settings]
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
     """Parse ``ATTUNE_<SECTION>__<KEY>`` variables into a nested dict of typed values."""
     data: dict[str, Any] = {}
     origin: dict[tuple[str, ...], str] = {}
@@ -424,7 +394,7 @@ def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tup
         if not var.startswith(ENV_PREFIX) or "__" not in var:
             continue  # ATTUNE_CONFIG, ATTUNE_ADMIN_TOKEN...: not settings overrides
         path = tuple(p.lower() for p in var[len(ENV_PREFIX) :].split("__"))
-        annotation = _field_type(path)
+        annotation = _field_type(model, path)
         if annotation is None or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             problems.append(f"{'.'.join(path)}: unknown key (from environment variable {var})")
             continue
@@ -462,9 +432,17 @@ def resolve_config_path(cli_path: str | None, environ: Mapping[str, str]) -> Pat
     return default if default.exists() else None
 
 
-def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read settings from ``path`` (see :func:`resolve_config_path`) and the environment."""
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    platforms: Sequence[PlatformSpec] = (),
+) -> Config:
+    """Read settings from ``path`` (see :func:`resolve_config_path`) and the environment,
+    with a section and the secrets of each of ``platforms`` (``attune.wiring`` gives them all)."""
     environ = os.environ if environ is None else environ
+    specs = tuple(platforms)
+    model = settings_model(specs)
+    file_keys = {**SECRET_FILE_KEYS, **{s.file_key: s.env for p in specs for s in p.secrets}}
     source = resolve_config_path(str(path) if path else None, environ)
     file_data: dict[str, Any] = {}
     if source is not None:
@@ -474,7 +452,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             raise ConfigError(f"{source}: config file not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-        for key, var in SECRET_FILE_KEYS.items():
+        for key, var in file_keys.items():
             node: Any = file_data
             for part in key.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
@@ -483,10 +461,10 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
                     f"{source}: {key}: secrets are read only from the environment; "
                     f"remove it from the file and set {var} instead"
                 )
-    env_data, env_origin = _env_overrides(environ)
-    data = _merge(_merge(Settings().model_dump(), file_data), env_data)
+    env_data, env_origin = _env_overrides(environ, model)
+    data = _merge(_merge(model().model_dump(), file_data), env_data)
     try:
-        settings = Settings.model_validate(data)
+        settings = model.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -494,13 +472,13 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
             where = f"environment variable {env_origin[loc]}" if loc in env_origin else str(source or "defaults")
             lines.append(f"{'.'.join(loc)}: {_describe(err)} (in {where})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
-    return Config(settings=settings, secrets=Secrets.from_env(environ), source=source)
+    return Config(settings=settings, secrets=Secrets.from_env(environ, specs), source=source)
 
 
 def effective_settings(config: Config) -> dict[str, Any]:
     """Settings plus masked secrets, as plain data for ``attune config show``."""
     data = config.settings.model_dump(mode="json")
     data["secrets"] = {
-        var: ("******** (set)" if getattr(config.secrets, name) else "(not set)") for name, var in SECRET_ENV.items()
+        var: ("******** (set)" if config.secrets.get(name) else "(not set)") for name, var in config.secrets.env.items()
     }
     return data

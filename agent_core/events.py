@@ -18,7 +18,7 @@ ChatKind = Literal["private", "group"]
 class Event:
     """Something a person did on a platform."""
 
-    platform: str  # "terminal", "telegram", "discord", "slack", "web"
+    platform: str  # the name its platform declares (agent_core.platforms.PlatformSpec.name)
     chat_id: str  # the platform's id of the conversation
     sender_id: str  # the platform's id of the person
     sender_name: str = ""  # a display name, if the platform gives one

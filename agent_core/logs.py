@@ -28,7 +28,9 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
+def setup_logging(level: str, secrets: Iterable[str] = (), platform_loggers: Iterable[str] = ()) -> None:
+    """One handler on stderr at ``level``, masking ``secrets``; ``platform_loggers`` (the
+    platforms' SDKs, as each declares) stay at INFO or above."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     handler.addFilter(RedactSecrets(secrets))
@@ -39,6 +41,6 @@ def setup_logging(level: str, secrets: Iterable[str] = ()) -> None:
     for noisy in ("httpx", "httpcore", "openai", "aiosqlite", "asyncio", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # The platform libraries' debug output carries what people write: DEBUG is for attune's own loggers.
-    for platform in ("telegram", "discord", "slack_bolt", "slack_sdk", "aiohttp"):
-        logging.getLogger(platform).setLevel(max(logging.INFO, logging.getLevelName(level)))
+    for name in platform_loggers:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported

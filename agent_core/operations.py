@@ -72,7 +72,7 @@ class Operations:
         too_big = who.isdigit() and (not who.isascii() or int(who) >= 2**63)  # not a row number
         found = await self.records.find_user(who) if who and not too_big else None
         if found is None:
-            raise UnknownUser(f"no user {who!r} (give their number, or platform:id such as web:ann)")
+            raise UnknownUser(f"no user {who!r} (give their number, or platform:id as the platform names them)")
         return found
 
     # --- train now ------------------------------------------------------------------------

@@ -10,16 +10,15 @@ log = logging.getLogger(__name__)
 
 # Skin tones (U+1F3FB..U+1F3FF) and the text/emoji variation selectors.
 _MODIFIERS = re.compile("[\U0001f3fb-\U0001f3ff\ufe0e\ufe0f]")
-_SLACK_SKIN_TONE = re.compile(r"::skin-tone-\d$")
 
 
 def normalize(emoji: str) -> str:
-    """One spelling per reaction: ``👍🏽`` -> ``👍``, ``❤️`` -> ``❤``, ``:+1::skin-tone-2:`` and
-    ``+1::skin-tone-2`` (Slack's names) -> ``+1``."""
+    """One spelling per reaction: ``👍🏽`` -> ``👍``, ``❤️`` -> ``❤``, ``:+1:`` -> ``+1``. A
+    platform that names reactions its own way reads them first (``PlatformSpec.reaction_name``)."""
     name = emoji.strip()
     if name.startswith(":") and name.endswith(":") and len(name) > 2:
         name = name[1:-1]
-    return _MODIFIERS.sub("", _SLACK_SKIN_TONE.sub("", name))
+    return _MODIFIERS.sub("", name)
 
 
 class RewardMap:

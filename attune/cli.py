@@ -22,11 +22,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 import tomli_w
 
-from agent_core.config import CONFIG_ENV, Config, ConfigError, effective_settings, load_config
+from agent_core.config import CONFIG_ENV, Config, ConfigError, effective_settings
 from agent_core.llm.model_files import ModelNotFound
-from agent_core.logs import setup_logging
 from attune import keys_cli, training_cli
-from attune.wiring import open_agent
+from attune.wiring import load_config, open_agent, setup_logging
 from storage import DatabaseError
 from storage.crypto import EncryptionError
 
@@ -82,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"attune: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(getattr(args, "log_level", None) or config.settings.logging.level, config.secrets.values())
+    setup_logging(getattr(args, "log_level", None) or config.settings.logging.level, config)
     if args.command == "config":
         source = f"# effective settings (file: {config.source or 'none, defaults'}; environment overrides applied)\n"
         print(source + tomli_w.dumps(effective_settings(config)), end="")

@@ -6,11 +6,31 @@ import only downwards (``bots`` -> ``agent_core`` -> ``storage``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
+from agent_core import config as core_config
+from agent_core import logs
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.llm import LLMBackend, create_backend
+from bots import PLATFORMS
 from storage import Database, PostgresDatabase, SqliteDatabase, Store
 from storage.crypto import PLAIN, Cipher, Key
+
+#: The settings with every registered platform's section ([web], [telegram], ...).
+Settings = core_config.settings_model(PLATFORMS)
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """The configuration (file, environment, secrets) with every registered platform."""
+    return core_config.load_config(path, environ, PLATFORMS)
+
+
+def setup_logging(level: str, config: Config | None = None) -> None:
+    """Logging on stderr with ``config``'s secrets masked and the platforms' SDKs kept quiet."""
+    secrets = config.secrets.values() if config is not None else ()
+    logs.setup_logging(level, secrets, [name for spec in PLATFORMS for name in spec.loggers])
 
 
 async def open_database(config: Config, *, cipher: Cipher | None = None, rotating: bool = False) -> Database:

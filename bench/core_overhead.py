@@ -25,10 +25,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: python bench/core_overhead.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent_core.config import load_config
 from agent_core.events import Message
 from agent_core.testing import RecordingBackend
-from attune.wiring import open_agent
+from attune.wiring import load_config, open_agent
 from bench import report
 from storage import SqliteDatabase
 from storage.crypto import Key

@@ -48,11 +48,10 @@ if __package__ in (None, ""):  # run as a file: python bench/personalization.py
 
 from agent_core.agent import Agent
 from agent_core.bandit import ALL_STYLES
-from agent_core.config import load_config
 from agent_core.events import Command, Message, Reaction
 from agent_core.llm import LLMBackend, create_backend
 from agent_core.style import Style, measure_style
-from attune.wiring import open_agent
+from attune.wiring import load_config, open_agent
 from bench import report
 from bench.learning import POPULATIONS, SimUser, draw_users
 from scheduler.nightly import NightlyScheduler

@@ -36,11 +36,10 @@ if __package__ in (None, ""):  # run as a file: python bench/scale.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent_core.agent import Agent
-from agent_core.config import load_config
 from agent_core.events import Message, Reaction
 from agent_core.llm import GenerationRequest
 from agent_core.testing import RecordingBackend
-from attune.wiring import open_agent
+from attune.wiring import load_config, open_agent
 from bench import report
 from bench.core_overhead import run_agent
 from storage.local_postgres import LocalPostgres

@@ -38,8 +38,8 @@ from bench import report
 SERVER = """
 import asyncio, sys
 from agent_core.agent import Agent
-from agent_core.config import load_config
-from agent_core.logs import setup_logging
+from attune.wiring import load_config
+from attune.wiring import setup_logging
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
 from bots.web import WebConnector

@@ -33,10 +33,10 @@ if __package__ in (None, ""):  # run as a file: python bench/style_adherence.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent_core.bandit import ALL_STYLES
-from agent_core.config import load_config
 from agent_core.llm import GenerationRequest, create_backend
 from agent_core.llm.local import LocalBackend
 from agent_core.style import DIMENSIONS, Style, finish, measure_style, token_budget
+from attune.wiring import load_config
 from bench import report
 from bench.judge import TopicScorer, verdict
 

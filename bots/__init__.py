@@ -6,21 +6,22 @@ The contract every connector follows is :class:`bots.base.Connector`.
 from __future__ import annotations
 
 from agent_core.config import Config
+from agent_core.platforms import PlatformSpec
+from bots import discord, slack, telegram, terminal, web
 from bots.base import Connector
-from bots.discord import DiscordConnector
-from bots.slack import SlackConnector
-from bots.telegram import TelegramConnector
-from bots.terminal import TerminalConnector
 from bots.web import WebConnector
 
-# Every platform attune can talk on. A new platform: one module, one line here.
-CONNECTORS: dict[str, type[Connector]] = {
-    "web": WebConnector,
-    "terminal": TerminalConnector,
-    "telegram": TelegramConnector,
-    "slack": SlackConnector,
-    "discord": DiscordConnector,
-}
+# Every platform attune can talk on: what it declares, and its connector. A new platform
+# is one module in bots/ and one line here (see bots/README.md).
+REGISTERED: list[tuple[PlatformSpec, type[Connector]]] = [
+    (web.PLATFORM, web.WebConnector),
+    (terminal.PLATFORM, terminal.TerminalConnector),
+    (telegram.PLATFORM, telegram.TelegramConnector),
+    (slack.PLATFORM, slack.SlackConnector),
+    (discord.PLATFORM, discord.DiscordConnector),
+]
+PLATFORMS: tuple[PlatformSpec, ...] = tuple(spec for spec, _ in REGISTERED)
+CONNECTORS: dict[str, type[Connector]] = {spec.name: connector for spec, connector in REGISTERED}
 
 # What `attune run` starts when no platform is configured.
 DEFAULT_FRONT_END: type[Connector] = WebConnector
@@ -36,4 +37,4 @@ def configured_connectors(config: Config) -> list[type[Connector]]:
     return chosen
 
 
-__all__ = ["CONNECTORS", "DEFAULT_FRONT_END", "Connector", "configured_connectors"]
+__all__ = ["CONNECTORS", "DEFAULT_FRONT_END", "PLATFORMS", "REGISTERED", "Connector", "configured_connectors"]

@@ -26,13 +26,34 @@ import discord.gateway
 import discord.http
 import yarl
 from discord import app_commands
+from pydantic import Field
 
 from agent_core.agent import Agent
-from agent_core.config import Config
+from agent_core.config import Config, Section
 from agent_core.events import Command, Message, Reaction, Reply
+from agent_core.platforms import PlatformSpec, Secret
 from bots.base import Connector, outline, skip_broken
 
 log = logging.getLogger(__name__)
+
+
+class DiscordSettings(Section):
+    api_base: str = "https://discord.com/api/v10"
+    gateway_url: str = "wss://gateway.discord.gg/"
+    sync_commands: bool = True
+    guild_ready_timeout_s: float = Field(default=2.0, ge=0)
+    stream_edit_interval_s: float = Field(default=1.5, ge=0.0)  # 0: send the final text only
+
+
+PLATFORM = PlatformSpec(
+    name="discord",
+    settings=DiscordSettings,
+    secrets=(Secret("discord_bot_token", "DISCORD_BOT_TOKEN", "discord.token"),),
+    loggers=("discord",),
+    event_ids="messages '<channel id>:<message id>'; slash commands 'interaction:<interaction id>'; "
+    "reactions none (adding one twice changes nothing)",
+    requirement="discord.py>=2.4,<3",
+)
 
 INTENTS = discord.Intents.none()
 INTENTS.guilds = True

@@ -16,21 +16,53 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
+from pydantic import Field
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from agent_core.agent import Agent
-from agent_core.config import Config
+from agent_core.config import Config, Section
 from agent_core.events import Command, Message, Reaction, Reply
+from agent_core.platforms import PlatformSpec, Secret
 from bots.base import Connector, outline, skip_broken
 
 log = logging.getLogger(__name__)
 
+
+class SlackSettings(Section):
+    api_url: str = "https://slack.com/api/"
+    mode: Literal["socket", "http"] = "socket"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=3000, ge=1, le=65535)
+    command: str = Field(default="/attune", pattern=r"^/[a-z0-9_-]{1,31}$")
+    stream_edit_interval_s: float = Field(default=0.0, ge=0.0)  # 0: send the final text only
+
+
+def reaction_name(name: str) -> str:
+    """Slack names reactions, with a skin tone as a suffix: ``+1::skin-tone-2`` -> ``+1``."""
+    return _SKIN_TONE.sub("", name.strip().strip(":"))
+
+
+PLATFORM = PlatformSpec(
+    name="slack",
+    settings=SlackSettings,
+    secrets=(
+        Secret("slack_bot_token", "SLACK_BOT_TOKEN", "slack.bot_token"),
+        Secret("slack_app_token", "SLACK_APP_TOKEN", "slack.app_token"),
+        Secret("slack_signing_secret", "SLACK_SIGNING_SECRET", "slack.signing_secret"),
+    ),
+    loggers=("slack_bolt", "slack_sdk"),
+    reaction_name=reaction_name,
+    event_ids="messages '<channel>:<ts>'; reactions Slack's event_id; slash commands their trigger_id",
+    requirement="slack-bolt>=1.20",
+)
+
 _MENTION = re.compile(r"<@[A-Z0-9]+>")
+_SKIN_TONE = re.compile(r"::skin-tone-\d$")
 IGNORED_SUBTYPES = {"bot_message", "message_changed", "message_deleted", "channel_join", "channel_leave"}
 
 
@@ -129,7 +161,7 @@ class SlackConnector(Connector):
             return
         await self.agent.handle_reaction(
             Reaction(platform=self.platform, chat_id=str(item["channel"]), sender_id=str(event["user"]),
-                     message_id=str(item["ts"]), emoji=str(event["reaction"]), added=added,
+                     message_id=str(item["ts"]), emoji=reaction_name(str(event["reaction"])), added=added,
                      event_id=str(body.get("event_id") or f"{item['ts']}:{event['reaction']}:{added}"))
         )  # fmt: skip
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
 from telegram import (
     BotCommand,
     InputFile,
@@ -33,11 +34,37 @@ from telegram.ext import filters as tg_filters
 from telegram.request import HTTPXRequest
 
 from agent_core.agent import Agent
-from agent_core.config import Config
+from agent_core.config import Config, Section
 from agent_core.events import Command, Message, Reaction, Reply
+from agent_core.platforms import PlatformSpec, Secret
 from bots.base import Connector, outline, skip_broken
 
 log = logging.getLogger(__name__)
+
+
+class TelegramSettings(Section):
+    base_url: str = "https://api.telegram.org/bot"
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    mode: Literal["polling", "webhook"] = "polling"
+    poll_timeout_s: int = Field(default=30, ge=0)
+    request_timeout_s: float = Field(default=20.0, gt=0)
+    webhook_url: str = ""
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = Field(default=8443, ge=1, le=65535)
+    stream_edit_interval_s: float = Field(default=3.0, ge=0.0)  # 0: send the final text only
+
+
+PLATFORM = PlatformSpec(
+    name="telegram",
+    settings=TelegramSettings,
+    secrets=(
+        Secret("telegram_bot_token", "TELEGRAM_BOT_TOKEN", "telegram.token"),
+        Secret("telegram_webhook_secret", "TELEGRAM_WEBHOOK_SECRET", "telegram.webhook_secret"),
+    ),
+    loggers=("telegram",),
+    event_ids="messages and commands '<chat id>:<message id>'; reactions 'reaction:<update id>:<emoji>:<0|1>'",
+    requirement="python-telegram-bot[webhooks]>=22,<23",
+)
 
 ALLOWED_UPDATES = ["message", "message_reaction"]
 GROUPS = {ChatType.GROUP, ChatType.SUPERGROUP}

@@ -21,10 +21,15 @@ from agent_core.agent import Agent
 from agent_core.commands import parse_command
 from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
+from agent_core.platforms import PlatformSpec
 from bots.base import Connector
 
 log = logging.getLogger(__name__)
 
+PLATFORM = PlatformSpec(
+    name="terminal",
+    event_ids="none: a line typed is read once",
+)
 SHORTHANDS = {"+1": "👍", "-1": "👎"}
 _EMOJI_PARTS = {"So", "Sk", "Mn", "Cf"}  # symbols, skin tones, variation selectors, ZWJ
 

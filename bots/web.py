@@ -28,15 +28,34 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from pydantic import Field
 
 from agent_core.agent import Agent
 from agent_core.commands import parse_command
-from agent_core.config import Config
+from agent_core.config import Config, Section
 from agent_core.events import Command, Message, Reaction, Reply
+from agent_core.platforms import PlatformSpec, Secret
 from bots.base import Connector
 from bots.web_dashboard import Dashboard
 
 log = logging.getLogger(__name__)
+
+
+class WebSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=65536, ge=1024)
+    secure_cookies: bool = False
+
+
+PLATFORM = PlatformSpec(
+    name="web",
+    settings=WebSettings,
+    secrets=(Secret("admin_token", "ATTUNE_ADMIN_TOKEN", "web.admin_token"),),  # the dashboard's
+    loggers=("aiohttp",),
+    event_ids="none: each POST is one event (a browser that retries sends a new one)",
+    requirement="aiohttp>=3.9",
+)
 
 STATIC = Path(__file__).parent / "static"
 UID_COOKIE, CSRF_COOKIE = "attune_uid", "attune_csrf"

@@ -197,11 +197,11 @@ class Store:
 
     # --- messages ------------------------------------------------------------------
 
-    async def claim_event(self, platform: str, event_id: str) -> bool:
-        """Record a platform event id; False if it was handled before."""
+    async def claim_event(self, platform: str, event_id: str, chat_id: str | None = None) -> bool:
+        """Record a platform event id (in the platform's chat ``chat_id``); False if it was handled before."""
         cur = await self.db.execute(
-            "INSERT OR IGNORE INTO processed_events (platform, event_id, processed_at) VALUES (?, ?, ?)",
-            (platform, event_id, time.time()),
+            "INSERT OR IGNORE INTO processed_events (platform, event_id, processed_at, chat_id) VALUES (?, ?, ?, ?)",
+            (platform, event_id, time.time(), chat_id),
         )
         return cur.rowcount == 1
 
@@ -667,8 +667,8 @@ class Store:
             chats = [int(r[0]) for r in await conn.execute_fetchall(
                 "SELECT DISTINCT c.id FROM chats c JOIN messages m ON m.chat_id = c.id"
                 " WHERE m.user_id = ? AND c.kind = 'private'", (user_id,))]  # fmt: skip
-            chat_ids = [str(r[0]) for r in await conn.execute_fetchall(
-                f"SELECT platform_chat_id FROM chats WHERE id IN ({','.join('?' * len(chats))})", chats)
+            private = [(str(r[0]), str(r[1])) for r in await conn.execute_fetchall(
+                f"SELECT platform, platform_chat_id FROM chats WHERE id IN ({','.join('?' * len(chats))})", chats)
             ] if chats else []  # fmt: skip
             await conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
             await conn.execute("DELETE FROM users WHERE id = ?", (user_id,))
@@ -677,10 +677,15 @@ class Store:
                     "DELETE FROM chats WHERE id = ? AND NOT EXISTS (SELECT 1 FROM messages WHERE chat_id = ?)",
                     (chat, chat),
                 )
-            for chat_id in chat_ids:  # handled-event ids start with their chat's id ("<chat>:<message>")
-                prefix = f"{chat_id}:"
+            for platform, chat_id in private:  # the ids of the events handled in their private chats
                 await conn.execute(
-                    "DELETE FROM processed_events WHERE substr(event_id, 1, ?) = ?", (len(prefix), prefix)
+                    "DELETE FROM processed_events WHERE platform = ? AND chat_id = ?", (platform, chat_id)
+                )
+                prefix = f"{chat_id}:"  # rows from before 0009 have no chat_id: ids that start with it
+                await conn.execute(
+                    "DELETE FROM processed_events"
+                    " WHERE chat_id IS NULL AND platform = ? AND substr(event_id, 1, ?) = ?",
+                    (platform, len(prefix), prefix),
                 )
             await conn.execute(
                 "INSERT INTO audit_log (at, action, subject, detail) VALUES (?, 'forget_all', ?, ?)",

@@ -89,7 +89,7 @@ class TrainingRecords:
         return str(row[0]) if row else None
 
     async def find_user(self, who: str) -> int | None:
-        """A user by id ("12") or by platform identity ("web:ann", "telegram:4711")."""
+        """A user by id ("12") or by platform identity ("<platform>:<its id of them>")."""
         if who.isdigit():
             row = await self.db.fetchone("SELECT id FROM users WHERE id = ?", (int(who),))
         else:

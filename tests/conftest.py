@@ -29,9 +29,9 @@ import psycopg
 import pytest
 
 from agent_core.agent import Agent
-from agent_core.config import Config, load_config
+from agent_core.config import Config
 from agent_core.testing import RecordingBackend
-from attune.wiring import open_agent
+from attune.wiring import load_config, open_agent
 from storage import Database, PostgresDatabase, SqliteDatabase
 from storage.local_postgres import LocalPostgres
 

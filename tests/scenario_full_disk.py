@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent_core.config import load_config
 from agent_core.events import Message
+from attune.wiring import load_config
 from tests.test_training import adapter_of, history_agent, rate_history
 
 

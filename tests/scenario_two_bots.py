@@ -13,10 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent_core.config import load_config
 from agent_core.events import Message
 from agent_core.testing import RecordingBackend
-from attune.wiring import open_agent
+from attune.wiring import load_config, open_agent
 
 
 def events(count: int) -> list[Message]:

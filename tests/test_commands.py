@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -110,6 +111,19 @@ async def test_forget_all_needs_a_confirmation_and_deletes_everything(agent: Age
         assert (await agent.store.db.fetchone(f"SELECT COUNT(*) FROM {table}"))[0] == 0
     exported = json.loads((await run(agent, "/export")).attachment.content)  # type: ignore[union-attr]
     assert exported["messages"] == [] and exported["memories"] == []
+
+
+async def test_forget_all_removes_the_ids_of_events_handled_in_their_private_chats(agent: Agent) -> None:
+    """Whatever a platform's event ids look like: they are found by the chat they came from."""
+    await send(agent, msg("hello"), platform_id="p1")
+    reaction = dataclasses.replace(react("p1", "👍"), event_id="reaction:9001:👍:1")  # no chat id in it
+    await agent.handle_reaction(reaction)
+    await send(agent, msg("bob's", user="bob", chat="c2"), platform_id="p2")
+    await agent.handle_reaction(dataclasses.replace(react("p2", "👍", user="bob", chat="c2"), event_id="reaction:9002"))
+    await run(agent, "/forget all")
+    await run(agent, "/forget all confirm")
+    left = await agent.store.db.fetchall("SELECT event_id, chat_id FROM processed_events")
+    assert [tuple(r) for r in left] == [("reaction:9002", "c2")]  # bob's stays
 
 
 @pytest.mark.sqlite_only

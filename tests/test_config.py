@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_core.config import ConfigError, Settings, effective_settings, load_config
+from agent_core.config import ConfigError, effective_settings
+from attune.wiring import Settings, load_config
 from tests.conftest import ATTUNE, ROOT, write_config
 
 

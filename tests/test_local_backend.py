@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_core.config import load_config
 from agent_core.llm import AdapterRef, GenerationRequest, LLMError, create_backend
 from agent_core.llm.local import LocalBackend
 from agent_core.llm.model_files import ModelNotFound, find_model
-from attune.wiring import open_agent
+from attune.wiring import load_config, open_agent
 from tests.conftest import MODEL_CACHE, plain_generate, random_lora, tiny_config_text, write_config
 
 pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL

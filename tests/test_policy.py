@@ -11,13 +11,13 @@ import pytest
 
 from agent_core.agent import Agent
 from agent_core.bandit import ALL_STYLES, N_FEATURES, Realisation, StyleBandit, UserStats, features
-from agent_core.config import Config, load_config
+from agent_core.config import Config
 from agent_core.events import Command, Message, Reaction, Reply
 from agent_core.llm import GenerationRequest
 from agent_core.policy import LearningPolicy, classify
 from agent_core.style import Style, measure_style
 from agent_core.testing import RecordingBackend, styled_reply
-from attune.wiring import open_agent
+from attune.wiring import load_config, open_agent
 from tests.conftest import write_config
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_core.config import Config, load_config
+from agent_core.config import Config
+from attune.wiring import load_config
 from tests.conftest import ATTUNE, ROOT, query, write_config
 from tests.scenario_two_bots import events
 from tests.test_training import history_agent, rate_history, training_text

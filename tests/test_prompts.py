@@ -8,6 +8,7 @@ from agent_core.memory import note_to_remember
 from agent_core.prompts import PromptParts, build_prompt
 from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style
+from bots.slack import reaction_name as slack_reaction_name
 
 pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
 
@@ -77,4 +78,4 @@ def test_reward_mapping_folds_modifiers_and_clamps() -> None:
     rewards = RewardMap({"👍": 1.0, "❤️": 0.9, "thumbsdown": -1.0})
     assert rewards("👍🏿") == 1.0 and rewards("❤") == 0.9 and rewards("❤️") == 0.9
     assert rewards(":thumbsdown:") == -1.0 and rewards("🤷") == 0.0
-    assert normalize(":+1::skin-tone-5:") == "+1"
+    assert normalize(slack_reaction_name(":+1::skin-tone-5:")) == "+1"  # Slack's names, read by its connector

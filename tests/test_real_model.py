@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from agent_core.config import load_config
 from agent_core.events import Command, Message, Reaction
 from agent_core.llm import AdapterRef, GenerationRequest
 from agent_core.llm.batching import BatchLimits
 from agent_core.llm.local import LocalBackend
 from agent_core.style import measure_style
-from attune.wiring import open_agent
+from attune.wiring import load_config, open_agent
 from tests.conftest import MODEL_CACHE, plain_generate, random_lora, write_config
 
 pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from agent_core.logs import setup_logging
+from attune.wiring import setup_logging
 from tests.conftest import ATTUNE, tiny_config_text, write_config
 from tests.fakes.telegram import FakeTelegram
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from agent_core.agent import Agent
-from agent_core.config import Config, RunSettings, load_config
+from agent_core.config import Config, RunSettings
 from agent_core.events import Reply
+from attune.wiring import load_config
 from bots import DEFAULT_FRONT_END, configured_connectors
 from bots.base import Connector, split_text
 from bots.supervisor import run_connectors

@@ -260,7 +260,7 @@ async def _wait_for(read: Callable[[], object], expected: object, timeout: float
 
 
 def test_the_token_comes_from_the_environment(tmp_path: Path) -> None:
-    from agent_core.config import load_config
+    from attune.wiring import load_config
     from tests.conftest import write_config
 
     assert not TelegramConnector.configured(load_config(write_config(tmp_path), environ={}))

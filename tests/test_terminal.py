@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent_core.agent import Agent
-from agent_core.config import load_config
+from attune.wiring import load_config
 from bots import DEFAULT_FRONT_END, configured_connectors
 from bots.terminal import TerminalConnector, as_reaction
 from tests.conftest import ATTUNE, query, tiny_config_text, write_config

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,14 @@ OnEvent = Callable[[dict[str, Any]], Awaitable[None]]
 
 class WorkerFailed(Exception):
     """A worker ended without finishing its tasks (killed, out of memory, lost node)."""
+
+
+_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY|ENCRYPTION_KEY)$")
+
+
+def _holds_a_secret(variable: str) -> bool:
+    """The core's secrets, and what a platform's secret is called (``*_TOKEN``, ``*_SECRET``, ...)."""
+    return variable in SECRET_ENV.values() or _SECRET_NAME.search(variable) is not None
 
 
 class Executor(ABC):
@@ -77,8 +86,8 @@ class LocalPool(Executor):
             threads = str(self.threads)
             env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                    "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-            for name in SECRET_ENV.values():  # the worker needs none of attune's secrets
-                env.pop(name, None)
+            for name in [n for n in env if _holds_a_secret(n)]:  # the worker needs none of attune's secrets
+                env.pop(name)
             env[DATA_KEY_ENV] = data_key
             with (self.work / f"worker-{self._count}.log").open("wb") as stderr_log:
                 process = await asyncio.create_subprocess_exec(

@@ -1,0 +1,88 @@
+"""Platforms declare themselves: the core is built from their declarations and names none of them."""
+
+from __future__ import annotations
+
+import logging
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from agent_core import config as core_config
+from agent_core.config import ConfigError, Section, effective_settings
+from agent_core.logs import setup_logging
+from agent_core.platforms import PlatformSpec, Secret
+from bots import CONNECTORS, PLATFORMS, REGISTERED
+from tests.conftest import write_config
+
+pytestmark = pytest.mark.no_database  # no database here: not run again on PostgreSQL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class MatrixSettings(Section):
+    homeserver: str = "https://matrix.example"
+    sync_timeout_s: float = 30.0
+
+
+MATRIX = PlatformSpec(
+    name="matrix",
+    settings=MatrixSettings,
+    secrets=(Secret("matrix_access_token", "MATRIX_ACCESS_TOKEN", "matrix.access_token"),),
+    loggers=("nio",),
+    event_ids="'<room>:<event id>'",
+)
+
+
+def test_a_new_platforms_declarations_give_its_section_secrets_and_quiet_loggers(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[matrix]\nhomeserver = "http://127.0.0.1:8008"\n')
+    env = {"ATTUNE_MATRIX__SYNC_TIMEOUT_S": "5", "MATRIX_ACCESS_TOKEN": "syt_very_secret"}
+    config = core_config.load_config(path, environ=env, platforms=[MATRIX])
+    section = config.settings.matrix  # type: ignore[attr-defined]
+    assert section == MatrixSettings(homeserver="http://127.0.0.1:8008", sync_timeout_s=5.0)
+    assert config.secrets.get("matrix_access_token") == "syt_very_secret"
+    assert "syt_very_secret" in config.secrets.values()  # what the log filter masks
+    shown = effective_settings(config)
+    assert shown["matrix"]["homeserver"] == "http://127.0.0.1:8008"
+    assert shown["secrets"]["MATRIX_ACCESS_TOKEN"] == "******** (set)" and "syt_very_secret" not in str(shown)
+    with pytest.raises(ConfigError, match=r"matrix\.access_token: secrets are read only.*MATRIX_ACCESS_TOKEN"):
+        core_config.load_config(
+            write_config(tmp_path, '[matrix]\naccess_token = "x"\n'), environ={}, platforms=[MATRIX]
+        )
+    with pytest.raises(ConfigError, match=r"matrix\.colour: unknown key"):
+        core_config.load_config(write_config(tmp_path, '[matrix]\ncolour = "red"\n'), environ={}, platforms=[MATRIX])
+    with pytest.raises(ConfigError, match=r"matrix: unknown key"):  # not registered: not a section
+        core_config.load_config(path, environ={})
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        setup_logging("DEBUG", [], MATRIX.loggers)
+        assert not logging.getLogger("nio.client").isEnabledFor(logging.DEBUG)
+    finally:
+        root.handlers[:], root.level = saved
+        logging.getLogger("nio").setLevel(logging.NOTSET)
+
+
+def test_every_registered_platform_is_consistent_and_its_requirement_is_installed() -> None:
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    assert len({spec.name for spec in PLATFORMS}) == len(PLATFORMS)
+    for spec, connector in REGISTERED:
+        assert connector.platform == spec.name and CONNECTORS[spec.name] is connector
+        assert spec.event_ids, f"{spec.name} does not say how its events are named"
+        assert spec.requirement is None or spec.requirement in dependencies, spec.requirement
+        for secret in spec.secrets:
+            assert secret.file_key.split(".")[0] == spec.name, secret
+
+
+def test_no_platform_is_named_in_the_core_or_in_storage() -> None:
+    names = {spec.name for spec in PLATFORMS if spec.name not in ("web", "terminal")}  # plain words too
+    pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b", re.IGNORECASE)
+    quoted = re.compile(r"""["'\[](web|terminal)[]"':]""")  # "web", 'terminal', [web], "web:ann"
+    found = []
+    for folder in ("agent_core", "storage"):
+        for path in sorted((ROOT / folder).rglob("*.py")) + sorted((ROOT / folder).rglob("*.sql")):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if pattern.search(line) or quoted.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "platform names in the core or storage:\n" + "\n".join(found)
