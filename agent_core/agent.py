@@ -41,7 +41,7 @@ from agent_core.style import Style, finish, measure_style, token_budget
 from agent_core.training.job import TrainingJob
 from storage import (
     UNAVAILABLE,
-    ActiveAdapter,
+    AdapterRow,
     Received,
     ReplyContext,
     Store,
@@ -79,8 +79,10 @@ class Agent:
             if settings.policy.learn
             else DefaultsPolicy(settings.style)
         )
-        self.training = TrainingJob(store, settings, model_dir=lambda: base_model_dir(settings))
-        self.operations = Operations(self.training, self.policy, llm.describe)  # train now, roll back, stop, status
+        self.training = TrainingJob(store.training, settings, model_dir=lambda: base_model_dir(settings))
+        self.operations = Operations(
+            self.training, store, self.policy, llm.describe
+        )  # train now, roll back, stop, status
         self.commands = Commands(store, self.policy, describe_model=llm.describe, operations=self.operations)
         self.access = Access(settings.access)
         self.rewards = RewardMap(settings.rewards)
@@ -190,7 +192,7 @@ class Agent:
             received,
             text=text,
             style=style.as_dict(),
-            adapter_version=_adapter_name(context.adapter),
+            adapter_version=context.adapter.name if context.adapter else None,
             prompt=prompt,
             policy=choice.log,
             observed=observed.as_dict(),
@@ -271,7 +273,7 @@ class Agent:
         return min(self.settings.llm.max_new_tokens, self.llm.context_window // 2)
 
     async def _generate(
-        self, prompt: list[ChatMessage], style: Style, adapter: ActiveAdapter | None, on_text: OnText | None
+        self, prompt: list[ChatMessage], style: Style, adapter: AdapterRow | None, on_text: OnText | None
     ) -> str | None:
         """The model's reply, streamed to ``on_text``; None (and a log line) if it failed.
         Raises :class:`LLMBusy` when the backend has no room for another request."""
@@ -281,7 +283,7 @@ class Agent:
             max_new_tokens=token_budget(style, self._reply_room()),
             temperature=llm.temperature,
             top_p=llm.top_p,
-            adapter=AdapterRef(_adapter_name(adapter), adapter.path) if adapter else None,
+            adapter=AdapterRef(adapter.name, adapter.path) if adapter else None,
             style=style,
         )
         pieces: list[str] = []
@@ -365,13 +367,6 @@ class Agent:
     async def set_display_name(self, platform: str, user: str, name: str) -> None:
         """The name a person chose for themselves (the web chat asks for one)."""
         await self.store.set_display_name(platform, user, name)
-
-
-def _adapter_name(adapter: ActiveAdapter | None) -> str | None:
-    if adapter is None:
-        return None
-    owner = "population" if adapter.user_id is None else f"user-{adapter.user_id}"
-    return f"{owner}-v{adapter.version}"
 
 
 def _event_fields(msg: Message) -> dict[str, Any]:

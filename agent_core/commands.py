@@ -21,9 +21,8 @@ from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
 from agent_core.operations import Operations, UnknownUser
 from agent_core.policy import StylePolicy, realisation_counts
+from agent_core.stores import CommandStore
 from agent_core.style import DIMENSIONS, describe_asked_and_shown, is_valid
-from storage import Store
-from storage.training import TrainingRecords
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ class Commands:
 
     def __init__(
         self,
-        store: Store,
+        store: CommandStore,
         policy: StylePolicy,
         *,
         describe_model: Callable[[], str],
@@ -242,7 +241,7 @@ SHOWN_WINDOW = 50  # /stats: the replies over which "asked for and shown" is cou
 
 async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     stats = await cmds.store.stats(caller.user_id)
-    adapter = await cmds.store.active_adapter(caller.user_id)
+    adapter = await cmds.store.training.serving(caller.user_id)
     if adapter is None:
         adapter_line = "none yet: answers come from the base model"
     elif adapter.user_id is None:
@@ -257,7 +256,7 @@ async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         f"Style asked for and shown in my last {SHOWN_WINDOW} replies to you: "
         + describe_asked_and_shown((await realisation_counts(cmds.store, SHOWN_WINDOW, caller.user_id)).table())
         + ".",
-        reward_model.describe(await reward_model.user_accuracy(TrainingRecords(cmds.store.db), caller.user_id)),
+        reward_model.describe(await reward_model.user_accuracy(cmds.store.training, caller.user_id)),
         f"Adapter: {adapter_line}.",
         await _training_line(cmds, caller.user_id),
         f"Model: {cmds.describe_model()}.",
@@ -266,7 +265,7 @@ async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
 
 
 async def _training_line(cmds: Commands, user_id: int) -> str:
-    runs = await TrainingRecords(cmds.store.db).runs(user_id, limit=1)
+    runs = await cmds.store.training.runs(user_id, limit=1)
     if not runs:
         return "Training: not yet; a nightly run trains your own adapter once you have rated enough replies."
     run = runs[0]

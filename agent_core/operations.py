@@ -3,7 +3,7 @@
 ``/admin``, the dashboard and ``attune train`` / ``attune adapters`` all go through
 :class:`Operations`, so they refuse the same things and say the same thing about which
 model serves a user afterwards: their own adapter, else the shared population adapter,
-else the base model (the order ``Store.active_adapter`` serves in).
+else the base model (the order ``TrainingRecords.serving`` finds them in).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent_core.policy import REALISATION_WINDOW, StylePolicy, realisation_counts
+from agent_core.stores import OperationsStore
 from agent_core.training.job import POPULATION, Plan, Progress, TrainingBusy, TrainingJob
-from storage.reports import Reports
 from storage.training import AdapterRow
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,16 @@ class Operations:
     """Train now, roll back, stop, status: one copy for every surface that offers them."""
 
     def __init__(
-        self, training: TrainingJob, policy: StylePolicy | None = None, describe_model: Callable[[], str] = str
+        self,
+        training: TrainingJob,
+        store: OperationsStore,
+        policy: StylePolicy | None = None,
+        describe_model: Callable[[], str] = str,
     ) -> None:
         """``policy`` and ``describe_model`` feed :meth:`overview` only (``attune train`` runs without them)."""
         self.training = training
         self.records = training.records
-        self.store = training.store
+        self.store = store
         self.policy = policy
         self.describe_model = describe_model
         self.background: set[asyncio.Task[None]] = set()  # trainings started by train_now
@@ -69,8 +73,11 @@ class Operations:
         who = who.strip().removeprefix("#")
         if who == POPULATION:
             return None
-        too_big = who.isdigit() and (not who.isascii() or int(who) >= 2**63)  # not a row number
-        found = await self.records.find_user(who) if who and not too_big else None
+        platform, _, ident = who.partition(":")
+        if who.isascii() and who.isdigit():
+            found = int(who) if int(who) < 2**63 and await self.store.user_exists(int(who)) else None
+        else:
+            found = await self.store.find_user(platform, ident) if platform and ident else None
         if found is None:
             raise UnknownUser(f"no user {who!r} (give their number, or platform:id as the platform names them)")
         return found
@@ -161,12 +168,12 @@ class Operations:
 
     async def totals(self) -> dict[str, int]:
         """Users, messages, replies, reactions, and adapters in service."""
-        return await self.store.totals()
+        return await self.store.reports.totals()
 
     async def overview(self) -> dict[str, Any]:
         """The dashboard's data (also its JSON): the model, users and what the policy
         believes of each, activity, rewards by day, style asked and shown, adapters, runs."""
-        reports = Reports(self.store.db)
+        reports = self.store.reports
         users = await reports.users()
         return {
             "model": self.describe_model(),

@@ -37,8 +37,8 @@ from agent_core.bandit import (
     features,
 )
 from agent_core.config import PolicySettings, StyleDefaults
+from agent_core.stores import CommandStore, PolicyStore
 from agent_core.style import DIMENSIONS, Style
-from storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class DefaultsPolicy(StylePolicy):
 
 
 class LearningPolicy(StylePolicy):
-    def __init__(self, store: Store, settings: PolicySettings, defaults: StyleDefaults) -> None:
+    def __init__(self, store: PolicyStore, settings: PolicySettings, defaults: StyleDefaults) -> None:
         self.store = store
         self.settings = settings
         self.bandit = StyleBandit(BanditConfig(gamma=settings.discount))
@@ -226,7 +226,7 @@ class LearningPolicy(StylePolicy):
     async def learn(self, user_id: int) -> None:
         saved = await self.store.policy_user(user_id)
         reset_at = saved[1] if saved else 0.0
-        rated = await self.store.rated_replies(user_id, reset_at, HISTORY)
+        rated = await self.store.rated_styles(user_id, reset_at, HISTORY)
         X = np.array([_features(style_json, context or "chat") for style_json, context, _ in rated])
         y = np.clip(np.array([reward for _, _, reward in rated], dtype=float), -1.0, 1.0)
         stats = UserStats.replay(X, y, self.bandit.config)
@@ -273,7 +273,9 @@ class LearningPolicy(StylePolicy):
         return f"Learned from {stats.n} of your reactions: " + "; ".join(phrases) + "."
 
 
-async def realisation_counts(store: Store, replies: int, user_id: int | None = None) -> RealisationCounts:
+async def realisation_counts(
+    store: PolicyStore | CommandStore, replies: int, user_id: int | None = None
+) -> RealisationCounts:
     """Asked against shown over the latest ``replies`` replies (everyone's, or one user's)."""
     counts = RealisationCounts()
     for asked, shown, n in await store.realisations(replies, user_id):

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agent_core.stores import TrainingStore
 from agent_core.style import DIMENSIONS, measure_style
-from storage.training import TrainingRecords
 
 OBJECTIVES = ("raft", "dpo")  # [training] objectives trained on sampled replies ranked by this model
 HASH_BITS = 12
@@ -173,7 +173,7 @@ _FITTED: OrderedDict[tuple[int, int], Accuracy] = OrderedDict()  # user_accuracy
 _FITTED_MAX = 256
 
 
-async def user_accuracy(records: TrainingRecords, user_id: int) -> Accuracy:
+async def user_accuracy(records: TrainingStore, user_id: int) -> Accuracy:
     """``held_out_auc`` for one user from the database (fitted off the event loop). The
     answer is kept by what it was fitted on (the texts and rewards), so /stats asked again
     before any new reaction fits nothing."""

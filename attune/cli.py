@@ -120,7 +120,9 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
         if not chat and config.settings.training.enabled:
             from scheduler import NightlyScheduler
 
-            nightly = NightlyScheduler(agent.training, config.settings.training, config.settings.storage.sqlalchemy_url)
+            storage = config.settings.storage
+            nightly = NightlyScheduler(agent.training, config.settings.training, storage.sqlalchemy_url,
+                                       prune=agent.store.delete_messages_before)  # fmt: skip
             nightly.start()
         try:
             await run_connectors(connectors, config.settings.run, stop)

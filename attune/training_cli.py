@@ -47,7 +47,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 async def run(config: Config, args: argparse.Namespace) -> int:
     db = await open_database(config)
     try:
-        ops = Operations(TrainingJob(Store(db), config.settings, lambda: base_model_dir(config.settings)))
+        store = Store(db)
+        ops = Operations(TrainingJob(store.training, config.settings, lambda: base_model_dir(config.settings)), store)
         if args.command == "train":
             return await _train(ops, args)
         if args.adapters_command == "list":

@@ -127,7 +127,8 @@ async def open_arm(arm: str, seed: int, users: list[SimUser], args: argparse.Nam
     config = load_config(None, environ=settings_for(arm, work / f"{arm}-{seed}", args, seed))
     agent = await open_agent(config, llm)
     run = ArmRun(arm, agent, NightlyScheduler(agent.training, config.settings.training,
-                                              config.settings.storage.sqlalchemy_url))  # fmt: skip
+                                              config.settings.storage.sqlalchemy_url,
+                                              prune=agent.store.delete_messages_before))  # fmt: skip
     if arm == REFERENCE:  # the user's preferred style, asked for outright
         for u, user in enumerate(users):
             style, _ = best_style(user, 0)

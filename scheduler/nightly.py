@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
@@ -55,8 +56,17 @@ def trigger_for(settings: TrainingSettings) -> CronTrigger:
 
 
 class NightlyScheduler:
-    def __init__(self, job: TrainingJob, settings: TrainingSettings, database_url: str) -> None:
+    def __init__(
+        self,
+        job: TrainingJob,
+        settings: TrainingSettings,
+        database_url: str,
+        prune: Callable[[float], Awaitable[int]] | None = None,
+    ) -> None:
+        """``prune`` deletes the messages from before a time (``Store.delete_messages_before``);
+        without it, ``[storage] retention_days`` is not applied here."""
         self.job = job
+        self.prune = prune
         self.settings = settings
         self.runs = 0  # nightly runs started by this scheduler
         self._task: asyncio.Task[Any] | None = None  # the run under way, if any
@@ -95,10 +105,10 @@ class NightlyScheduler:
     async def prune_now(self) -> int:
         """Delete the messages older than ``retention_days`` now; how many."""
         days = self.job.settings.storage.retention_days
-        if not days:
+        if not days or self.prune is None:
             return 0
         try:
-            deleted = await self.job.store.delete_messages_before(time.time() - days * 86400)
+            deleted = await self.prune(time.time() - days * 86400)
         except Exception:
             log.exception("message retention failed; it runs again tomorrow")
             return 0

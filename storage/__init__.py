@@ -1,4 +1,5 @@
-"""Storage: the database contract and its two engines (SQLite, PostgreSQL), the migrations, and the queries."""
+"""Storage: the database contract and its two engines (SQLite, PostgreSQL), the migrations,
+and the queries (``storage.store.Store``)."""
 
 import sqlite3
 
@@ -6,15 +7,17 @@ import psycopg
 
 from storage.database import Database, DatabaseError
 from storage.postgres import PostgresDatabase
-from storage.queries import ActiveAdapter, MemoryNote, Received, ReplyContext, ReplyRef, Store, Unanswered
+from storage.rows import MemoryNote, Received, ReplyContext, ReplyRef, Unanswered
 from storage.sqlite import SqliteDatabase
+from storage.store import Store
+from storage.training import AdapterRow
 
 # What a database raises when it cannot take a write now (locked, disk full, server gone).
 UNAVAILABLE: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
 
 __all__ = [
     "UNAVAILABLE",
-    "ActiveAdapter",
+    "AdapterRow",
     "Database",
     "DatabaseError",
     "MemoryNote",

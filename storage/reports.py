@@ -33,6 +33,18 @@ class Reports:
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    async def totals(self) -> dict[str, int]:
+        """Counts over all users, for operators."""
+        row = await self.db.fetchone(
+            "SELECT (SELECT COUNT(*) FROM users),"
+            " (SELECT COUNT(*) FROM messages WHERE role = 'user'),"
+            " (SELECT COUNT(*) FROM messages WHERE role = 'assistant'),"
+            " (SELECT COUNT(*) FROM reactions WHERE removed_at IS NULL),"
+            " (SELECT COUNT(*) FROM adapters WHERE status = 'active')"
+        )
+        assert row is not None
+        return dict(zip(("users", "messages", "replies", "reactions", "active_adapters"), map(int, row), strict=True))
+
     async def users(self) -> list[UserSummary]:
         rows = await self.db.fetchall(
             "SELECT u.id, u.name,"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from storage.database import Database
@@ -41,13 +41,16 @@ class Candidate:
 
 @dataclass(frozen=True)
 class AdapterRow:
-    user_id: int | None
+    """One row of ``adapters``. Serving reads only whose it is, its version and its files
+    (``Store.reply_context``, :meth:`TrainingRecords.serving`); the rest keep their defaults there."""
+
+    user_id: int | None  # None: the population adapter
     version: int
     path: str
-    status: str
-    parent: str
-    metrics: dict[str, Any]
-    created_at: float
+    status: str = "active"
+    parent: str = ""  # what it was trained on top of: "base", or another adapter's name
+    metrics: dict[str, Any] = field(default_factory=dict)  # the held-out figures of its gate
+    created_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -87,18 +90,6 @@ class TrainingRecords:
             "SELECT holder FROM training_lock WHERE id = 1 AND expires_at >= ?", (time.time(),)
         )
         return str(row[0]) if row else None
-
-    async def find_user(self, who: str) -> int | None:
-        """A user by id ("12") or by platform identity ("<platform>:<its id of them>")."""
-        if who.isdigit():
-            row = await self.db.fetchone("SELECT id FROM users WHERE id = ?", (int(who),))
-        else:
-            platform, _, platform_user_id = who.partition(":")
-            row = await self.db.fetchone(
-                "SELECT user_id FROM identities WHERE platform = ? AND platform_user_id = ?",
-                (platform, platform_user_id),
-            )
-        return int(row[0]) if row else None
 
     # --- data ----------------------------------------------------------------------------
 
@@ -201,6 +192,15 @@ class TrainingRecords:
     async def next_version(self, user_id: int | None) -> int:
         row = await self.db.fetchone("SELECT COALESCE(MAX(version), 0) FROM adapters WHERE user_id IS ?", (user_id,))
         return int(row[0]) + 1 if row else 1
+
+    async def serving(self, user_id: int) -> AdapterRow | None:
+        """The adapter serving this user: their own, else the population's, else None (the base model)."""
+        row = await self.db.fetchone(
+            "SELECT version, path, user_id FROM adapters WHERE status = 'active'"
+            " AND (user_id = ? OR user_id IS NULL) ORDER BY user_id IS NULL, version DESC LIMIT 1",
+            (user_id,),
+        )
+        return AdapterRow(row[2], int(row[0]), str(row[1])) if row else None
 
     async def active(self, user_id: int | None) -> AdapterRow | None:
         """The owner's own active adapter (no fallback to the population's)."""

@@ -83,12 +83,12 @@ async def test_a_rollback_says_the_population_adapter_serves_where_it_does(guard
     await records.add_adapter(ann, 1, "/nowhere/1", promote=True, parent="population-v3", metrics={})
     said = await command(guarded, f"/admin rollback {ann}", user="root")
     assert "version 1 taken out; now the shared population adapter v3" in said and "base model" not in said
-    served = await guarded.store.active_adapter(ann)
+    served = await guarded.store.training.serving(ann)
     assert served is not None and served.user_id is None and served.version == 3  # what serves: as said
     population = await guarded.operations.rollback(None)
     assert population.message == ("The population: adapter version 3 taken out; "
                                   "now the base model for users without their own adapter.")  # fmt: skip
-    assert await guarded.store.active_adapter(ann) is None
+    assert await guarded.store.training.serving(ann) is None
 
 
 async def test_no_command_reads_or_changes_another_users_data(guarded: Agent) -> None:

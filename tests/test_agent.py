@@ -15,6 +15,7 @@ from agent_core.llm import GenerationRequest
 from agent_core.style import Style
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
+from bots.slack import reaction_name as slack_reaction_name
 from tests.conftest import other_connection
 
 
@@ -273,7 +274,9 @@ async def test_reactions_on_unknown_messages_and_unknown_emoji(agent: Agent) -> 
     await send(agent, msg("q"), platform_id="x1")
     odd = await agent.handle_reaction(react("x1", "🦄"))
     assert odd.stored and odd.reward == 0.0
-    slack = await agent.handle_reaction(react("x1", ":+1::skin-tone-3:"))
+    slack = await agent.handle_reaction(
+        react("x1", slack_reaction_name(":+1::skin-tone-3:"))
+    )  # as its connector reads it
     assert slack.reward == 1.0
 
 

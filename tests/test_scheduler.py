@@ -23,7 +23,8 @@ class CountingJob(TrainingJob):
 
     def __init__(self, agent: Agent, config: Config | None = None) -> None:
         settings = config.settings if config else agent.settings
-        super().__init__(agent.store, settings, model_dir=lambda: Path("unused"))
+        super().__init__(agent.store.training, settings, model_dir=lambda: Path("unused"))
+        self.agent = agent
         self.calls = 0
 
     async def run(self, users: list[int] | None = None, **kwargs: Any) -> Plan:
@@ -35,8 +36,9 @@ async def open_agent(config: Config) -> Agent:
     return await wiring.open_agent(config, llm=RecordingBackend())
 
 
-def scheduler_for(job: TrainingJob, config: Config) -> NightlyScheduler:
-    return NightlyScheduler(job, config.settings.training, config.settings.storage.sqlalchemy_url)
+def scheduler_for(job: CountingJob, config: Config) -> NightlyScheduler:
+    return NightlyScheduler(job, config.settings.training, config.settings.storage.sqlalchemy_url,
+                            prune=job.agent.store.delete_messages_before)  # fmt: skip
 
 
 async def test_a_missed_night_runs_once_at_the_next_start(make_config: Callable[..., Config]) -> None:

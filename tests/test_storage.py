@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import ActiveAdapter, DatabaseError, Received, ReplyContext, Store
+from storage import AdapterRow, DatabaseError, Received, ReplyContext, Store
 from storage.database import migrations
 from tests.conftest import STORAGE, open_database
 
@@ -147,13 +147,13 @@ async def test_reply_context_reads_preferences_and_the_serving_adapter(store: St
     await store.db.execute(
         "INSERT INTO adapters (user_id, version, path, status, created_at) VALUES (NULL, 1, '/a/pop', 'active', 0)"
     )
-    assert (await _context(store, "ann", "c")).adapter == ActiveAdapter(1, "/a/pop", None)
+    assert (await _context(store, "ann", "c")).adapter == AdapterRow(None, 1, "/a/pop")
     await store.db.execute(
         "INSERT INTO adapters (user_id, version, path, status, created_at) VALUES (?, 3, '/a/ann', 'active', 0)",
         (ann,),
     )
-    assert (await _context(store, "ann", "c")).adapter == ActiveAdapter(3, "/a/ann", ann)
-    assert await store.active_adapter(ann) == ActiveAdapter(3, "/a/ann", ann)
+    assert (await _context(store, "ann", "c")).adapter == AdapterRow(ann, 3, "/a/ann")
+    assert await store.training.serving(ann) == AdapterRow(ann, 3, "/a/ann")
 
 
 async def test_reactions_add_remove_and_re_add(store: Store) -> None:

@@ -35,12 +35,12 @@ import numpy as np
 from agent_core import reward_model
 from agent_core.config import Settings
 from agent_core.llm import model_cache_dir
+from agent_core.stores import TrainingStore
 from agent_core.training.dataset import Example, Split, examples, split_by_time, summary, write_examples
 from agent_core.training.executors import Executor, WorkerFailed, create_executor
 from agent_core.training.redact import Redactor
-from storage import Store
 from storage.crypto import Key
-from storage.training import AdapterRow, Candidate, RatedReply, TrainingRecords
+from storage.training import AdapterRow, Candidate, RatedReply
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,8 @@ Progress = Callable[[Task], None]
 
 
 class TrainingJob:
-    def __init__(self, store: Store, settings: Settings, model_dir: Callable[[], Path]) -> None:
-        self.store = store
-        self.records = TrainingRecords(store.db)
+    def __init__(self, records: TrainingStore, settings: Settings, model_dir: Callable[[], Path]) -> None:
+        self.records = records
         self.settings = settings
         self.training = settings.training
         self._model_dir = model_dir  # the base model as a transformers directory (may convert once)
