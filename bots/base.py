@@ -8,7 +8,7 @@ A connector knows its platform and nothing else; the core knows no platform. It:
 2. sends the :class:`~agent_core.events.Reply` it gets back and reports the platform's
    id of the sent message (:meth:`Connector.deliver`), so a later reaction finds the reply.
 3. once started, answers what a stopped process left unanswered on its platform
-   (:meth:`Connector.answer_unanswered`, called by the runner; nothing to write per platform).
+   (:meth:`Connector.answer_unanswered`, called by the supervisor; nothing to write per platform).
 
 Required of every connector: :meth:`configured`, :meth:`start`, :meth:`stop`, :meth:`send`.
 
@@ -18,7 +18,8 @@ without: a typing indicator (:attr:`Connector.has_typing`), message edits
 that cannot answer ephemerally or in a direct message answers in the chat), long
 replies (:func:`split_text` at :attr:`Connector.max_length`).
 
-Adding a platform is one module in ``bots/`` plus one line in ``bots/__init__.py``.
+Adding a platform is one module in ``bots/`` (this class and its
+:class:`~agent_core.platforms.PlatformSpec`) plus one line in ``bots/__init__.py``: see bots/README.md.
 """
 
 from __future__ import annotations
