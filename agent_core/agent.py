@@ -354,7 +354,7 @@ class Agent:
         )
 
     async def delivered(self, reply: Reply, platform_message_id: str) -> None:
-        """The adapter sent ``reply`` and the platform gave it this id."""
+        """The connector sent ``reply`` and the platform gave it this id."""
         if reply.reply_id is not None:
             await self.store.set_platform_message_id(reply.reply_id, platform_message_id)
 

@@ -1,4 +1,4 @@
-"""Slash commands, platform-neutral: every adapter reuses these handlers.
+"""Slash commands, platform-neutral: every connector reuses these handlers.
 
 Each command is a :class:`CommandSpec` (name, usage, summary, handler). Platforms with
 a native command system register the specs there; text platforms send ``/name args``

@@ -1,6 +1,6 @@
-"""Typed events: the only vocabulary between platform adapters and the core.
+"""Typed events: the only vocabulary between the platforms' connectors and the core.
 
-An adapter turns what its platform sends into a :class:`Message`, :class:`Reaction` or
+A connector (``bots/``) turns what its platform sends into a :class:`Message`, :class:`Reaction` or
 :class:`Command`, hands it to the :class:`~agent_core.agent.Agent`, and sends the
 :class:`Reply` it gets back. Ids are the platform's own, as strings; the core maps them
 to its users, chats and messages.
@@ -62,7 +62,7 @@ class Attachment:
 
 @dataclass(frozen=True, kw_only=True)
 class Reply:
-    """What the bot answers; the adapter sends it and reports its platform id back."""
+    """What the bot answers; the connector sends it and reports its platform id back."""
 
     text: str
     chat_id: str
