@@ -21,7 +21,7 @@ from storage.training import AdapterRow
 
 log = logging.getLogger(__name__)
 
-Code = Literal["train-started", "train-busy", "train-too-little", "no-training", "rolled-back", "no-adapter",
+Code = Literal["train-started", "train-busy", "train-too-little", "rolled-back", "no-adapter",
                "cancelled", "not-running"]  # fmt: skip
 
 
