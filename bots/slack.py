@@ -58,7 +58,7 @@ PLATFORM = PlatformSpec(
     loggers=("slack_bolt", "slack_sdk"),
     reaction_name=reaction_name,
     event_ids="messages '<channel>:<ts>'; reactions Slack's event_id; slash commands their trigger_id",
-    requirement="slack-bolt>=1.20",
+    requirements=("slack-bolt>=1.20", "slack-sdk>=3.30"),
 )
 
 _MENTION = re.compile(r"<@[A-Z0-9]+>")

@@ -63,7 +63,7 @@ PLATFORM = PlatformSpec(
     ),
     loggers=("telegram",),
     event_ids="messages and commands '<chat id>:<message id>'; reactions 'reaction:<update id>:<emoji>:<0|1>'",
-    requirement="python-telegram-bot[webhooks]>=22,<23",
+    requirements=("python-telegram-bot[webhooks]>=22,<23",),
 )
 
 ALLOWED_UPDATES = ["message", "message_reaction"]

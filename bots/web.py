@@ -54,7 +54,7 @@ PLATFORM = PlatformSpec(
     secrets=(Secret("admin_token", "ATTUNE_ADMIN_TOKEN", "web.admin_token"),),  # the dashboard's
     loggers=("aiohttp",),
     event_ids="none: each POST is one event (a browser that retries sends a new one)",
-    requirement="aiohttp>=3.9",
+    requirements=("aiohttp>=3.9",),
 )
 
 STATIC = Path(__file__).parent / "static"

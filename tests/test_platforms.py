@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import re
-import tomllib
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+from packaging.requirements import Requirement
 
 from agent_core import config as core_config
 from agent_core.config import ConfigError, Section, effective_settings
@@ -64,15 +67,48 @@ def test_a_new_platforms_declarations_give_its_section_secrets_and_quiet_loggers
         logging.getLogger("nio").setLevel(logging.NOTSET)
 
 
-def test_every_registered_platform_is_consistent_and_its_requirement_is_installed() -> None:
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+def _setup_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("attune_setup", ROOT / "setup.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not as __main__: setup() is not called
+    return module
+
+
+def test_every_registered_platform_is_consistent_and_its_requirements_are_installed() -> None:
+    installed = [Requirement(r) for r in importlib.metadata.requires("attune") or []]
+    declared = [r for spec in PLATFORMS for r in spec.requirements]
+    assert declared, "no platform declares its SDK"
+    assert set(_setup_module().platform_requirements()) == set(declared)  # what setup.py reads from the modules
     assert len({spec.name for spec in PLATFORMS}) == len(PLATFORMS)
     for spec, connector in REGISTERED:
         assert connector.platform == spec.name and CONNECTORS[spec.name] is connector
         assert spec.event_ids, f"{spec.name} does not say how its events are named"
-        assert spec.requirement is None or spec.requirement in dependencies, spec.requirement
+        for requirement in spec.requirements:
+            assert Requirement(requirement) in installed, f"{requirement}: not among attune's dependencies"
         for secret in spec.secrets:
             assert secret.file_key.split(".")[0] == spec.name, secret
+
+
+def test_a_new_platform_module_and_its_registration_line_bring_its_sdk_into_the_dependencies(tmp_path: Path) -> None:
+    setup = _setup_module()
+    bots = tmp_path / "bots"
+    bots.mkdir()
+    init = (ROOT / "bots" / "__init__.py").read_text(encoding="utf-8")
+    line = "    (discord.PLATFORM, discord.DiscordConnector),\n"
+    assert line in init
+    (bots / "__init__.py").write_text(init.replace(line, line + "    (matrix.PLATFORM, matrix.MatrixConnector),\n"))
+    for spec in PLATFORMS:
+        (bots / f"{spec.name}.py").write_text((ROOT / "bots" / f"{spec.name}.py").read_text(encoding="utf-8"))
+    (bots / "matrix.py").write_text('PLATFORM = PlatformSpec(name="matrix", requirements=("matrix-nio>=0.25",))\n')
+    found = setup.platform_requirements(bots)
+    assert found[-1] == "matrix-nio>=0.25" and found[:-1] == setup.platform_requirements()
+    (bots / "matrix.py").write_text("PLATFORM = PlatformSpec(name='matrix', requirements=REQUIREMENTS)\n")
+    with pytest.raises(SystemExit, match=r"matrix.py: PLATFORM's requirements must be a literal tuple"):
+        setup.platform_requirements(bots)
+    (bots / "matrix.py").write_text("SPEC = 1\n")
+    with pytest.raises(SystemExit, match=r"matrix.py: registered in bots/__init__.py but has no PLATFORM"):
+        setup.platform_requirements(bots)
 
 
 def test_no_platform_is_named_in_the_core_or_in_storage() -> None:
