@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import tomli_w
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -51,7 +52,8 @@ class ConfigError(Exception):
 
 class Section(BaseModel):
     # Strict: a TOML string where a number belongs is an error, not a silent coercion.
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    # A field's docstring is its description: config.toml's comment for a platform's section (document_section).
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class StorageSettings(Section):
@@ -482,3 +484,27 @@ def effective_settings(config: Config) -> dict[str, Any]:
         var: ("******** (set)" if config.secrets.get(name) else "(not set)") for name, var in config.secrets.env.items()
     }
     return data
+
+
+COMMENT_COLUMN = 32  # where config.toml's comments start
+
+
+def _commented(text: str, comment: str | None) -> str:
+    if not comment:
+        return text
+    return f"{text:<{COMMENT_COLUMN - 1}} # {comment}" if len(text) < COMMENT_COLUMN - 1 else f"{text}  # {comment}"
+
+
+def document_section(name: str, model: type[BaseModel]) -> str:
+    """The ``[name]`` section as config.toml lists it, from the model alone: each key with
+    its default, commented with the field's docstring; the class docstring on the header.
+    This is how a platform documents its section: in its own module."""
+    lines = [_commented(f"[{name}]", (model.__doc__ or "").strip() or None)]
+    for key, value in model().model_dump(mode="json").items():
+        lines.append(_commented(tomli_w.dumps({key: value}).strip(), model.model_fields[key].description))
+    return "\n".join(lines) + "\n"
+
+
+def undocumented_keys(model: type[BaseModel]) -> list[str]:
+    """The model's keys that have no description (no docstring below the field)."""
+    return [key for key, field in model.model_fields.items() if not (field.description or "").strip()]

@@ -3,6 +3,7 @@
     attune [--config PATH] run                 every configured platform (else the default front end)
     attune [--config PATH] chat [--user NAME]  talk to the bot in this terminal
     attune [--config PATH] config show         the effective settings, secrets masked
+    attune config sections                     each platform's section, documented, to paste into config.toml
     attune [--config PATH] train [--user U | --all] [--dry-run]    the nightly training, now
     attune [--config PATH] adapters list | rollback --user U       the adapters it made
     attune [--config PATH] keys new | rotate                        the database's encryption key
@@ -25,7 +26,7 @@ import tomli_w
 from agent_core.config import CONFIG_ENV, Config, ConfigError, effective_settings
 from agent_core.llm.model_files import ModelNotFound
 from attune import keys_cli, training_cli
-from attune.wiring import load_config, open_agent, setup_logging
+from attune.wiring import load_config, open_agent, platform_sections, setup_logging
 from storage import DatabaseError
 from storage.crypto import EncryptionError
 
@@ -69,13 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", parents=[common], help="inspect the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     config_sub.add_parser("show", parents=[common], help="print the effective settings, secrets masked")
+    config_sub.add_parser(
+        "sections", parents=[common], help="print every platform's [section] with its defaults and notes"
+    )
     training_cli.add_commands(sub, common)
     keys_cli.add_commands(sub, common)
     return parser
 
 
+SECTIONS_HEADER = "# Each platform's settings, with their defaults, from its module in bots/ (as in config.toml).\n\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "config" and args.config_command == "sections":  # documentation: needs no settings file
+        print(SECTIONS_HEADER + platform_sections(), end="")
+        return 0
     try:
         config = load_config(getattr(args, "config", None))
     except ConfigError as exc:

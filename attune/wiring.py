@@ -27,6 +27,11 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     return core_config.load_config(path, environ, PLATFORMS)
 
 
+def platform_sections() -> str:
+    """Every registered platform's ``[<name>]`` section, as config.toml lists them, from their modules."""
+    return "\n".join(core_config.document_section(p.name, p.settings) for p in PLATFORMS if p.settings is not None)
+
+
 def setup_logging(level: str, config: Config | None = None) -> None:
     """Logging on stderr with ``config``'s secrets masked and the platforms' SDKs kept quiet."""
     secrets = config.secrets.values() if config is not None else ()

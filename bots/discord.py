@@ -38,11 +38,18 @@ log = logging.getLogger(__name__)
 
 
 class DiscordSettings(Section):
+    """on when DISCORD_BOT_TOKEN is set"""
+
     api_base: str = "https://discord.com/api/v10"
+    """REST API root (proxy)"""
     gateway_url: str = "wss://gateway.discord.gg/"
+    """gateway WebSocket address"""
     sync_commands: bool = True
+    """register the slash commands with Discord at start"""
     guild_ready_timeout_s: float = Field(default=2.0, ge=0)
-    stream_edit_interval_s: float = Field(default=1.5, ge=0.0)  # 0: send the final text only
+    """how long to wait for the servers' data after connecting before answering"""
+    stream_edit_interval_s: float = Field(default=1.5, ge=0.0)
+    """show a reply as it is written, editing it at most this often (5 per 5 s per channel); 0 = final text only"""
 
 
 PLATFORM = PlatformSpec(

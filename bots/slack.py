@@ -34,12 +34,20 @@ log = logging.getLogger(__name__)
 
 
 class SlackSettings(Section):
+    """on when SLACK_BOT_TOKEN is set (plus SLACK_APP_TOKEN, or SLACK_SIGNING_SECRET for http)"""
+
     api_url: str = "https://slack.com/api/"
+    """Web API root (proxy, Enterprise Grid gateway)"""
     mode: Literal["socket", "http"] = "socket"
+    """"socket" (Socket Mode, no public URL needed) or "http" (Slack posts events to us)"""
     http_host: str = "127.0.0.1"
+    """http mode: the address Bolt's server binds"""
     http_port: int = Field(default=3000, ge=1, le=65535)
+    """http mode: its port (events, commands and interactivity at /slack/events)"""
     command: str = Field(default="/attune", pattern=r"^/[a-z0-9_-]{1,31}$")
-    stream_edit_interval_s: float = Field(default=0.0, ge=0.0)  # 0: send the final text only
+    """the slash command as created in the Slack app ("/attune prefs tone formal")"""
+    stream_edit_interval_s: float = Field(default=0.0, ge=0.0)
+    """0 = the final text only (chat.update is ~50 a minute for the whole workspace); above 0: edit this often"""
 
 
 def reaction_name(name: str) -> str:

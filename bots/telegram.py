@@ -43,15 +43,26 @@ log = logging.getLogger(__name__)
 
 
 class TelegramSettings(Section):
+    """on when TELEGRAM_BOT_TOKEN is set (TELEGRAM_WEBHOOK_SECRET for webhook mode)"""
+
     base_url: str = "https://api.telegram.org/bot"
+    """Bot API address (self-hosted server, proxy); the token is appended"""
     base_file_url: str = "https://api.telegram.org/file/bot"
+    """where files are downloaded from; the token is appended"""
     mode: Literal["polling", "webhook"] = "polling"
+    """"polling" (no public URL needed) or "webhook" (Telegram posts to webhook_url)"""
     poll_timeout_s: int = Field(default=30, ge=0)
+    """long-polling timeout of getUpdates"""
     request_timeout_s: float = Field(default=20.0, gt=0)
+    """timeout of every other Bot API call"""
     webhook_url: str = ""
+    """webhook mode: the public HTTPS URL that reaches webhook_listen:webhook_port"""
     webhook_listen: str = "127.0.0.1"
+    """webhook mode: the address the webhook server binds"""
     webhook_port: int = Field(default=8443, ge=1, le=65535)
-    stream_edit_interval_s: float = Field(default=3.0, ge=0.0)  # 0: send the final text only
+    """webhook mode: its port"""
+    stream_edit_interval_s: float = Field(default=3.0, ge=0.0)
+    """show a reply as it is written, editing it at most this often (20 a minute fits groups); 0 = final text only"""
 
 
 PLATFORM = PlatformSpec(

@@ -42,10 +42,16 @@ log = logging.getLogger(__name__)
 
 
 class WebSettings(Section):
+    """the web chat (the default front end) and the dashboard (with ATTUNE_ADMIN_TOKEN)"""
+
     host: str = "127.0.0.1"
+    """address to listen on; only this machine by default"""
     port: int = Field(default=8080, ge=0, le=65535)
+    """http://127.0.0.1:8080 (0 = any free port, printed at start)"""
     max_body_bytes: int = Field(default=65536, ge=1024)
+    """larger requests are refused (413)"""
     secure_cookies: bool = False
+    """mark cookies Secure: set true when served over HTTPS (behind a proxy)"""
 
 
 PLATFORM = PlatformSpec(

@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import re
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
@@ -25,8 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class MatrixSettings(Section):
+    """on when MATRIX_ACCESS_TOKEN is set"""
+
     homeserver: str = "https://matrix.example"
+    """the homeserver's address"""
     sync_timeout_s: float = 30.0
+    """long-polling timeout of /sync"""
 
 
 MATRIX = PlatformSpec(
@@ -57,6 +62,13 @@ def test_a_new_platforms_declarations_give_its_section_secrets_and_quiet_loggers
         core_config.load_config(write_config(tmp_path, '[matrix]\ncolour = "red"\n'), environ={}, platforms=[MATRIX])
     with pytest.raises(ConfigError, match=r"matrix: unknown key"):  # not registered: not a section
         core_config.load_config(path, environ={})
+    documented = core_config.document_section("matrix", MatrixSettings)  # its part of config.toml
+    assert documented.splitlines() == [
+        "[matrix]                        # on when MATRIX_ACCESS_TOKEN is set",
+        'homeserver = "https://matrix.example"  # the homeserver\'s address',
+        "sync_timeout_s = 30.0           # long-polling timeout of /sync",
+    ]
+    assert tomllib.loads(documented) == {"matrix": MatrixSettings().model_dump()}
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     try:
