@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import io
 import logging
 import re
+import tokenize
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -107,30 +110,80 @@ def test_a_new_platform_module_and_its_registration_line_bring_its_sdk_into_the_
     bots = tmp_path / "bots"
     bots.mkdir()
     init = (ROOT / "bots" / "__init__.py").read_text(encoding="utf-8")
-    line = "    (discord.PLATFORM, discord.DiscordConnector),\n"
-    assert line in init
-    (bots / "__init__.py").write_text(init.replace(line, line + "    (matrix.PLATFORM, matrix.MatrixConnector),\n"))
+    end = "\n]\nPLATFORMS"  # the end of the REGISTERED list: the new line goes last
+    assert end in init
+    line = "\n    (rocketchat.PLATFORM, rocketchat.RocketchatConnector),"
+    (bots / "__init__.py").write_text(init.replace(end, line + end))
     for spec in PLATFORMS:
         (bots / f"{spec.name}.py").write_text((ROOT / "bots" / f"{spec.name}.py").read_text(encoding="utf-8"))
-    (bots / "matrix.py").write_text('PLATFORM = PlatformSpec(name="matrix", requirements=("matrix-nio>=0.25",))\n')
+    spec_line = 'PLATFORM = PlatformSpec(name="rocketchat", requirements=("rocketchat-sdk>=1",))\n'
+    (bots / "rocketchat.py").write_text(spec_line)
     found = setup.platform_requirements(bots)
-    assert found[-1] == "matrix-nio>=0.25" and found[:-1] == setup.platform_requirements()
-    (bots / "matrix.py").write_text("PLATFORM = PlatformSpec(name='matrix', requirements=REQUIREMENTS)\n")
-    with pytest.raises(SystemExit, match=r"matrix.py: PLATFORM's requirements must be a literal tuple"):
+    assert found == [*setup.platform_requirements(), "rocketchat-sdk>=1"]
+    (bots / "rocketchat.py").write_text("PLATFORM = PlatformSpec(name='rocketchat', requirements=REQUIREMENTS)\n")
+    with pytest.raises(SystemExit, match=r"rocketchat.py: PLATFORM's requirements must be a literal tuple"):
         setup.platform_requirements(bots)
-    (bots / "matrix.py").write_text("SPEC = 1\n")
-    with pytest.raises(SystemExit, match=r"matrix.py: registered in bots/__init__.py but has no PLATFORM"):
+    (bots / "rocketchat.py").write_text("SPEC = 1\n")
+    with pytest.raises(SystemExit, match=r"rocketchat.py: registered in bots/__init__.py but has no PLATFORM"):
         setup.platform_requirements(bots)
+
+
+def _code_words(path: Path) -> Iterator[tuple[int, str, str]]:
+    """(line, word, kind) of the code in one file: each part of an identifier of two or
+    more parts (``slack_token``, ``SlackSettings``; ``def matrix`` is a plain word), the words
+    of a string literal, and, in comments and docstrings, only a word written as a name
+    (quoted, bracketed, or before a colon: "web", [web], web:ann). So prose may use a
+    platform's name as a plain word (a matrix product, some slack)."""
+    text = path.read_text(encoding="utf-8")
+    as_name = re.compile(r"""["'`\[]([a-z]+)[]"'`:]""")
+    if path.suffix == ".sql":
+        for number, line in enumerate(text.splitlines(), 1):
+            code, _, comment = line.partition("--")
+            yield from ((number, w.lower(), "sql") for w in re.findall(r"[A-Za-z]+", code))
+            yield from ((number, w, "comment") for w in as_name.findall(comment))
+        return
+    previous = tokenize.NEWLINE
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        number = token.start[0]
+        if token.type == tokenize.NAME:
+            parts = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", token.string)
+            if len(parts) > 1:  # slack_token, SlackSettings; a plain word alone (def matrix) is not a name
+                yield from ((number, part.lower(), "identifier") for part in parts)
+        elif token.type == tokenize.STRING and previous in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT):
+            yield from ((number, w, "docstring") for w in as_name.findall(token.string))  # a docstring
+        elif token.type == tokenize.STRING:
+            yield from ((number, w.lower(), "string") for w in re.findall(r"[A-Za-z]+", token.string))
+        elif token.type == tokenize.COMMENT:
+            yield from ((number, w, "comment") for w in as_name.findall(token.string))
+        if token.type not in (tokenize.COMMENT, tokenize.NL):
+            previous = token.type
 
 
 def test_no_platform_is_named_in_the_core_or_in_storage() -> None:
-    names = {spec.name for spec in PLATFORMS if spec.name not in ("web", "terminal")}  # plain words too
-    pattern = re.compile(r"\b(" + "|".join(sorted(names)) + r")\b", re.IGNORECASE)
-    quoted = re.compile(r"""["'\[](web|terminal)[]"':]""")  # "web", 'terminal', [web], "web:ann"
+    names = {spec.name for spec in PLATFORMS}
     found = []
     for folder in ("agent_core", "storage"):
         for path in sorted((ROOT / folder).rglob("*.py")) + sorted((ROOT / folder).rglob("*.sql")):
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if pattern.search(line) or quoted.search(line):
-                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+            lines = path.read_text(encoding="utf-8").splitlines()
+            for number, word, kind in _code_words(path):
+                if word in names:
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {kind} {word!r}: {lines[number - 1].strip()}")
     assert not found, "platform names in the core or storage:\n" + "\n".join(found)
+
+
+def test_the_name_check_reads_code_and_lets_prose_use_plain_words(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        '"""A matrix product; the "web" front end."""\n'
+        "# some slack here, and [discord] there\n"
+        "slack_token = SlackSettings(matrix)\n"
+        "if platform == 'telegram:1':\n"
+        "    pass\n",
+        encoding="utf-8",
+    )
+    words = {(number, word, kind) for number, word, kind in _code_words(sample)}
+    assert (1, "matrix", "docstring") not in words and (1, "web", "docstring") in words
+    assert (2, "slack", "comment") not in words and (2, "discord", "comment") in words
+    assert {(3, "slack", "identifier"), (3, "token", "identifier"), (3, "settings", "identifier")} <= words
+    assert (3, "matrix", "identifier") not in words
+    assert (4, "telegram", "string") in words
