@@ -332,8 +332,17 @@ class Secrets(BaseModel):
         return [value for name in self.env if (value := self.get(name))]
 
     def get(self, name: str) -> str | None:
-        """The plain value of one secret, or None when its variable is not set."""
-        value: SecretStr | None = self.platform.get(name) if name in self.platform else getattr(self, name, None)
+        """The plain value of one secret, or None when its variable is not set; a name that
+        neither the core nor a registered platform declares is a KeyError (a typo, not "unset")."""
+        value: SecretStr | None
+        if name in self.platform:
+            value = self.platform[name]
+        elif name in SECRET_ENV:
+            value = getattr(self, name)
+        elif name in self.env:
+            value = None  # a platform's secret whose variable is not set
+        else:
+            raise KeyError(f"no secret named {name!r}; declared: {', '.join(sorted(self.env))}")
         return value.get_secret_value() if value else None
 
 

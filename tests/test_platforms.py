@@ -54,6 +54,9 @@ def test_a_new_platforms_declarations_give_its_section_secrets_and_quiet_loggers
     assert section == MatrixSettings(homeserver="http://127.0.0.1:8008", sync_timeout_s=5.0)
     assert config.secrets.get("matrix_access_token") == "syt_very_secret"
     assert "syt_very_secret" in config.secrets.values()  # what the log filter masks
+    assert core_config.load_config(path, environ={}, platforms=[MATRIX]).secrets.get("matrix_access_token") is None
+    with pytest.raises(KeyError, match="no secret named 'platform'"):
+        config.secrets.get("platform")  # a field of Secrets, not a secret
     shown = effective_settings(config)
     assert shown["matrix"]["homeserver"] == "http://127.0.0.1:8008"
     assert shown["secrets"]["MATRIX_ACCESS_TOKEN"] == "******** (set)" and "syt_very_secret" not in str(shown)
