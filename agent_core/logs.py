@@ -28,11 +28,29 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class QuietLibraries(logging.Filter):
+    """Drops records below INFO from the named loggers and their children, whatever level
+    those loggers were given: an SDK may set its own (slack_bolt copies the root's level onto
+    each logger it makes, so under DEBUG its framework logger would speak)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__()
+        self.names = tuple(names)
+        self.prefixes = tuple(f"{name}." for name in self.names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.INFO or not (
+            record.name in self.names or record.name.startswith(self.prefixes)
+        )
+
+
 def setup_logging(level: str, secrets: Iterable[str] = (), platform_loggers: Iterable[str] = ()) -> None:
     """One handler on stderr at ``level``, masking ``secrets``; ``platform_loggers`` (the
     platforms' SDKs, as each declares) stay at INFO or above."""
+    platform_loggers = list(platform_loggers)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.addFilter(QuietLibraries(platform_loggers))
     handler.addFilter(RedactSecrets(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -43,4 +61,7 @@ def setup_logging(level: str, secrets: Iterable[str] = (), platform_loggers: Ite
     # The platform libraries' debug output carries what people write: DEBUG is for attune's own loggers.
     for name in platform_loggers:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
+        for child_name, child in list(logging.root.manager.loggerDict.items()):
+            if child_name.startswith(f"{name}.") and isinstance(child, logging.Logger):
+                child.setLevel(logging.NOTSET)  # a level an SDK set on it: it follows the one above again
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 import urllib.parse
@@ -17,7 +18,7 @@ from slack_sdk.signature import SignatureVerifier
 from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
-from attune.wiring import open_agent
+from attune.wiring import open_agent, setup_logging
 from bots.slack import SlackConnector
 from tests.fakes.slack import FakeSlack
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
@@ -279,3 +280,27 @@ async def test_fuzzed_events_and_commands_are_skipped_or_answered_and_never_stop
     finally:
         await connector.stop()
         await agent.close()
+
+
+async def test_under_debug_logging_bolts_own_loggers_write_no_debug(
+    agent: Agent, make_config: Callable[..., Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bolt copies the root's level onto each logger it makes, after our set-up: under DEBUG
+    its framework logger would write what people sent. The handler drops it."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    config = make_config(environ={"SLACK_BOT_TOKEN": "xoxb-test", "SLACK_APP_TOKEN": "xapp-test"})
+    try:
+        setup_logging("DEBUG", config)
+        connector = SlackConnector(agent, config)
+        assert connector.app.logger.level == logging.DEBUG  # what Bolt did
+        connector.app.logger.debug("payload: ann wrote a secret recipe")
+        connector.app.logger.warning("bolt warns")
+        logging.getLogger("bots.slack").debug("attune's own debug line")
+        err = capsys.readouterr().err
+        assert "secret recipe" not in err
+        assert "bolt warns" in err and "attune's own debug line" in err
+    finally:
+        root.handlers[:], root.level = saved
+        for name in ("slack_bolt", "slack_sdk"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
