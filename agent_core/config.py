@@ -512,8 +512,3 @@ def document_section(name: str, model: type[BaseModel]) -> str:
     for key, value in model().model_dump(mode="json").items():
         lines.append(_commented(tomli_w.dumps({key: value}).strip(), model.model_fields[key].description))
     return "\n".join(lines) + "\n"
-
-
-def undocumented_keys(model: type[BaseModel]) -> list[str]:
-    """The model's keys that have no description (no docstring below the field)."""
-    return [key for key, field in model.model_fields.items() if not (field.description or "").strip()]

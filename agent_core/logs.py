@@ -61,7 +61,8 @@ def setup_logging(level: str, secrets: Iterable[str] = (), platform_loggers: Ite
     # The platform libraries' debug output carries what people write: DEBUG is for attune's own loggers.
     for name in platform_loggers:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLevelName(level)))
-        for child_name, child in list(logging.root.manager.loggerDict.items()):
-            if child_name.startswith(f"{name}.") and isinstance(child, logging.Logger):
-                child.setLevel(logging.NOTSET)  # a level an SDK set on it: it follows the one above again
+    children = tuple(f"{name}." for name in platform_loggers)
+    for name, child in list(logging.root.manager.loggerDict.items()):
+        if name.startswith(children) and isinstance(child, logging.Logger):
+            child.setLevel(logging.NOTSET)  # a level an SDK set on it: it follows the one above again
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported

@@ -15,6 +15,7 @@ that never touch the database are marked ``no_database`` and run in the SQLite p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -137,6 +138,21 @@ async def agent(make_config: Callable[..., Config]) -> AsyncIterator[Agent]:
     await backend.start()
     yield opened
     await opened.close()
+
+
+async def recorded_reply_id(agent: Agent, timeout_s: float = 10.0) -> str:
+    """The platform's id of the (first) stored reply, once the connector recorded it: that
+    happens after the platform answered the send, so a moment after a fake server saw it
+    (react before and the reaction has no target)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        row = await agent.store.db.fetchone(
+            "SELECT platform_message_id FROM messages WHERE role = 'assistant' ORDER BY id LIMIT 1"
+        )
+        if row is not None and row[0] is not None:
+            return str(row[0])
+        assert asyncio.get_running_loop().time() < deadline, "the reply's platform id was never recorded"
+        await asyncio.sleep(0.02)
 
 
 def random_lora(

@@ -13,6 +13,7 @@ from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
 from bots.discord import DiscordConnector
+from tests.conftest import recorded_reply_id
 from tests.fakes.discord import BOT_USER, DM_CHANNEL, GUILD_CHANNEL, FakeDiscord
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
@@ -51,17 +52,6 @@ async def bot(fake: FakeDiscord, make_config: Callable[..., Config]) -> AsyncIte
     await connector.agent.close()
 
 
-async def _reply_id(agent: Agent, timeout_s: float = 10.0) -> str:
-    """The platform id of the stored reply, once the connector reported it (a moment after the fake saw the send)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        row = await agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
-        if row is not None and row[0] is not None:
-            return str(row[0])
-        assert asyncio.get_running_loop().time() < deadline, "the reply's platform id was never recorded"
-        await asyncio.sleep(0.02)
-
-
 async def _rewards(agent: Agent, user: str) -> list[float]:
     return (await agent.store.stats(await agent.store.resolve_user("discord", user)))["rewards"]
 
@@ -90,7 +80,7 @@ async def test_a_direct_message_gets_a_reply_with_typing(bot: DiscordConnector, 
     assert sent[0][0] == DM_CHANNEL and sent[0][1]["content"] == "echo: hello discord"
     assert "message_reference" not in sent[0][1]
     assert fake.requests("POST", f"channels/{DM_CHANNEL}/typing")
-    assert await _reply_id(bot.agent)
+    assert await recorded_reply_id(bot.agent)
 
 
 async def test_in_a_server_only_mentions_are_answered(bot: DiscordConnector, fake: FakeDiscord) -> None:
@@ -107,7 +97,7 @@ async def test_in_a_server_only_mentions_are_answered(bot: DiscordConnector, fak
 async def test_raw_reactions_are_stored_and_undone(bot: DiscordConnector, fake: FakeDiscord) -> None:
     await fake.dispatch("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "rate me"))
     await fake.wait(fake.sent_messages, 1)
-    reply = await _reply_id(bot.agent)
+    reply = await recorded_reply_id(bot.agent)
     await fake.dispatch("MESSAGE_REACTION_ADD", fake.reaction(DM_CHANNEL, reply, ANN, "❤️"))
     await _eventually(lambda: _rewards(bot.agent, ANN), [1.0])
     await fake.dispatch("MESSAGE_REACTION_ADD", fake.reaction(DM_CHANNEL, reply, ANN, "❤️"))  # delivered twice

@@ -20,6 +20,7 @@ from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent, setup_logging
 from bots.slack import SlackConnector
+from tests.conftest import recorded_reply_id
 from tests.fakes.slack import FakeSlack
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
@@ -63,24 +64,13 @@ async def _eventually(read: Callable[[], object], expected: object, timeout: flo
             await asyncio.sleep(0.02)
 
 
-async def _reply_ts(agent: Agent, timeout_s: float = 10.0) -> str:
-    """Slack's ts of the stored reply, once the connector recorded it: that happens after Slack
-    answered the post, so a moment after the fake saw it (react before and the reaction has no target)."""
-    async with asyncio.timeout(timeout_s):
-        while True:
-            row = await agent.store.db.fetchone("SELECT platform_message_id FROM messages WHERE role = 'assistant'")
-            if row is not None and row[0] is not None:
-                return str(row[0])
-            await asyncio.sleep(0.02)
-
-
 async def test_a_direct_message_gets_a_reply(bot: SlackConnector, fake: FakeSlack) -> None:
     await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "hello slack")))
     posted = await fake.wait_for("chat.postMessage", 1)
     assert posted[0]["channel"] == DM and posted[0]["text"] == "echo: hello slack"
     assert "thread_ts" not in posted[0]
 
-    assert (await _reply_ts(bot.agent)).startswith("17")
+    assert (await recorded_reply_id(bot.agent)).startswith("17")
     assert fake.posted("auth.test") and fake.posted("apps.connections.open")
 
 
@@ -102,7 +92,7 @@ async def test_in_a_channel_only_mentions_are_answered_in_their_thread(bot: Slac
 async def test_reactions_by_slack_name_are_stored_and_undone(bot: SlackConnector, fake: FakeSlack) -> None:
     await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "rate this")))
     await fake.wait_for("chat.postMessage", 1)
-    ts = await _reply_ts(bot.agent)
+    ts = await recorded_reply_id(bot.agent)
     await fake.push("events_api", fake.event_body(fake.reaction("reaction_added", ANN, DM, ts, "+1::skin-tone-3")))
     await _eventually(lambda: _rewards(bot.agent, ANN), [1.0])
     await fake.push("events_api", fake.event_body(fake.reaction("reaction_removed", ANN, DM, ts, "+1::skin-tone-3")))

@@ -21,6 +21,7 @@ from agent_core.events import Reply
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
 from bots.telegram import ALLOWED_UPDATES, TelegramConnector
+from tests.conftest import recorded_reply_id
 from tests.fakes.telegram import BOT, FakeTelegram, parsed
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
 
@@ -76,7 +77,7 @@ async def test_a_private_message_gets_a_reply_and_a_typing_indicator(
     assert sent[0]["chat_id"] == str(ANN) and sent[0]["text"] == "echo: hello bot"
     assert "reply_parameters" not in sent[0]  # no quoting in a private chat
     assert any(a["action"] == "typing" for a in fake.sent("sendChatAction"))
-    assert await _delivered_id(bot.agent)  # the platform id came back to the core
+    assert await recorded_reply_id(bot.agent)  # the platform id came back to the core
 
 
 async def test_in_a_group_only_mentions_and_replies_to_the_bot_are_answered(
@@ -99,7 +100,7 @@ async def test_in_a_group_only_mentions_and_replies_to_the_bot_are_answered(
 async def test_reactions_are_stored_undone_and_changed(bot: TelegramConnector, fake: FakeTelegram) -> None:
     await fake.push_text(ANN, ANN, "rate me")
     await fake.wait_sent(1)
-    reply_id = int(await _delivered_id(bot.agent))
+    reply_id = int(await recorded_reply_id(bot.agent))
     await fake.push_reaction(ANN, ANN, reply_id, old=[], new=["👍"])
     await _wait_for(lambda: _rewards(bot.agent, ANN), [1.0])
     await fake.push_reaction(ANN, ANN, reply_id, old=["👍"], new=["👎"])
@@ -180,7 +181,7 @@ async def test_long_replies_are_split_at_4096(fake: FakeTelegram, make_config: C
         sent = await fake.wait_sent(2)
         assert all(len(m["text"]) <= 4096 for m in sent)
         assert " ".join(m["text"] for m in sent).split() == ["word"] * 1500
-        assert await _delivered_id(agent) is not None
+        assert await recorded_reply_id(agent) is not None
     finally:
         await connector.stop()
         await agent.close()
@@ -195,20 +196,6 @@ async def _wait_for_message(
         assert asyncio.get_running_loop().time() < deadline, [m["text"] for m in fake.sent()[start:]]
         await asyncio.sleep(0.02)
     return found[0]
-
-
-async def _delivered_id(agent: Agent, timeout_s: float = 10.0) -> str:
-    """The platform id of the (first) stored reply, once the connector has reported it: that
-    happens after Telegram answered the send, so a moment after the fake saw it."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        row = await agent.store.db.fetchone(
-            "SELECT platform_message_id FROM messages WHERE role = 'assistant' ORDER BY id LIMIT 1"
-        )
-        if row is not None and row[0] is not None:
-            return str(row[0])
-        assert asyncio.get_running_loop().time() < deadline, "the reply's platform id was never recorded"
-        await asyncio.sleep(0.02)
 
 
 def _free_port() -> int:
