@@ -29,6 +29,7 @@ from agent_core.llm import (
     LLMBackend,
     LLMBusy,
     LLMError,
+    Steering,
     base_model_dir,
 )
 from agent_core.memory import note_to_remember
@@ -37,6 +38,7 @@ from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
 from agent_core.prompts import PromptParts, build_prompt
 from agent_core.ratelimit import OneAtATime, RateLimiter
 from agent_core.rewards import RewardMap, normalize
+from agent_core.steering import ReplySteering
 from agent_core.style import Style, finish, measure_style, token_budget
 from agent_core.training.job import TrainingJob
 from storage import (
@@ -79,11 +81,13 @@ class Agent:
             if settings.policy.learn
             else DefaultsPolicy(settings.style)
         )
+        self.steering = ReplySteering(store, settings.steering)  # each user's reward model steers their replies
         self.training = TrainingJob(store.training, settings, model_dir=lambda: base_model_dir(settings))
         self.operations = Operations(
             self.training, store, self.policy, llm.describe
         )  # train now, roll back, stop, status
-        self.commands = Commands(store, self.policy, describe_model=llm.describe, operations=self.operations)
+        self.commands = Commands(store, self.policy, describe_model=llm.describe, operations=self.operations,
+                                 steering=self.steering)  # fmt: skip
         self.access = Access(settings.access)
         self.rewards = RewardMap(settings.rewards)
         limits = settings.limits
@@ -179,8 +183,9 @@ class Agent:
                                           key=_draw_key(msg, received))  # fmt: skip
         style = choice.style
         prompt = self._prompt(msg, style, context)
+        steering = await self.steering.for_reply(received.user_id, context.preferences) if self.llm.steers else None
         try:
-            text = await self._generate(prompt, style, context.adapter, on_text)
+            text = await self._generate(prompt, style, context.adapter, steering, on_text)
         except LLMBusy:
             await self.store.settle(received.message_id)
             return Reply(text=BUSY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
@@ -273,8 +278,9 @@ class Agent:
         return min(self.settings.llm.max_new_tokens, self.llm.context_window // 2)
 
     async def _generate(
-        self, prompt: list[ChatMessage], style: Style, adapter: AdapterRow | None, on_text: OnText | None
-    ) -> str | None:
+        self, prompt: list[ChatMessage], style: Style, adapter: AdapterRow | None, steering: Steering | None,
+        on_text: OnText | None,
+    ) -> str | None:  # fmt: skip
         """The model's reply, streamed to ``on_text``; None (and a log line) if it failed.
         Raises :class:`LLMBusy` when the backend has no room for another request."""
         llm = self.settings.llm
@@ -285,6 +291,7 @@ class Agent:
             top_p=llm.top_p,
             adapter=AdapterRef(adapter.name, adapter.path) if adapter else None,
             style=style,
+            steering=steering,
         )
         pieces: list[str] = []
         try:
@@ -329,8 +336,9 @@ class Agent:
             taken_back = await self.store.remove_reaction(reply.message_id, user_id, emoji)
             stored, reward = taken_back is not None, -(taken_back or 0.0)
         trains = stored and user_id == reply.user_id
-        if trains:
-            await self.policy.learn(user_id)  # from the very next reply on
+        if trains:  # from the very next reply on
+            await self.policy.learn(user_id)
+            await self.steering.learn(user_id)
         return ReactionOutcome(stored=stored, reward=reward, trains=trains)
 
     async def handle_command(self, command: Command) -> Reply | None:

@@ -21,6 +21,8 @@ from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
 from agent_core.operations import Operations, UnknownUser
 from agent_core.policy import StylePolicy, realisation_counts
+from agent_core.steering import PREFERENCE as STEERING
+from agent_core.steering import ReplySteering
 from agent_core.stores import CommandStore
 from agent_core.style import DIMENSIONS, describe_asked_and_shown, is_valid
 
@@ -91,11 +93,13 @@ class Commands:
         *,
         describe_model: Callable[[], str],
         operations: Operations | None = None,
+        steering: ReplySteering | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self.describe_model = describe_model
         self.operations = operations  # for /admin and /forget all (the adapter files)
+        self.steering = steering  # each user's reward model (/prefs steering, /stats, /export, reset learning)
         self._forget_pending: dict[int, float] = {}  # user id -> deadline of "/forget all"
         self._link_failures: dict[int, list[float]] = {}  # user id -> times of wrong /link codes
         self.specs: dict[str, CommandSpec] = {s.name: s for s in SPECS}
@@ -121,10 +125,15 @@ async def _help(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     return CommandResult("\n".join(lines))
 
 
+SWITCHES = {STEERING: ("on", "off")}  # key -> its values, the first the default
+
+
 def _show_prefs(prefs: dict[str, str]) -> str:
     lines = ["Your preferences (auto = learned from your reactions):"]
     lines += [f"  {dim}: {prefs.get(dim, 'auto')}  ({' | '.join(values)})" for dim, values in DIMENSIONS.items()]
     lines += [f"  {key}: {prefs.get(key, '(not set)')}" for key in FREE_TEXT_PREFS]
+    lines += [f"  {key}: {prefs.get(key, values[0])}  ({' | '.join(values)}: whether what you like steers my replies)"
+              for key, values in SWITCHES.items()]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -135,12 +144,18 @@ async def _prefs(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     key = words[0].lower().rstrip(":=")
     if key == "reset" and [w.lower() for w in words[1:]] == ["learning"]:
         await cmds.policy.reset(caller.user_id)
+        if cmds.steering is not None:
+            await cmds.steering.reset(caller.user_id)
+        retired = await cmds.store.training.retire_adapters(caller.user_id)
         return CommandResult(
-            "I forgot what I had learned about your style; I'll learn it again from your reactions.", True
+            "I forgot what I had learned about your style and what you like in my replies"
+            + (", and your own adapter no longer answers you" if retired else "")
+            + "; I'll learn it again from your reactions.",
+            True,
         )
     if key == "reset":
         keys = [k.lower() for k in words[1:]]
-        unknown = [k for k in keys if k not in DIMENSIONS and k not in FREE_TEXT_PREFS]
+        unknown = [k for k in keys if k not in DIMENSIONS and k not in FREE_TEXT_PREFS and k not in SWITCHES]
         if unknown:
             raise UsageError(f"Unknown preference {unknown[0]!r}.")
         await cmds.store.clear_preferences(caller.user_id, keys or None)
@@ -157,6 +172,13 @@ async def _prefs(cmds: Commands, caller: Caller, args: str) -> CommandResult:
             return CommandResult(f"{key} is back to auto: I'll learn it from your reactions.", True)
         if not is_valid(key, value):
             raise UsageError(f"{key} must be one of: {', '.join(DIMENSIONS[key])} (or auto).")
+    elif key in SWITCHES:
+        value = value.lower()
+        if value not in SWITCHES[key]:
+            raise UsageError(f"{key} must be one of: {', '.join(SWITCHES[key])}.")
+        if value == SWITCHES[key][0]:
+            await cmds.store.clear_preferences(caller.user_id, [key])
+            return CommandResult(f"{key} is {value}.", True)
     elif key in FREE_TEXT_PREFS:
         if not value:
             raise UsageError(f"Give a value for {key}.")
@@ -213,6 +235,8 @@ async def _forget(cmds: Commands, caller: Caller, args: str) -> CommandResult:
 async def _export(cmds: Commands, caller: Caller, args: str) -> CommandResult:
     data = await cmds.store.export_user(caller.user_id)
     data["learned_style"] = await cmds.policy.beliefs(caller.user_id)
+    if cmds.steering is not None:
+        data["reward_model"] = await cmds.steering.export(caller.user_id)
     data["exported_at"] = time.time()
     content = json.dumps(data, ensure_ascii=False, indent=2).encode()
     return CommandResult(
@@ -257,11 +281,37 @@ async def _stats(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         + describe_asked_and_shown((await realisation_counts(cmds.store, SHOWN_WINDOW, caller.user_id)).table())
         + ".",
         reward_model.describe(await reward_model.user_accuracy(cmds.store.training, caller.user_id)),
+        *(await _steering_lines(cmds, caller.user_id)),
         f"Adapter: {adapter_line}.",
         await _training_line(cmds, caller.user_id),
         f"Model: {cmds.describe_model()}.",
     ]
     return CommandResult("\n".join(lines), private=True)
+
+
+async def _steering_lines(cmds: Commands, user_id: int) -> list[str]:
+    """What the reward model learned, in the user's words, and how their replies changed."""
+    if cmds.steering is None:
+        return []
+    lines = [await cmds.steering.describe(user_id, await cmds.store.preferences(user_id))]
+    liked = [t for t in await cmds.steering.terms(user_id) if t.weight > 0]
+    adapter = await cmds.store.training.serving(user_id)
+    if liked and adapter is not None and adapter.user_id == user_id and adapter.since is not None:
+        replies = await cmds.store.reply_texts(user_id, CHANGE_WINDOW)
+        before = [text for at, text in replies if at < adapter.since]
+        after = [text for at, text in replies if at >= adapter.since]
+        if before and after:
+            day = time.strftime("%-d %B", time.localtime(adapter.since))
+            changes = [f"{t.text}: {_share(t.gram, before):.0%} → {_share(t.gram, after):.0%}" for t in liked]
+            lines.append(f"Your replies since your adapter of {day}: " + "; ".join(changes) + ".")
+    return lines
+
+
+CHANGE_WINDOW = 200  # /stats: the replies over which "before and since your adapter" is counted
+
+
+def _share(gram: str, texts: list[str]) -> float:
+    return fmean(reward_model.holds(text, gram) for text in texts)
 
 
 async def _training_line(cmds: Commands, user_id: int) -> str:
@@ -373,7 +423,8 @@ SPECS: list[CommandSpec] = [
     CommandSpec("help", "/help [command]", "show the commands, or how to use one", _help),
     CommandSpec(
         "prefs",
-        "/prefs [length|tone|emoji|format|language|persona <value|auto>] | /prefs reset [key|learning]",
+        "/prefs [length|tone|emoji|format|language|persona <value|auto>] | /prefs steering on|off"
+        " | /prefs reset [key|learning]",
         "show or set how I answer you",
         _prefs,
         private=True,

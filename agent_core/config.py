@@ -157,6 +157,27 @@ class PolicySettings(Section):
     refit_every: int = Field(default=20, ge=1)
 
 
+class SteeringSettings(Section):
+    """Each user's reward model steers their replies with lookahead, from their next reaction on
+    (agent_core/steering.py, agent_core/llm/lookahead.py; the local backend only)."""
+
+    enabled: bool = True
+    # "auto": chosen per user by the nightly job's measurement (the best reward within the
+    # fluency guard); a number fixes it: 0 is no steering, "inf" keeps the best candidate
+    strength: float | Literal["auto"] = "auto"
+    candidates: int = Field(default=4, ge=1, le=16)  # candidate sentences decoded side by side for each sentence
+    top_k: int = Field(default=50, ge=1, le=1000)  # a candidate samples among this many most likely next tokens
+    temperature: float = Field(default=0.8, gt=0.0, le=2.0)  # candidates sample at least this hot, so they differ
+    refit_every: int = Field(default=20, ge=1)  # refit everyone's reward model (each user's prior) after this many
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and value < 0:
+            raise ValueError('must be "auto" or a number of 0 or more')
+        return value
+
+
 class TrainingSettings(Section):
     """The nightly per-user LoRA job (agent_core/training, scheduler/)."""
 
@@ -287,6 +308,7 @@ class Settings(Section):
     agent: AgentSettings = AgentSettings()
     style: StyleDefaults = StyleDefaults()
     policy: PolicySettings = PolicySettings()
+    steering: SteeringSettings = SteeringSettings()
     training: TrainingSettings = TrainingSettings()
     limits: LimitsSettings = LimitsSettings()
     access: AccessSettings = AccessSettings()

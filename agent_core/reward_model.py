@@ -42,13 +42,14 @@ USER_STRENGTH = 4.0  # L2 towards the population, per weight, for a user
 MIN_HELD_OUT = 8  # fewer newest reactions than this (or only one kind): no AUC yet
 
 
-def tokens(text: str) -> list[str]:
+def tokens(text: str, finished: bool = True) -> list[str]:
     """Lower-cased words and punctuation, numbers as ``<num>``, line starts as ``<nl>``,
-    between ``<s>`` and ``</s>``."""
+    after ``<s>`` and (a whole reply, not the start of one) before ``</s>``."""
     out = ["<s>"]
     for token in _TOKEN.findall(text.strip().lower()):
         out.append("<nl>" if token == "\n" else "<num>" if token[0].isdigit() else token)
-    out.append("</s>")
+    if finished:
+        out.append("</s>")
     return out
 
 
@@ -56,12 +57,16 @@ def _bucket(gram: str) -> int:
     return zlib.crc32(gram.encode("utf-8")) & (_NGRAM_DIM - 1)
 
 
-def features(text: str) -> np.ndarray:
-    """One reply as a vector of length ``DIM``."""
+def grams(toks: Sequence[str]) -> list[str]:
+    """The word n-grams the model reads: each token and each pair of neighbours."""
+    return [*toks, *(f"{a} {b}" for a, b in itertools.pairwise(toks))]
+
+
+def features(text: str, finished: bool = True) -> np.ndarray:
+    """One reply (``finished`` False: the start of one) as a vector of length ``DIM``."""
     x = np.zeros(DIM, dtype=np.float32)
-    toks = tokens(text)
-    grams = toks + [f"{a} {b}" for a, b in itertools.pairwise(toks)]
-    for gram in grams:
+    toks = tokens(text, finished)
+    for gram in grams(toks):
         x[_bucket(gram)] += 1.0
     x[:_NGRAM_DIM] *= 4.0 / len(toks)  # term frequency, on the scale of a few for a word used often
     style = measure_style(text).as_dict()
@@ -71,8 +76,11 @@ def features(text: str) -> np.ndarray:
     return x
 
 
-def matrix(texts: Sequence[str]) -> np.ndarray:
-    return np.stack([features(t) for t in texts]) if texts else np.zeros((0, DIM), dtype=np.float32)
+def matrix(texts: Sequence[str], finished: Sequence[bool] | None = None) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, DIM), dtype=np.float32)
+    flags = [True] * len(texts) if finished is None else list(finished)
+    return np.stack([features(t, f) for t, f in zip(texts, flags, strict=True)])
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -127,6 +135,23 @@ class RewardModel:
         """The chance the user likes each reply, from its text."""
         return _sigmoid(matrix(texts).astype(np.float64) @ self.weights)
 
+    def score_partial(self, texts: Sequence[str], finished: Sequence[bool]) -> np.ndarray:
+        """The same for replies still being written (``finished`` False): read as they
+        stand, without the end of the reply, so that what only a reply's end can show
+        (its last word, a closing question) counts once the reply ends. What steers
+        decoding (agent_core.llm.lookahead)."""
+        return _sigmoid(matrix(texts, finished).astype(np.float64) @ self.weights)
+
+    def to_bytes(self) -> bytes:
+        return self.weights.astype(np.float32).tobytes()
+
+    @staticmethod
+    def from_bytes(data: bytes, rated: int) -> RewardModel:
+        weights = np.frombuffer(data, dtype=np.float32).astype(np.float64)
+        if weights.shape != (DIM,):
+            raise ValueError(f"a reward model of {weights.size} weights; this version has {DIM}")
+        return RewardModel(weights, rated)
+
     @staticmethod
     def fit_population(texts: Sequence[str], rewards: Sequence[float]) -> RewardModel:
         y = np.array([_label(r) for r in rewards], dtype=np.float64)
@@ -137,6 +162,99 @@ class RewardModel:
         """A user's model, with this (population) model as the prior."""
         y = np.array([_label(r) for r in rewards], dtype=np.float64)
         return RewardModel(fit_logistic(matrix(texts), y, self.weights, USER_STRENGTH), len(texts))
+
+
+@dataclass(frozen=True)
+class Term:
+    """An n-gram of a user's own rated replies that their model weighs strongly."""
+
+    gram: str  # as the model reads it: "? </s>", "for example", "<s> sure"
+    weight: float  # its weight in the user's model (positive: liked)
+    replies: int  # of their rated replies, how many hold it
+    liked: float  # the share of those they liked
+
+    @property
+    def text(self) -> str:
+        """In words, after "replies": "with '?' at the end", "opening with 'Sure'"."""
+        return describe_gram(self.gram)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"gram": self.gram, "weight": round(self.weight, 4), "replies": self.replies,
+                "liked": round(self.liked, 3)}  # fmt: skip
+
+    @staticmethod
+    def from_dict(data: dict[str, object]) -> Term:
+        return Term(str(data["gram"]), float(data["weight"]), int(data["replies"]), float(data["liked"]))  # type: ignore[arg-type]
+
+
+def holds(text: str, gram: str) -> bool:
+    """Whether the reply ``text`` holds the n-gram ``gram`` (as :func:`grams` reads it)."""
+    return gram in grams(tokens(text))
+
+
+MIN_TERM_REPLIES = 3  # an n-gram named in /stats is in at least this many of the user's rated replies
+_MARKS = {"<num>": "a number", "<nl>": "a new line"}
+
+
+def describe_gram(gram: str) -> str:
+    """An n-gram as words that follow "replies": markers become where it stands
+    ("with '?' at the end", "opening with 'Sure'", "with a number")."""
+    words = gram.split(" ")
+    if words[0] == "<s>" and len(words) > 1:
+        return f"opening with {_quoted([words[1].capitalize(), *words[2:]])}"
+    if words[-1] == "</s>" and len(words) > 1:
+        return f"with {_quoted(words[:-1])} at the end"
+    if words[0] == "<nl>" and len(words) > 1:
+        return f"with lines starting with {_quoted(words[1:])}"
+    return f"with {_quoted(words)}"
+
+
+def _quoted(words: Sequence[str]) -> str:
+    if len(words) == 1 and words[0] in _MARKS:
+        return _MARKS[words[0]]
+    return "'" + " ".join(_MARKS.get(w, w) for w in words) + "'"
+
+
+def strongest_terms(model: RewardModel, texts: Sequence[str], rewards: Sequence[float], k: int = 3) -> list[Term]:
+    """What the model learned, in the user's own words: the n-grams of their rated replies
+    (at least ``MIN_TERM_REPLIES`` of them) with the largest weights, up to ``k`` liked and
+    ``k`` disliked, each only where their own reactions agree with its sign (the replies
+    holding it were liked more, or less, often than the others)."""
+    holding: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        for gram in set(grams(tokens(text))):
+            if gram not in ("<s>", "</s>"):
+                holding.setdefault(gram, []).append(i)
+    liked = np.array([r > 0 for r in rewards], dtype=float)
+    found: list[Term] = []
+    for gram, rows in holding.items():
+        if len(rows) < MIN_TERM_REPLIES or len(rows) == len(texts):
+            continue
+        weight = float(model.weights[_bucket(gram)])
+        share = float(liked[rows].mean())
+        others = float(np.delete(liked, rows).mean())
+        if weight * (share - others) > 0:
+            found.append(Term(gram, weight, len(rows), share))
+    found.sort(key=lambda t: -abs(t.weight))
+    pos = [t for t in found if t.weight > 0][:k]
+    neg = [t for t in found if t.weight < 0][:k]
+    return pos + neg
+
+
+def describe_terms(terms: Sequence[Term]) -> str:
+    """The /stats sentence: "you tend to like replies with ... ; you dislike replies opening with ..."."""
+    pos = [t.text for t in terms if t.weight > 0]
+    neg = [t.text for t in terms if t.weight < 0]
+    parts = []
+    if pos:
+        parts.append("you tend to like replies " + _listed(pos))
+    if neg:
+        parts.append("you dislike replies " + _listed(neg))
+    return "; ".join(parts)
+
+
+def _listed(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,14 @@ from agent_core.bandit import (
     features,
 )
 from agent_core.style import DIMENSIONS, Style
-from bench import report, text_features
+from bench import judge, report, text_features
 
 POPULATIONS = Path(__file__).resolve().parent / "populations"
 # How often SmolLM2-135M shows a value asked for with instructions alone (bench/style_adherence.py,
 # its "instructions only" column): the imperfect realisation --all runs beside the perfect one.
 IMPERFECT = str(Path(__file__).resolve().parent / "data" / "realisation_smollm2.json")
 METHODS = ("attune", "adaptkit", "random", "best_fixed", "known_archetypes")
+NOT_AN_ANSWER = 0.02  # the chance a simulated user likes a reply that does not answer them (the floor)
 
 
 @dataclass
@@ -66,9 +67,15 @@ class SimUser:
     text_effects: dict[str, float] = field(default_factory=dict)  # bench/text_features.py's feature -> effect
     name: str = ""  # their display name (the feature mentions_name looks for it)
 
-    def like_prob(self, style: Style, turn: int, text: str | None = None) -> float:
+    def like_prob(self, style: Style, turn: int, text: str | None = None, message: str | None = None,
+                  scorer: judge.TopicScorer | None = None) -> float:  # fmt: skip
         """The chance they like a reply of this style; with its ``text``, the text effects count too
-        (a benchmark without reply text, like this one, has only the style)."""
+        (a benchmark without reply text, like this one, has only the style). With the ``message``
+        it answers as well, a reply that is not a real answer (bench/judge.py: degenerate, or off
+        topic by its words and, given a ``scorer``, by the model) is disliked whatever its style
+        and features: neither steering nor an adapter can win by stuffing a reply with them."""
+        if text is not None and message is not None and judge.verdict(message, text, scorer) is not None:
+            return NOT_AN_ANSWER
         effects = self.effects
         if self.drift_turn is not None and turn >= self.drift_turn:
             effects = {**effects, **self.drift_effects}

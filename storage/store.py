@@ -4,6 +4,7 @@
 sees it only through the narrow protocols in ``agent_core.stores``: the message
 pipeline's (:class:`~storage.conversations.Conversations`), the commands'
 (:class:`~storage.user_data.UserData`), the policy's (:class:`~storage.policy_state.PolicyState`),
+the reward models' (:class:`~storage.reward_state.RewardState`),
 and, as attributes, the training's and adapters' (:class:`~storage.training.TrainingRecords`)
 and the operators' reports (:class:`~storage.reports.Reports`).
 """
@@ -14,11 +15,12 @@ from storage.conversations import Conversations
 from storage.database import Database
 from storage.policy_state import PolicyState
 from storage.reports import Reports
+from storage.reward_state import RewardState
 from storage.training import TrainingRecords
 from storage.user_data import UserData
 
 
-class Store(Conversations, UserData, PolicyState):
+class Store(Conversations, UserData, PolicyState, RewardState):
     """Queries over one :class:`Database`; ids in and out are the core's own."""
 
     def __init__(self, db: Database) -> None:

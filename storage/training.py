@@ -51,6 +51,7 @@ class AdapterRow:
     parent: str = ""  # what it was trained on top of: "base", or another adapter's name
     metrics: dict[str, Any] = field(default_factory=dict)  # the held-out figures of its gate
     created_at: float = 0.0
+    since: float | None = None  # when it took its status (an active one: since when it serves)
 
     @property
     def name(self) -> str:
@@ -196,11 +197,11 @@ class TrainingRecords:
     async def serving(self, user_id: int) -> AdapterRow | None:
         """The adapter serving this user: their own, else the population's, else None (the base model)."""
         row = await self.db.fetchone(
-            "SELECT version, path, user_id FROM adapters WHERE status = 'active'"
+            "SELECT version, path, user_id, status_at FROM adapters WHERE status = 'active'"
             " AND (user_id = ? OR user_id IS NULL) ORDER BY user_id IS NULL, version DESC LIMIT 1",
             (user_id,),
         )
-        return AdapterRow(row[2], int(row[0]), str(row[1])) if row else None
+        return AdapterRow(row[2], int(row[0]), str(row[1]), since=row[3]) if row else None
 
     async def active(self, user_id: int | None) -> AdapterRow | None:
         """The owner's own active adapter (no fallback to the population's)."""
@@ -239,6 +240,20 @@ class TrainingRecords:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (user_id, version, path, "active" if promote else "rejected", json.dumps(metrics), now, parent, now),
             )
+
+    async def retire_adapters(self, user_id: int) -> int:
+        """Take the user's own adapters out of service for good (/prefs reset learning):
+        the active one and those a rollback would bring back; how many were serving."""
+        async with self.db.transaction() as conn:
+            serving = await conn.execute_fetchall(
+                "SELECT COUNT(*) FROM adapters WHERE user_id = ? AND status = 'active'", (user_id,)
+            )
+            await conn.execute(
+                "UPDATE adapters SET status = 'rejected', status_at = ? WHERE user_id = ?"
+                " AND status IN ('active', 'retired')",
+                (time.time(), user_id),
+            )
+        return int(next(iter(serving))[0])
 
     async def rollback(self, user_id: int | None) -> tuple[AdapterRow | None, AdapterRow | None]:
         """Take the active adapter out of service and bring back the one before it.

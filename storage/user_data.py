@@ -125,6 +125,15 @@ class UserData(Tables):
             ),
         }
 
+    async def reply_texts(self, user_id: int, limit: int) -> list[tuple[float, str]]:
+        """The last ``limit`` replies to this user, oldest first: (when, text)."""
+        rows = await self.db.fetchall(
+            "SELECT * FROM (SELECT id, created_at, text FROM messages WHERE user_id = ? AND role = 'assistant'"
+            " ORDER BY id DESC LIMIT ?) AS recent ORDER BY id",
+            (user_id, limit),
+        )
+        return [(float(r[1]), self.cipher.open(r[2], "messages.text")) for r in rows]
+
     # --- linking accounts --------------------------------------------------------------
 
     async def add_link_code(self, user_id: int, platform: str, code_hash: str, expires_at: float) -> None:

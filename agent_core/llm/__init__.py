@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent_core.config import Config, Settings
-from agent_core.llm.base import AdapterRef, ChatMessage, GenerationRequest, LLMBackend, LLMBusy, LLMError
+from agent_core.llm.base import (
+    AdapterRef,
+    ChatMessage,
+    GenerationRequest,
+    LLMBackend,
+    LLMBusy,
+    LLMError,
+    Steering,
+)
 
 __all__ = [
     "AdapterRef",
@@ -14,6 +22,7 @@ __all__ = [
     "LLMBackend",
     "LLMBusy",
     "LLMError",
+    "Steering",
     "base_model_dir",
     "create_backend",
 ]

@@ -6,10 +6,11 @@ A backend turns a chat prompt into reply text. The agent only ever calls the met
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypedDict
+from typing import Literal, Protocol, TypedDict
 
 from agent_core.style import Style
 
@@ -35,6 +36,47 @@ class AdapterRef:
     path: str  # a peft adapter directory (adapter_config.json + weights)
 
 
+class ReplyScorer(Protocol):
+    """What steers a reply: the chance its user likes it, read from its text so far."""
+
+    def score_partial(self, texts: Sequence[str], finished: Sequence[bool]) -> Sequence[float]:
+        """For each text, the chance the user likes the reply it begins (``finished``: it is the whole reply)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BlockChoice:
+    """One block (a sentence) of a steered reply: its candidates, their scores, the one kept.
+
+    Token ids are the reply's own (after the prompt): ``prefix`` is what was kept before
+    the block, ``candidates[i]`` the i-th candidate's tokens for it."""
+
+    prefix: list[int]
+    candidates: list[list[int]]
+    texts: list[str]  # each candidate's reply text so far (prefix and block), as scored
+    scores: list[float]
+    ended: list[bool]  # the reply ends with this candidate
+    chosen: int
+    kl: float  # nats: how far keeping ``chosen`` moved the reply from the model's own sampling
+
+
+@dataclass(frozen=True)
+class Steering:
+    """Steer a reply toward what its user likes, with lookahead (a backend that can: the
+    local one, agent_core.llm.lookahead). The reply is written a block (a sentence) at a
+    time: each block is sampled ``candidates`` times side by side, and ``scorer`` keeps one,
+    the best (``strength`` inf) or drawn in proportion to ``exp(strength * logit(score))``
+    (0: no steering). Candidates sample at ``temperature`` at least, so that they differ."""
+
+    scorer: ReplyScorer
+    candidates: int = 4
+    strength: float = math.inf
+    temperature: float = 0.8
+    top_k: int = 50  # a candidate samples among this many most likely next tokens
+    max_block: int = 48  # tokens: a block without a sentence end is cut here
+    on_block: Callable[[BlockChoice], None] | None = None  # told of every choice (for training and measuring)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     messages: list[ChatMessage]
@@ -46,6 +88,8 @@ class GenerationRequest:
     #: The style the reply is to have. The prompt asks for it already; a backend that can
     #: steer decoding (the local one: agent_core.llm.style_control) also makes the text have it.
     style: Style | None = None
+    #: The user's reward model steers the reply (a backend that cannot steer ignores it).
+    steering: Steering | None = None
 
 
 class LLMBackend(ABC):
@@ -75,6 +119,11 @@ class LLMBackend(ABC):
 
     #: Extra tokens a chat template adds around each message.
     message_overhead: int = 5
+
+    @property
+    def steers(self) -> bool:
+        """Whether this backend follows ``GenerationRequest.steering`` (others ignore it)."""
+        return False
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[str]:

@@ -13,6 +13,12 @@ waiting behind them (past that a request is refused with :class:`LLMBusy` at onc
 arrive before starting, so that a burst is read in together, ``prefill_chunk`` the most
 prompt tokens read in between two steps: a long prompt is read in chunks while the
 admitted requests go on generating (one prompt at a time; it joins once read).
+
+A request is one reply (a :class:`Job`); the decoder advances *rows* (a :class:`Row`).
+An ordinary reply is one row. A steered reply (``GenerationRequest.steering``) is written a
+block at a time by several candidate rows, and its user's reward model keeps one block
+each time (:mod:`agent_core.llm.lookahead`); ``max_rows`` bounds the rows of all replies
+together, and a steered reply gets fewer candidates when many people are being answered.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from typing import Any
 
 import torch
 
-from agent_core.llm.base import AdapterRef, GenerationRequest, LLMBusy, LLMError
+from agent_core.llm.base import AdapterRef, BlockChoice, GenerationRequest, LLMBusy, LLMError, Steering
 from agent_core.llm.cpu import ThreadTuner
 from agent_core.llm.decoder import BatchDecoder, LoraAdapter
+from agent_core.llm.lookahead import BlockEnds, block_ends_for, choose, fork_processors
 from agent_core.llm.style_control import StyleVocab, logits_processors
-from agent_core.llm.warpers import draw
+from agent_core.llm.warpers import TOP_K, draw
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +53,68 @@ class BatchLimits:
     batch_wait_s: float = 0.01
     queue_timeout_s: float = 60.0
     prefill_chunk: int = 256  # prompt tokens read in between two decode steps
+    max_rows: int = 0  # decoder rows for all replies together (steered ones take several); 0: max_batch_size
+
+    @property
+    def rows(self) -> int:
+        return max(self.max_rows, self.max_batch_size)
+
+
+class Row:
+    """One row of the decoder: a reply being written, or one candidate for the next block
+    of a steered reply. Its slot in the decoder is its index in the engine's rows."""
+
+    def __init__(self, job: Job, ids: list[int], processors: Any, generator: torch.Generator | None,
+                 temperature: float, top_k: int = TOP_K) -> None:  # fmt: skip
+        self.job = job
+        self.ids = ids  # prompt, then the reply's tokens
+        self.processors = processors  # transformers' LogitsProcessorList for this row
+        self.generator = generator
+        self.temperature = temperature
+        self.top_k = top_k
+        self.parked = False  # its candidate block is complete: it waits for the others
+        self.ended = False  # the reply ends with its block (a stop token, or the budget)
+        self.stop = 0.0  # parked and not ended: the chance the reply ends right after its block
+        self.peeked = False  # ``stop`` was read from the next step's scores
+
+    @property
+    def reply_tokens(self) -> list[int]:
+        return self.ids[self.job.prompt_length :]
+
+    @property
+    def block(self) -> list[int]:
+        return self.ids[self.job.kept :]
+
+    def fork(self, generator: torch.Generator | None) -> Row:
+        return Row(self.job, list(self.ids), fork_processors(self.processors), generator, self.temperature, self.top_k)
 
 
 class Job:
-    """One request in the engine: its tokens so far and how to reach its consumer."""
+    """One request in the engine: its rows, and how to reach its consumer."""
 
     def __init__(self, request: GenerationRequest, emit: Emit) -> None:
         self.request = request
         self.emit = emit
         self.enqueued = time.monotonic()
-        self.ids: list[int] = []  # prompt, then the reply's tokens
+        self.prompt: list[int] = []
         self.prompt_length = 0
         self.read = 0  # prompt tokens in its slot so far
         self.slot = 0  # while its prompt is read in: the decoder slot it is read into
         self.sent = ""  # reply text handed to the consumer so far
-        self.processors: Any = None  # transformers' LogitsProcessorList for this request
-        self.generator: torch.Generator | None = None
-        if request.seed is not None:
-            self.generator = torch.Generator().manual_seed(request.seed)
+        self.rows: list[Row] = []  # while generating: one, or a steered reply's candidates
+        self.kept = 0  # a steered reply: the tokens (prompt included) kept so far; its candidates start here
+        self.drawn = 0  # candidate rows made so far (each draws with its own generator)
         self._cancelled = threading.Event()
+
+    @property
+    def steering(self) -> Steering | None:
+        return self.request.steering
+
+    def generator(self) -> torch.Generator | None:
+        """The generator of the next row: seeded from the request's seed, one per row."""
+        seed = self.request.seed
+        self.drawn += 1
+        return None if seed is None else torch.Generator().manual_seed(seed + 1_000_003 * (self.drawn - 1))
 
     def cancel(self) -> None:
         """The consumer went away: stop generating and free the slot at the next step."""
@@ -73,10 +123,6 @@ class Job:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
-
-    @property
-    def reply_tokens(self) -> list[int]:
-        return self.ids[self.prompt_length :]
 
 
 class BatchingEngine:
@@ -109,7 +155,9 @@ class BatchingEngine:
         self.largest_batch = 0  # the most rows one decode step has advanced together
         self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._pending: deque[Job] = deque()
-        self._rows: list[Job] = []  # row i generates in decoder slot i
+        self._jobs: list[Job] = []  # replies being generated
+        self._rows: list[Row] = []  # row i generates in decoder slot i
+        self._ends: BlockEnds | None = None  # where a steered reply's blocks end (built at the first one)
         self._reading: Job | None = None  # taken from the queue, its prompt being read in (slot len(_rows))
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -140,7 +188,7 @@ class BatchingEngine:
         with self._wakeup:
             if self._stopping:
                 raise LLMError("the local model is shutting down")
-            free = self.limits.max_batch_size - len(self._rows) - (self._reading is not None)
+            free = self.limits.max_batch_size - len(self._jobs) - (self._reading is not None)
             waiting = sum(not j.cancelled for j in self._pending) - free  # those with no slot to go to
             if waiting >= self.limits.max_queue:
                 raise LLMBusy(f"{waiting} requests are already waiting (max_queue = {self.limits.max_queue})")
@@ -163,7 +211,7 @@ class BatchingEngine:
     @property
     def load(self) -> tuple[int, int]:
         """(requests generating, requests waiting)."""
-        return len(self._rows), len(self._pending)
+        return len(self._jobs), len(self._pending)
 
     # --- the engine thread ----------------------------------------------------------------
 
@@ -181,7 +229,7 @@ class BatchingEngine:
             self._ready.set()
         with torch.inference_mode():  # every tensor the cache holds is an inference tensor
             self._serve()
-        for job in [*self._rows, *([self._reading] if self._reading else []), *self._pending]:
+        for job in [*self._jobs, *([self._reading] if self._reading else []), *self._pending]:
             job.emit(LLMError("the local model shut down"))
 
     def _serve(self) -> None:
@@ -204,21 +252,24 @@ class BatchingEngine:
                 if idle:
                     self._gather()
                 self._admit()
-                self._leave([job for job in self._rows if job.cancelled])
+                self._leave([job for job in self._jobs if job.cancelled])
                 if self._rows:
                     self._step()
             except Exception as exc:  # the engine keeps serving; the requests in hand get an error
                 self._fail_rows(exc)
 
     def _fail_rows(self, exc: Exception) -> None:
-        log.exception("a batched step failed; its %d requests get an error", len(self._rows))
-        failed, self._rows = self._rows, []
+        log.exception("a batched step failed; its %d requests get an error", len(self._jobs))
+        failed, self._jobs = self._jobs, []
+        slots = len(self._rows) + (self._reading is not None)
+        self._rows = []
         if self._reading is not None:
             failed.append(self._reading)
             self._reading = None
-        for slot in range(len(failed)):
+        for slot in range(slots):
             self.decoder.assign(slot, None)
         for job in failed:
+            job.rows = []
             job.emit(LLMError(f"local generation failed: {exc}"))
 
     def _gather(self) -> None:
@@ -236,7 +287,8 @@ class BatchingEngine:
             job = self._reading
             if job is None:
                 with self._wakeup:
-                    if not self._pending or len(self._rows) >= self.limits.max_batch_size:
+                    full = len(self._jobs) >= self.limits.max_batch_size or len(self._rows) >= self.decoder.slots
+                    if not self._pending or full:
                         break
                     job = self._reading = self._pending.popleft()  # still counted by submit() while read in
             try:
@@ -258,9 +310,8 @@ class BatchingEngine:
     def _start_reading(self, job: Job) -> None:
         request = job.request
         prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_dict=True)
-        job.ids = list(prompt["input_ids"])
-        job.prompt_length = len(job.ids)
-        job.processors = self._processors(request, job.prompt_length)
+        job.prompt = list(prompt["input_ids"])
+        job.prompt_length = job.kept = len(job.prompt)
         if job.prompt_length >= self.decoder.max_length:
             raise LLMError(f"the prompt has {job.prompt_length} tokens; the context holds {self.decoder.max_length}")
         job.slot = len(self._rows)
@@ -278,53 +329,193 @@ class BatchingEngine:
             self.decoder.assign(slot, None)
             self._reading = None
             return 0
-        chunk = job.ids[job.read : min(job.read + budget, job.prompt_length)]
+        chunk = job.prompt[job.read : min(job.read + budget, job.prompt_length)]
         logits = self.decoder.prefill(slot, chunk, start=job.read)
         job.read += len(chunk)
         if job.read < job.prompt_length:
             return len(chunk)
+        steering = job.steering
+        temperature, top_k = job.request.temperature, TOP_K
+        if steering is not None:
+            temperature, top_k = max(temperature, steering.temperature), steering.top_k  # candidates that differ
+            if self._ends is None:
+                self._ends = block_ends_for(self.tokenizer)
+        first = Row(job, list(job.prompt), self._processors(job.request, job.prompt_length), job.generator(),
+                    temperature, top_k)  # fmt: skip
         with self._wakeup:
-            self._rows.append(job)
+            self._jobs.append(job)
+            self._rows.append(first)
+            job.rows = [first]
             self._reading = None
-        if self._advance(job, self._pick([job], logits[None])[0]):
-            self._leave([job])
+        if steering is not None:
+            self._add_candidates(job, first)
+        rows = list(job.rows)
+        tokens = self._pick(rows, logits[None].repeat(len(rows), 1))
+        self._after(rows, tokens)
         return len(chunk)
 
     def _step(self) -> None:
-        """One new token for every row."""
+        """One new token for every row (a parked one computes one it then forgets)."""
         self.largest_batch = max(self.largest_batch, len(self._rows))
         started = time.perf_counter()
-        logits = self.decoder.decode([job.ids[-1] for job in self._rows])
+        logits = self.decoder.decode([row.ids[-1] for row in self._rows])
         if self.tuner is not None:
             self.tuner.stepped(len(self._rows), time.perf_counter() - started)
-        tokens = self._pick(self._rows, logits)
-        finished = [job for job, token in zip(self._rows, tokens, strict=True) if self._advance(job, token)]
+        moving = [i for i, row in enumerate(self._rows) if not row.parked]
+        for i, row in enumerate(self._rows):
+            if row.parked:
+                self.decoder.rewind(i, len(row.ids) - 1)
+                if not (row.ended or row.peeked):
+                    self._peek(row, logits[i])
+        rows = [self._rows[i] for i in moving]
+        self._after(rows, self._pick(rows, logits[moving]))
+
+    def _after(self, rows: list[Row], tokens: list[int]) -> None:
+        """Advance each row by its token; replies that are done leave, and steered replies
+        whose candidates are all ready choose one."""
+        finished: list[Job] = []
+        for row, token in zip(rows, tokens, strict=True):
+            if row.job.steering is None:
+                if self._advance(row, token):
+                    finished.append(row.job)
+            else:
+                self._advance_candidate(row, token)
+        for job in self._jobs:
+            ready = job.steering is not None and all(r.parked and (r.ended or r.peeked) for r in job.rows)
+            if ready and self._choose_block(job):
+                finished.append(job)
         self._leave(finished)
 
-    def _pick(self, jobs: list[Job], logits: torch.Tensor) -> list[int]:
-        """The next token of each job (row i of ``logits`` is ``jobs[i]``'s): each row's own
+    def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """The next token of each row (row i of ``logits`` is ``rows[i]``'s): each row's own
         processors (repetition penalty, style control), then one batched draw."""
-        scores = torch.cat([job.processors(torch.tensor([job.ids]), logits[row : row + 1])
-                            for row, job in enumerate(jobs)])  # fmt: skip
-        return draw(scores, [j.request.temperature for j in jobs], [j.request.top_p for j in jobs],
-                    [j.generator for j in jobs])  # fmt: skip
+        if not rows:
+            return []
+        scores = torch.cat([row.processors(torch.tensor([row.ids]), logits[i : i + 1])
+                            for i, row in enumerate(rows)])  # fmt: skip
+        return draw(scores, [r.temperature for r in rows], [r.job.request.top_p for r in rows],
+                    [r.generator for r in rows], [r.top_k for r in rows])  # fmt: skip
 
-    def _advance(self, job: Job, token: int) -> bool:
-        """Append the job's next token, send any new text; True when the job is finished."""
+    def _advance(self, row: Row, token: int) -> bool:
+        """Append an ordinary reply's next token, send any new text; True when it is finished."""
+        job = row.job
         if token in self.stop_ids:
-            self._finish(job)
+            self._finish(job, row)
             return True
-        job.ids.append(token)
+        row.ids.append(token)
         self.generated_tokens += 1
-        text = self.tokenizer.decode(job.reply_tokens, skip_special_tokens=True)
+        self._send(job, row.reply_tokens)
+        if len(row.reply_tokens) >= job.request.max_new_tokens or len(row.ids) >= self.decoder.max_length:
+            self._finish(job, row)
+            return True
+        return False
+
+    def _send(self, job: Job, reply: list[int]) -> None:
+        """Hand the consumer the text of ``reply`` it has not had yet."""
+        text = self.tokenizer.decode(reply, skip_special_tokens=True)
         complete = text.startswith(job.sent) and not text.endswith("\ufffd")  # hold back half a character
         if complete and (piece := text[len(job.sent) :]):
             job.sent = text
             job.emit(piece)
-        if len(job.reply_tokens) >= job.request.max_new_tokens or len(job.ids) >= self.decoder.max_length:
-            self._finish(job)
+
+    # --- steered replies: a block at a time ------------------------------------------------
+
+    def _advance_candidate(self, row: Row, token: int) -> None:
+        """Append a candidate's next token; it parks when its block is complete."""
+        job, steering = row.job, row.job.steering
+        assert steering is not None and self._ends is not None
+        if token in self.stop_ids:
+            row.parked = row.ended = True
+            return
+        row.ids.append(token)
+        if len(row.reply_tokens) >= job.request.max_new_tokens or len(row.ids) >= self.decoder.max_length:
+            row.parked = row.ended = True
+        elif self._ends.ends(row.block) or len(row.block) >= steering.max_block:
+            row.parked = True
+
+    def _peek(self, row: Row, logits: torch.Tensor) -> None:
+        """A parked candidate: the chance its reply ends right after its block, read from the
+        scores of its next token (through a copy of its processors, which may force the end)."""
+        scores = fork_processors(row.processors)(torch.tensor([row.ids]), logits[None].clone())[0]
+        probs = torch.softmax(scores.float() / max(row.temperature, 1e-2), dim=-1)
+        row.stop = float(probs[list(self.stop_ids)].sum())
+        row.peeked = True
+
+    def _choose_block(self, job: Job) -> bool:
+        """Every candidate finished its block: keep one, send it, and start the next block
+        from it on every row. True when the reply is done.
+
+        A candidate is scored as the whole reply where it ends there, else as its start;
+        where it may end after the block, by how likely it is to (the expected score)."""
+        steering = job.steering
+        assert steering is not None
+        rows = job.rows
+        texts = [self.tokenizer.decode(r.reply_tokens, skip_special_tokens=True) for r in rows]
+        ended = [r.ended for r in rows]
+        scores = [0.0]
+        if len(rows) > 1:
+            both = [float(x) for x in steering.scorer.score_partial(texts + texts, [True] * len(rows) + ended)]
+            whole, partial = both[: len(rows)], both[len(rows) :]
+            scores = [w if r.ended else r.stop * w + (1 - r.stop) * p
+                      for r, w, p in zip(rows, whole, partial, strict=True)]  # fmt: skip
+        chosen, kl = choose(scores, steering.strength, rows[0].generator)
+        winner = rows[chosen]
+        if steering.on_block is not None:
+            start = job.kept - job.prompt_length
+            steering.on_block(BlockChoice(prefix=list(rows[0].ids[job.prompt_length : job.kept]),
+                                          candidates=[r.reply_tokens[start:] for r in rows], texts=texts,
+                                          scores=scores, ended=ended, chosen=chosen, kl=kl))  # fmt: skip
+        self.generated_tokens += len(winner.block)
+        self._send(job, winner.reply_tokens)
+        if winner.ended:
+            self._finish(job, winner)
             return True
+        slot = self._rows.index(winner)
+        for row in rows:
+            if row is not winner:
+                target = self._rows.index(row)
+                self.decoder.copy(slot, target, start=job.kept)
+                row.ids = list(winner.ids)
+                row.processors = fork_processors(winner.processors)
+            row.parked = row.peeked = False
+        job.kept = len(winner.ids)
+        self._add_candidates(job, winner)
         return False
+
+    def _add_candidates(self, job: Job, source: Row) -> None:
+        """Give a steered reply as many candidate rows as it may have now: up to its
+        ``candidates``, within its share of ``max_rows`` while others are answered too."""
+        steering = job.steering
+        assert steering is not None
+        share = max(1, self.limits.rows // max(1, len(self._jobs)))
+        free = self.decoder.slots - len(self._rows) - (self._reading is not None)
+        want = min(steering.candidates, share)
+        while len(job.rows) > max(1, want):  # fewer people than now: give rows back
+            extra = job.rows.pop()
+            self._remove_row(extra)
+        while len(job.rows) < want and free > 0:
+            self._insert_row(source.fork(job.generator()), source)
+            free -= 1
+
+    def _insert_row(self, row: Row, source: Row) -> None:
+        """A new row at the end, a copy of ``source``'s cache (a prompt being read in moves up)."""
+        target = len(self._rows)
+        if self._reading is not None and self._reading.slot == target:
+            self.decoder.move(target, target + 1)
+            self._reading.slot = target + 1
+        self.decoder.assign(target, self.decoder.adapters[self._rows.index(source)])
+        self.decoder.copy(self._rows.index(source), target)
+        self._rows.append(row)
+        row.job.rows.append(row)
+
+    def _remove_row(self, row: Row) -> None:
+        index, last = self._rows.index(row), len(self._rows) - 1
+        if index != last:
+            self.decoder.move(last, index)
+            self._rows[index] = self._rows[last]
+        self._rows.pop()
+
+    # ----------------------------------------------------------------------------------------
 
     def _processors(self, request: GenerationRequest, prompt_length: int) -> Any:
         """The repetition penalty and the style control (the warpers come in :meth:`_pick`)."""
@@ -332,22 +523,21 @@ class BatchingEngine:
                                  repetition_penalty=self.repetition_penalty, no_repeat_ngram=self.no_repeat_ngram,
                                  eos=self.stop_ids, warpers=False)  # fmt: skip
 
-    def _finish(self, job: Job) -> None:
-        text = self.tokenizer.decode(job.reply_tokens, skip_special_tokens=True)
+    def _finish(self, job: Job, row: Row) -> None:
+        text = self.tokenizer.decode(row.reply_tokens, skip_special_tokens=True)
         if text.startswith(job.sent) and (rest := text[len(job.sent) :]):
             job.emit(rest)
         job.emit(DONE)
 
     def _leave(self, jobs: list[Job]) -> None:
-        """Free the slots of finished or cancelled jobs, keeping the rows contiguous."""
+        """Free the rows of finished or cancelled jobs, keeping the rows contiguous."""
         for job in jobs:
-            if job not in self._rows:
+            if job not in self._jobs:
                 continue
-            row, last = self._rows.index(job), len(self._rows) - 1
-            if row != last:
-                self.decoder.move(last, row)
-                self._rows[row] = self._rows[last]
-            self._rows.pop()
+            for row in job.rows:
+                self._remove_row(row)
+            job.rows = []
+            self._jobs.remove(job)
 
     def _fail(self, job: Job, exc: Exception) -> None:
         if not isinstance(exc, LLMError):

@@ -326,6 +326,23 @@ class BatchDecoder:
         self.lengths[target], self.adapters[target] = n, self.adapters[source]
         self.lengths[source], self.adapters[source] = 0, None
 
+    def copy(self, source: int, target: int, start: int = 0) -> None:
+        """Make ``target`` a copy of ``source`` (cache and adapter); positions before
+        ``start`` are taken to be equal already (the candidates of a steered reply share
+        what was kept of it)."""
+        n = self.lengths[source]
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target, :, start:n] = keys[source, :, start:n]
+            values[target, :, start:n] = values[source, :, start:n]
+        if self.adapters[target] is not self.adapters[source]:
+            for stack in self.lora.values():
+                stack.move(source, target)
+        self.lengths[target], self.adapters[target] = n, self.adapters[source]
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Forget ``slot``'s cache after its first ``length`` positions (they are overwritten next)."""
+        self.lengths[slot] = min(self.lengths[slot], length)
+
     def _reserve(self, length: int) -> None:
         """Make room for ``length`` tokens in every slot (doubling, up to max_length)."""
         capacity = self.keys[0].shape[2]

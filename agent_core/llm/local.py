@@ -135,7 +135,7 @@ class LocalBackend(LLMBackend):
         if problem := supports(model):
             log.info("no batching for this model (%s): one request at a time", problem)
             return None
-        slots, length, threads = self.batching.max_batch_size, self.context_window, self.threads
+        slots, length, threads = self.batching.rows, self.context_window, self.threads
         folder, setting = self.cache_dir / "kernels", self.kernel
         # The compiled gemv takes 25-45 s to build the first time: then decoding starts
         # without it and it joins the choice once built (off the start-up path).
@@ -181,6 +181,11 @@ class LocalBackend(LLMBackend):
                 self.kernels_final.set()
 
         engine.call_soon(choose)
+
+    @property
+    def steers(self) -> bool:
+        """Steered replies are written by the batching engine (not by plain ``generate``)."""
+        return self._engine is not None
 
     @property
     def kernel_choice(self) -> KernelChoice | None:

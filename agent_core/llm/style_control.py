@@ -38,6 +38,7 @@ end a sentence, start an emoji, ...) is read once per tokenizer into a
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 from collections import Counter, deque
@@ -265,6 +266,16 @@ class StyleControl:
         self.sentence_from = 0  # where the current sentence began in the reply
         self.seen: dict[tuple[int, ...], set[int]] = {}  # (n-1)-gram -> tokens that followed it
         self.detailed_min = min(int(DETAILED_SHARE * budget), DETAILED_MIN_TOKENS)
+
+    def fork(self) -> StyleControl:
+        """A copy that follows its own reply from here (a candidate of a steered reply's next
+        block, agent_core.llm.lookahead); the vocabulary is shared."""
+        twin = copy.copy(self)
+        twin.reply = list(self.reply)
+        twin.queue = deque(self.queue)
+        twin.openers = list(self.openers)
+        twin.seen = {gram: set(after) for gram, after in self.seen.items()}
+        return twin
 
     # --- following the reply -----------------------------------------------------------
 

@@ -18,10 +18,16 @@ import torch
 TOP_K = 50  # transformers' default top-k, as ``generate`` applies it
 
 
-def warped(scores: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def warped(
+    scores: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor, top_ks: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For rows of ``scores`` (rows x vocabulary): the candidate token ids (rows x k, best
-    first) and their probabilities after temperature, top-k and top-p (zero where cut)."""
-    values, ids = torch.topk(scores.float() / temperatures[:, None], min(TOP_K, scores.shape[-1]), dim=-1)
+    first) and their probabilities after temperature, top-k (``TOP_K``, or each row's
+    ``top_ks``) and top-p (zero where cut)."""
+    k = min(int(top_ks.max()) if top_ks is not None else TOP_K, scores.shape[-1])
+    values, ids = torch.topk(scores.float() / temperatures[:, None], k, dim=-1)
+    if top_ks is not None:
+        values = values.masked_fill(torch.arange(k)[None, :] >= top_ks[:, None], float("-inf"))
     probs = torch.softmax(values, dim=-1)
     above = torch.cumsum(probs, dim=-1) - probs  # the mass ranked strictly above each token
     keep = above < top_ps[:, None]
@@ -32,17 +38,21 @@ def warped(scores: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tenso
 
 def draw(
     scores: torch.Tensor, temperatures: Sequence[float], top_ps: Sequence[float],
-    generators: Sequence[torch.Generator | None],
+    generators: Sequence[torch.Generator | None], top_ks: Sequence[int] | None = None,
 ) -> list[int]:  # fmt: skip
-    """One token per row of ``scores`` (already through the per-row processors)."""
+    """One token per row of ``scores`` (already through the per-row processors); top-k is
+    ``TOP_K`` unless ``top_ks`` gives each row's."""
     greedy = scores.argmax(dim=-1)
     sampled = [row for row, t in enumerate(temperatures) if t > 0]
     out = greedy.tolist()
     if not sampled:
         return out
     rows = torch.tensor(sampled)
+    ks = None
+    if top_ks is not None and any(top_ks[r] != TOP_K for r in sampled):
+        ks = torch.tensor([top_ks[r] for r in sampled])
     ids, probs = warped(scores[rows], torch.tensor([temperatures[r] for r in sampled], dtype=torch.float32),
-                        torch.tensor([top_ps[r] for r in sampled], dtype=torch.float32))  # fmt: skip
+                        torch.tensor([top_ps[r] for r in sampled], dtype=torch.float32), ks)  # fmt: skip
     uniform = torch.cat([torch.rand(1, generator=generators[r]) for r in sampled])
     cumulative = torch.cumsum(probs, dim=-1)
     target = uniform[:, None] * cumulative[:, -1:]  # below the total: never past the last kept token
