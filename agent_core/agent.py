@@ -82,7 +82,8 @@ class Agent:
             else DefaultsPolicy(settings.style)
         )
         self.steering = ReplySteering(store, settings.steering)  # each user's reward model steers their replies
-        self.training = TrainingJob(store.training, settings, model_dir=lambda: base_model_dir(settings))
+        self.training = TrainingJob(store.training, settings, model_dir=lambda: base_model_dir(settings),
+                                    measured=self.steering.measured)  # fmt: skip
         self.operations = Operations(
             self.training, store, self.policy, llm.describe
         )  # train now, roll back, stop, status

@@ -188,8 +188,10 @@ class TrainingSettings(Section):
     min_population_liked: int = Field(default=20, ge=1)
     holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     # sft: liked replies; kto: liked and disliked; raft: SFT on the best of `samples` sampled
-    # replies by the user's reward model (and the liked ones); dpo: best against worst of them
-    objective: Literal["sft", "kto", "raft", "dpo"] = "sft"
+    # replies by the user's reward model (and the liked ones); dpo: best against worst of them;
+    # distill: the replies the user's reward model steers, token by token and sentence against sentence
+    objective: Literal["sft", "kto", "raft", "dpo", "distill"] = "sft"
+    amplify: float = Field(default=1.0, ge=1.0, le=4.0)  # distill: scale what the adapter learned (ExPO)
     samples: int = Field(default=4, ge=2, le=16)  # raft/dpo: candidates sampled per prompt
     sample_prompts: int = Field(default=16, ge=1)  # raft/dpo: the user's newest prompts sampled for
     min_spread: float = Field(default=0.05, ge=0.0, lt=1.0)  # raft/dpo: skip prompts whose candidates score closer

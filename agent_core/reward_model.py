@@ -31,7 +31,7 @@ import numpy as np
 from agent_core.stores import TrainingStore
 from agent_core.style import DIMENSIONS, measure_style
 
-OBJECTIVES = ("raft", "dpo")  # [training] objectives trained on sampled replies ranked by this model
+OBJECTIVES = ("raft", "dpo", "distill")  # [training] objectives trained on sampled replies ranked by this model
 HASH_BITS = 12
 _NGRAM_DIM = 1 << HASH_BITS
 _STYLE_VALUES = [(dim, value) for dim, values in DIMENSIONS.items() for value in values]

@@ -24,6 +24,7 @@ from rich.table import Table
 from agent_core.config import Config
 from agent_core.llm import base_model_dir
 from agent_core.operations import Operations, UnknownUser
+from agent_core.steering import ReplySteering
 from agent_core.training.job import Task, TrainingBusy, TrainingJob
 from attune.wiring import open_database
 from storage import Store
@@ -48,7 +49,10 @@ async def run(config: Config, args: argparse.Namespace) -> int:
     db = await open_database(config)
     try:
         store = Store(db)
-        ops = Operations(TrainingJob(store.training, config.settings, lambda: base_model_dir(config.settings)), store)
+        steering = ReplySteering(store, config.settings.steering)  # a distill night measures each user's strength
+        job = TrainingJob(store.training, config.settings, lambda: base_model_dir(config.settings),
+                          measured=steering.measured)  # fmt: skip
+        ops = Operations(job, store)
         if args.command == "train":
             return await _train(ops, args)
         if args.adapters_command == "list":

@@ -25,7 +25,7 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,9 +79,15 @@ class Plan:
 Progress = Callable[[Task], None]
 
 
+Measured = Callable[[int, float], Awaitable[None]]  # (user, steering strength): what the night measured
+
+
 class TrainingJob:
-    def __init__(self, records: TrainingStore, settings: Settings, model_dir: Callable[[], Path]) -> None:
+    def __init__(self, records: TrainingStore, settings: Settings, model_dir: Callable[[], Path],
+                 measured: Measured | None = None) -> None:  # fmt: skip
+        """``measured``: told each user's steering strength as a distill night measures it."""
         self.records = records
+        self.measured = measured
         self.settings = settings
         self.training = settings.training
         self._model_dir = model_dir  # the base model as a transformers directory (may convert once)
@@ -248,6 +254,7 @@ class TrainingJob:
             "threads": self.training.threads,
             "seed": self.settings.policy.seed,
             "training": self.training.model_dump(),
+            "steering": self.settings.steering.model_dump(),  # distill: the teacher steers as replies are steered
             "population_in_service": population.path if population else None,
             "tasks": [{
                 "name": task.name, "user_id": task.user_id,
@@ -304,11 +311,23 @@ class TrainingJob:
                 task.run_id, "succeeded", metrics=task.metrics, decision=task.status, adapter_version=task.version
             )
             log.info("training %s: %s (%s)", task.name, task.status, task.reason)
+            await self._steering_strength(task)
         elif kind == "error":
             task.status, task.reason = "failed", str(event["error"])
             await self.records.log_run(task.run_id, f"failed: {task.reason}")
             await self.records.finish_run(task.run_id, "failed")
             log.warning("training %s failed: %s", task.name, task.reason)
+
+    async def _steering_strength(self, task: Task) -> None:
+        """A distill night measured how hard this user's replies may be steered; a reward
+        model no better than chance on their held-out reactions steers them not at all."""
+        measured = task.metrics.get("steering_strength")
+        if self.measured is None or task.user_id is None or measured is None:
+            return
+        strength = float(measured)
+        if task.reward_auc is not None and task.reward_auc <= 0.5:
+            strength = 0.0
+        await self.measured(task.user_id, strength)
 
     async def _parent(self, task: Task) -> str:
         if task.user_id is None:

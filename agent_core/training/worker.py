@@ -24,6 +24,7 @@ judged against that population adapter.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -39,6 +40,7 @@ from agent_core import reward_model
 from agent_core.llm.base import AdapterRef, ChatMessage
 from agent_core.reward_model import RewardModel
 from agent_core.style import Style
+from agent_core.training import distill
 from agent_core.training.dataset import DATA_KEY_ENV, Example, read_examples, with_weights
 from agent_core.training.evaluate import Decision, gate, measures, reward_gate, score
 from agent_core.training.sampling import Ranked, Sampler, rank, requests
@@ -103,7 +105,9 @@ def train_task(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     objective = "sft" if task["user_id"] is None else settings["objective"]
     by_reward = objective in reward_model.OBJECTIVES
-    sampler = _sampler(spec) if by_reward else None
+    if objective == "distill":  # a fresh adapter on the top layers: the student of the steered teacher
+        model = peft_model(base, settings, None)
+    sampler = _sampler(spec, rows=int(spec.get("steering", {}).get("candidates", 4))) if by_reward else None
     max_new = int(spec.get("serving", {}).get("max_new_tokens", 160))  # as the bot generates replies
     try:
         with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".tmp-{out_dir.name}-") as scratch:
@@ -112,9 +116,12 @@ def train_task(
             if sampler is not None:
                 reward = RewardModel(np.load(task["reward_model"]), len(train))
                 serving = AdapterRef("in-service", in_service) if in_service else None
-                ranked, extra = _sample(sampler, reward, train, serving, settings, int(spec["seed"]), max_new)
-                fit_by_reward(model, tokenizer, ranked, train, objective, settings, int(spec["seed"]), task["name"],
-                              Path(scratch))  # fmt: skip
+                if objective == "distill":
+                    extra = _distill(model, tokenizer, sampler, reward, train, spec, task["name"], max_new)
+                else:
+                    ranked, extra = _sample(sampler, reward, train, serving, settings, int(spec["seed"]), max_new)
+                    fit_by_reward(model, tokenizer, ranked, train, objective, settings, int(spec["seed"]),
+                                  task["name"], Path(scratch))  # fmt: skip
             else:
                 fit(model, tokenizer, train, objective, settings, int(spec["seed"]), task["name"], Path(scratch))
             train_seconds = time.monotonic() - started
@@ -148,12 +155,40 @@ def train_task(
     return decision, str(out_dir)
 
 
-def _sampler(spec: dict[str, Any]) -> Sampler:
+def _sampler(spec: dict[str, Any], rows: int = 1) -> Sampler:
+    """The batching engine of the training process; ``rows`` per reply (a steered one's candidates)."""
     serving = spec.get("serving", {})
     return Sampler(spec["model_dir"], Path(spec.get("cache_dir") or Path(spec["model_dir"]).parent),
                    threads=int(spec["threads"]), repetition_penalty=float(serving.get("repetition_penalty", 1.1)),
                    no_repeat_ngram=int(serving.get("no_repeat_ngram", 4)),
-                   style_control=bool(serving.get("style_control", True)))  # fmt: skip
+                   style_control=bool(serving.get("style_control", True)), rows_per_reply=rows)  # fmt: skip
+
+
+def _distill(
+    model: Any, tokenizer: Any, sampler: Sampler, reward: RewardModel, train: list[Example], spec: dict[str, Any],
+    name: str, max_new: int,
+) -> dict[str, Any]:  # fmt: skip
+    """distill: the teacher (the base, steered by the user's reward model, in the style the
+    bot asked for) answers the user's newest prompts; the adapter learns its replies and
+    its choices; the strength that keeps the steering within ``max_kl`` is measured."""
+    settings, steer = spec["training"], spec.get("steering", {})
+    prompts, asked = _prompts(train, int(settings["sample_prompts"]))
+    lessons, teaching = distill.teach(
+        sampler, reward, prompts, asked, candidates=int(steer.get("candidates", 4)),
+        temperature=float(steer.get("temperature", 0.8)), top_k=int(steer.get("top_k", 50)), max_new_tokens=max_new,
+        seed=int(spec["seed"]),
+    )  # fmt: skip
+    steps = max(1, (len(lessons) + sum(len(lesson.pairs()) for lesson in lessons)) // int(settings["batch_size"]))
+    emit("start", name, steps=steps * int(settings["epochs"]))
+
+    def progress(step: int, total: int, loss: float) -> None:
+        emit("step", name, step=step, steps=total, loss=loss)
+
+    trained = distill.distill(model, tokenizer, lessons, settings, int(spec["seed"]), progress)
+    if float(settings.get("amplify", 1.0)) != 1.0:
+        distill.amplify(model, float(settings["amplify"]))
+    strength = distill.measure_strength(lessons, float(settings["max_kl"]))
+    return {"teaching": teaching, "distill": trained, "steering_strength": "inf" if math.isinf(strength) else strength}
 
 
 def _prompts(rows: list[Example], limit: int) -> tuple[list[list[ChatMessage]], list[Style | None]]:
