@@ -36,8 +36,11 @@ KEY_ENV = "ATTUNE_ENCRYPTION_KEY"
 NEW_KEY_ENV = "ATTUNE_NEW_ENCRYPTION_KEY"
 
 # The columns that hold people's words, sealed when a key is set.
-SEALED_COLUMNS: dict[str, tuple[str, ...]] = {"messages": ("text", "prompt"), "memories": ("text",),
-                                              "reward_models": ("terms",)}
+SEALED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "messages": ("text", "prompt"),
+    "memories": ("text",),
+    "reward_models": ("terms",),
+}
 
 _FORMAT = 1
 _SEALED, _ESCAPE = "\x01", "\x02"  # the marks of a textual cipher (PostgreSQL)

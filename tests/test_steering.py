@@ -102,8 +102,14 @@ async def engine(
 
 
 def asked(i: int, tokens: int, steering: Steering | None = None, style: Style | None = None) -> GenerationRequest:
-    return GenerationRequest(messages=PROMPTS[i % len(PROMPTS)], max_new_tokens=tokens, temperature=0.8,
-                             seed=1000 + i, style=style, steering=steering)  # type: ignore[arg-type]
+    return GenerationRequest(
+        messages=PROMPTS[i % len(PROMPTS)],
+        max_new_tokens=tokens,
+        temperature=0.8,
+        seed=1000 + i,
+        style=style,
+        steering=steering,
+    )  # type: ignore[arg-type]
 
 
 def digit_share(texts: Sequence[str]) -> float:
