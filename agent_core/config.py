@@ -159,9 +159,10 @@ class PolicySettings(Section):
 
 class SteeringSettings(Section):
     """Each user's reward model steers their replies with lookahead, from their next reaction on
-    (agent_core/steering.py, agent_core/llm/lookahead.py; the local backend only)."""
+    (agent_core/steering.py, agent_core/llm/lookahead.py; the local backend only). Off by
+    default: bench.adapters measured no gain in like rate from it yet (README, "Steering")."""
 
-    enabled: bool = True
+    enabled: bool = False
     # "auto": chosen per user by the nightly job's measurement (the best reward within the
     # fluency guard); a number fixes it: 0 is no steering, "inf" keeps the best candidate
     strength: float | Literal["auto"] = "auto"

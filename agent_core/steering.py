@@ -105,9 +105,8 @@ class ReplySteering:
             return model
 
     async def learn(self, user_id: int) -> None:
-        """This user's reactions changed: refit their model (from the next reply on)."""
-        if not self.settings.enabled:
-            return
+        """This user's reactions changed: refit their model (from the next reply on; /stats
+        and the nightly job read it even where steering is off)."""
         saved = await self.store.reward_model(user_id)
         since = saved.reset_at if saved else 0.0
         rows = await self.store.rated_texts(user_id, since=since, limit=HISTORY)

@@ -20,12 +20,13 @@ held-out NLL of liked replies, and preference accuracy (for the same prompt, the
 reply more probable per token than the disliked one); training seconds per user.
 
     python -m bench.adapters [--sizes 10,25,50,100] [--objective sft|kto] [--json OUT]
-    python -m bench.adapters --population bench/populations/text_tastes.json [--simulated-users 6]
+    python -m bench.adapters --population bench/populations/text_tastes.json [--simulated-users 6] [--sizes 50]
 
 With ``--population FILE`` it measures what the user sees instead: users of that file
-rate real replies, the nightly job's own code trains (by default the ``raft`` objective),
-and the like rate of replies to held-out prompts is compared for the base model, the
-population adapter and the user's (bench/adapters_by_reward.py says how).
+rate real replies, their reward models steer, the nightly job's own code trains (by
+default the ``distill`` objective), and the like rate of replies to held-out prompts is
+compared for the base model, the population adapter, the user's adapter, the steered
+base and both together (bench/adapters_by_reward.py says how).
 
 Goal: with 50 rated replies, the user's adapter lowers the held-out NLL of liked replies
 by at least 25% against the base and reaches 80% preference accuracy, in at most 60 s
@@ -145,7 +146,7 @@ def main() -> None:
     parser.add_argument(
         "--objective",
         choices=["sft", "kto", *reward_model.OBJECTIVES],
-        help="the [training] objective (default: the setting's; raft with --population)",
+        help="the [training] objective (default: the setting's; distill with --population)",
     )
     parser.add_argument(
         "--population",
@@ -153,6 +154,8 @@ def main() -> None:
         help="simulate this population file's users (bench/learning.py's format) and measure their like rate",
     )
     parser.add_argument("--simulated-users", type=int, default=6, help="with --population: how many users to draw")
+    parser.add_argument("--background-users", type=int, default=30,
+                        help="with --population: more users whose reactions make each user's prior")  # fmt: skip
     parser.add_argument("--prompts", default=str(PROMPTS), help="with --population: the prompts, one per line")
     parser.add_argument("--max-new-tokens", type=int, default=LLMSettings().max_new_tokens)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2 = this machine's cores)")
@@ -170,7 +173,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     if args.objective is None:
-        args.objective = "raft" if args.population else TrainingSettings().objective
+        args.objective = "distill" if args.population else TrainingSettings().objective
     if args.population is None and args.objective not in ("sft", "kto"):
         parser.error(f"--objective {args.objective} ranks sampled replies by a user's reward: it needs --population")
     users = {name: USERS[name] for name in args.users.split(",")}
@@ -317,6 +320,8 @@ def by_population(args: argparse.Namespace, model_dir: Path, settings: dict[str,
           f"{args.population.name}, {args.heldout_prompts} held-out prompts, {args.threads} threads")  # fmt: skip
     print(report.table(adapters_by_reward.HEADERS, results.pop("table")))
     results["goal_met"] = adapters_by_reward.print_summary(results)
+    if "50" in results["by_rated"]:
+        results["goals"] = adapters_by_reward.goals(results["by_rated"]["50"])
     results["params"] = {**vars(args), "json": str(args.json) if args.json else None,
                          "population": str(args.population), "training": settings}  # fmt: skip
     path = report.save("adapters_population", results)

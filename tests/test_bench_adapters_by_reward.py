@@ -10,7 +10,7 @@ import pytest
 
 from agent_core.style import Style
 from bench.adapters_by_reward import best_style, described, like_rate, prompt_for, rate, summarise
-from bench.learning import SimUser, draw_users
+from bench.learning import NOT_AN_ANSWER, SimUser, draw_users
 
 pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
 
@@ -54,14 +54,32 @@ def test_the_shipped_text_tastes_population_has_text_effects_for_everyone() -> N
     assert len({tuple(sorted(u.text_effects)) for u in users}) == 3  # three kinds of taste
 
 
-def test_the_summary_averages_users_and_leaves_out_an_auc_that_could_not_be_measured() -> None:
-    def user(like_user: float, auc: float | None, oracle: float | None) -> dict[str, object]:
-        part = {"nll_liked": 1.0, "preference_accuracy": None}
-        return {"like_rate_base": 0.5, "like_rate_population": 0.5, "like_rate_user": like_user, "reward_auc": auc,
-                "oracle_auc": oracle, "train_seconds": 100.0, "promoted": like_user > 0.5, "base": part,
-                "population": part, "user": part}  # fmt: skip
+def test_the_summary_averages_the_arms_pools_the_aucs_and_gives_each_gains_paired_sd() -> None:
+    def user(base: float, steered: float) -> dict[str, object]:
+        arms = {"base": 0.9, "population": 0.9, "user": 0.9, "steered": 0.8, "user_steered": 0.8}
+        return {"like_rate_base": base, "like_rate_population": base, "like_rate_user": base + 0.05,
+                "like_rate_steered": steered, "like_rate_user_steered": steered + 0.02,
+                "like_rate_best_of_4_reward": base, "like_rate_best_of_4_oracle": base + 0.2,
+                "real_answer_rate": arms, "feature_rates": {arm: {"has_number": 0.5} for arm in arms},
+                "train_seconds": 100.0, "promoted": steered > base}  # fmt: skip
 
-    summary = summarise([user(0.7, 0.8, 0.9), user(0.5, None, 0.7)], 30.0, {"promote": True})
-    assert summary["like_rate_user"] == pytest.approx(0.6) and summary["promoted"] == 1
-    assert summary["reward_auc"] == pytest.approx(0.8) and summary["oracle_auc"] == pytest.approx(0.8)
-    assert summary["preference_accuracy_user"] is None and summary["nll_liked_user"] == 1.0
+    pooled = {"scores": [0.9, 0.8, 0.2, 0.1], "chances": [0.6, 0.5, 0.5, 0.4], "labels": [True, False, True, False]}
+    summary = summarise([user(0.5, 0.7), user(0.6, 0.6)], 30.0, {"promote": True}, pooled)
+    assert summary["like_rate_steered"] == pytest.approx(0.65) and summary["promoted"] == 1
+    assert summary["gain_sd"]["steered"] == pytest.approx(np.std([0.2, 0.0], ddof=1))
+    assert summary["gain_sd"]["user"] == pytest.approx(0.0)
+    assert summary["reward_auc"] == pytest.approx(0.75) and summary["oracle_auc"] == pytest.approx(0.875)
+    assert summary["real_answer_rate"]["steered"] == pytest.approx(0.8)
+    assert summary["feature_rates"]["user"]["has_number"] == pytest.approx(0.5)
+
+
+def test_a_simulated_user_dislikes_a_reply_that_is_not_an_answer_whatever_it_holds() -> None:
+    user = SimUser(base=0.5, effects={}, drift_turn=None, drift_effects={}, react_prob=1.0,
+                   text_effects={"has_number": 0.4})  # fmt: skip
+    style = Style.from_dict({"length": "brief", "tone": "casual", "emoji": "none", "format": "prose"})
+    good = "Walk for 20 minutes before bed and keep your bedroom cool, about 18 degrees, to sleep better."
+    looping = "Sleep 8 hours. Sleep 8 hours. Sleep 8 hours. Sleep 8 hours."
+    assert user.like_prob(style, 0, good, "How can I sleep better?") == pytest.approx(0.9)
+    assert user.like_prob(style, 0, looping, "How can I sleep better?") == NOT_AN_ANSWER  # degenerate
+    assert user.like_prob(style, 0, "I love 3 kinds of cheese, 42 in all.", "How can I sleep better?") == NOT_AN_ANSWER
+    assert user.like_prob(style, 0, looping) > 0.5  # without its message there is nothing to judge it against

@@ -96,6 +96,35 @@ async def test_a_reward_trained_adapter_is_judged_on_its_generated_replies_and_s
         await served.close()
 
 
+async def test_a_distilled_adapter_learns_the_steered_replies_and_the_strength_is_recorded(
+    make_config: Callable[..., Config], tiny_model_dir: Path
+) -> None:
+    """objective distill through the real job: the teacher (the tiny model steered by the
+    user's reward model) answers their newest prompts, a LoRA on the top layer learns its
+    replies and choices, the gate judges the candidate's own replies, and the strength the
+    steering may have is stored for the user's next replies."""
+    extra = 'objective = "distill"\nsample_prompts = 4\nlayers = 1\nmax_kl = 1000\n'
+    config = make_config(training_text(tiny_model_dir, extra, local="style_control = false\n"))
+    agent = await history_agent(config)
+    try:
+        await rate_history(agent, "ann", 18)
+        ann = await user_id(agent, "ann")
+        plan = await agent.training.run()
+        (task,) = plan.tasks
+        m = task.metrics
+        assert m["objective"] == "distill" and m["reward_auc"] == 1.0, m
+        assert m["teaching"]["prompts"] == 4 and m["teaching"]["blocks"] >= 4
+        assert m["distill"]["replies"] == 4 and m["distill"]["steps"] >= 1
+        assert m["distill"]["loss_last_epoch"] < m["distill"]["loss_first_epoch"]  # it learned the teacher's text
+        gain = m["candidate"]["reward"] - m["in_service"]["reward"]
+        assert (task.status == "promoted") == (gain >= 0.02), (task.status, task.reason)  # the gate's rule
+        stored = await agent.store.reward_model(ann)
+        assert stored is not None and stored.strength == float(m["steering_strength"])  # "inf" within max_kl 1000
+    finally:
+        await agent.close()
+
+
+@pytest.mark.parametrize("objective", ["raft", "distill"])
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
@@ -104,9 +133,10 @@ async def test_a_reward_trained_adapter_is_judged_on_its_generated_replies_and_s
     ],
 )
 async def test_reward_trained_candidates_that_score_lower_or_lose_fluency_are_rejected(
-    make_config: Callable[..., Config], tiny_model_dir: Path, extra: str, expected: str
+    make_config: Callable[..., Config], tiny_model_dir: Path, extra: str, expected: str, objective: str
 ) -> None:
-    base = training_text(tiny_model_dir, 'objective = "raft"\nsamples = 2\nsample_prompts = 3\nmin_spread = 0.0\n')
+    text = f'objective = "{objective}"\nsamples = 2\nsample_prompts = 3\nmin_spread = 0.0\nlayers = 1\n'
+    base = training_text(tiny_model_dir, text)
     config = make_config(base.replace("learning_rate = 0.05\n", "") + extra)
     agent = await history_agent(config)
     try:
@@ -118,14 +148,14 @@ async def test_reward_trained_candidates_that_score_lower_or_lose_fluency_are_re
         await agent.close()
 
 
-async def test_sampling_and_reward_training_on_the_real_smollm2(make_config: Callable[..., Config]) -> None:
-    """The raft night on the real SmolLM2: it samples real replies through the batching
-    engine, the reward model ranks them, a few steps train, and the gate decides on what
-    both models generate."""
+async def test_steering_and_distilling_on_the_real_smollm2(make_config: Callable[..., Config]) -> None:
+    """The distill night on the real SmolLM2: the user's reward model steers real replies a
+    sentence at a time through the batching engine, a LoRA on the top layers trains a few
+    steps on them, and the gate decides on what both models generate."""
     config = make_config(
         f'[llm]\ntemperature = 0.0\nmax_new_tokens = 24\n[llm.local]\ncache_dir = "{MODEL_CACHE}"\n'
         "[training]\nmin_new_rated = 6\nmin_population_liked = 1000\nepochs = 1\nbatch_size = 4\nthreads = 2\n"
-        'objective = "raft"\nsamples = 2\nsample_prompts = 3\nmin_spread = 0.0\n'
+        'objective = "distill"\nsample_prompts = 3\nlayers = 2\n'
     )
     agent = await history_agent(config)
     try:
@@ -136,9 +166,8 @@ async def test_sampling_and_reward_training_on_the_real_smollm2(make_config: Cal
         await agent.close()
     (task,) = plan.tasks
     m = task.metrics
-    assert task.status in ("promoted", "rejected") and m["objective"] == "raft", task.reason
-    assert m["sampling"]["candidates"] == 6 and max(steps) >= 1 and m["reward_auc"] == 1.0
-    assert -0.05 < m["candidate"]["kl_to_base"] < 5  # a real model, moved a little by a few steps
-    assert "reward of generated replies" in task.reason or "KL to the base" in task.reason
-    gain = m["candidate"]["reward"] - m["in_service"]["reward"]
-    assert (task.status == "promoted") == (gain >= 0.02 and m["candidate"]["kl_to_base"] <= 0.5)
+    assert task.status in ("promoted", "rejected") and m["objective"] == "distill", task.reason
+    assert m["reward_auc"] == 1.0 and m["teaching"]["prompts"] == 3 and max(steps) >= 1
+    assert m["teaching"]["blocks"] > 3  # real replies of several sentences, each chosen among candidates
+    assert m["teaching"]["kept_score"] >= m["teaching"]["mean_score"]  # the steering kept the better sentences
+    assert m["heldout"]["prompts"] >= 1 and m["candidate"]["kl_to_base"] > 0

@@ -37,6 +37,7 @@ from agent_core.style import Style, token_budget
 from agent_core.training.sampling import Sampler
 
 DPO_BETA = 0.1
+PAIRS_PER_REPLY = 3  # the choices per steered reply the adapter learns from (widest score gap first): steps stay cheap
 
 
 @dataclass
@@ -55,17 +56,20 @@ class Lesson:
         last = self.blocks[-1]
         return [*last.prefix, *last.candidates[last.chosen]]
 
-    def pairs(self) -> list[tuple[list[int], list[int], list[int]]]:
-        """(reply so far, kept sentence, the lowest-scored other) where they differ."""
+    def pairs(self, limit: int = PAIRS_PER_REPLY) -> list[tuple[list[int], list[int], list[int]]]:
+        """(reply so far, kept sentence, the lowest-scored other) where they differ: the
+        ``limit`` choices with the widest score gap, in the order they were made."""
         out = []
         for block in self.blocks:
             if len(block.candidates) < 2:
                 continue
             worst = min((i for i in range(len(block.candidates)) if i != block.chosen), key=lambda i: block.scores[i])
             kept, other = block.candidates[block.chosen], block.candidates[worst]
-            if kept != other and block.scores[block.chosen] > block.scores[worst]:
-                out.append((block.prefix, kept, other))
-        return out
+            gap = block.scores[block.chosen] - block.scores[worst]
+            if kept != other and gap > 0:
+                out.append((gap, len(out), (block.prefix, kept, other)))
+        widest = sorted(out, key=lambda t: -t[0])[:limit]
+        return [pair for _, _, pair in sorted(widest, key=lambda t: t[1])]
 
 
 def teach(

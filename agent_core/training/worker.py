@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -141,6 +142,8 @@ def train_task(
             metrics.update(extra)
             metrics.update(train_seconds=round(train_seconds, 2), objective=objective, train_examples=len(train),
                            worker=f"{socket.gethostname()}:{os.getpid()}")  # fmt: skip
+            if task.get("candidate_dir") and staged.exists():  # a benchmark measures rejected candidates too
+                shutil.copytree(staged, task["candidate_dir"], dirs_exist_ok=True)
             if decision.promote:
                 if not staged.exists():
                     model.save_pretrained(staged)
