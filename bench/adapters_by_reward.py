@@ -260,8 +260,12 @@ def run(args: argparse.Namespace, settings: dict[str, Any], model_dir: Path, cac
                 splits = [split_by_time(rows[:size], float(settings["holdout_fraction"])) for rows in sequences]
                 measured = splits[: len(users)]
                 started = time.perf_counter()
-                pop = night.train("population", None, Split([e for s in measured for e in s.train],
-                                                             [e for s in measured for e in s.heldout]), init=None)
+                pop = night.train(
+                    "population",
+                    None,
+                    Split([e for s in measured for e in s.train], [e for s in measured for e in s.heldout]),
+                    init=None,
+                )
                 pop_seconds = time.perf_counter() - started
                 pop_ref = AdapterRef(f"population-{size}", pop["path"]) if pop["path"] else None
                 per_user = []
