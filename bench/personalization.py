@@ -11,7 +11,12 @@ scheduler runs it (``NightlyScheduler.run_now``).
 Arms, on the same users, prompts and random draws:
 - ``no_learning``: the base model, the configured [style], no policy, no training;
 - ``policy``: the online style policy, no training;
-- ``policy_adapters``: the policy plus the nightly per-user adapters.
+- ``policy_steered``: the policy plus each user's reward model steering their replies
+  (``[steering]``), refitted after every reaction; no training;
+- ``policy_adapters``: the policy, the steering and the nightly per-user adapters
+  (``[training] objective = "distill"`` in the presets: the adapter learns the steered replies).
+A reply that is not a real answer (bench/judge.py: degenerate, or off topic) is disliked
+whatever its style and text: neither steering nor an adapter wins by stuffing replies.
 The oracle always gets each user's preferred style as observed in the text; beside it,
 ``asked_best`` tells the model that preferred style outright (``/prefs``) and measures
 how often the reply really has it: how much of the oracle this model can reach at all.
@@ -48,25 +53,43 @@ if __package__ in (None, ""):  # run as a file: python bench/personalization.py
 
 from agent_core.agent import Agent
 from agent_core.bandit import ALL_STYLES
+from agent_core.config import AgentSettings
 from agent_core.events import Command, Message, Reaction
 from agent_core.llm import LLMBackend, create_backend
+from agent_core.llm.model_files import cached_directory, find_model
 from agent_core.style import Style, measure_style
 from attune.wiring import load_config, open_agent
 from bench import report
+from bench.judge import TopicScorer
 from bench.learning import POPULATIONS, SimUser, draw_users
 from scheduler.nightly import NightlyScheduler
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "everyday_prompts.txt"
-ARMS = ("no_learning", "policy", "policy_adapters")
+ARMS = ("no_learning", "policy", "policy_steered", "policy_adapters")
+STEERED = ("policy_steered", "policy_adapters")
 REFERENCE = "asked_best"
 PRESETS: dict[str, dict[str, Any]] = {
     # small: the shared population adapter is not trained (it alone took minutes and 10 GB a night here)
     # 120 new tokens: a detailed reply (over 60 words) fits, so every preferred style is reachable
     # one epoch a night: with three, the nights alone took 16 of 39 minutes here
-    "small": {"users": 4, "days": 3, "messages": 5, "seeds": 2, "max_new_tokens": 120,
-              "set": ["training.min_population_liked=100000", "training.epochs=1"]},
-    "full": {"users": 32, "days": 7, "messages": 20, "seeds": 5, "max_new_tokens": 160, "set": []},
+    # three seeds (a paired standard error), and days long enough that each night's gate has
+    # held-out reactions of both kinds; LoRA on the top 4 layers, one epoch: the nights fit
+    "small": {"users": 3, "days": 3, "messages": 8, "seeds": 3, "max_new_tokens": 120,
+              "population": "text_tastes.json",
+              "set": ["training.min_population_liked=100000", "training.epochs=1", "training.objective=distill",
+                      "training.layers=4", "training.sample_prompts=8"]},
+    "full": {"users": 32, "days": 7, "messages": 20, "seeds": 5, "max_new_tokens": 160,
+             "population": "text_tastes.json", "set": ["training.objective=distill", "training.layers=10"]},
 }  # fmt: skip
+
+
+PAIRS = (("policy_adapters", "policy"), ("policy_steered", "policy"), ("policy", "no_learning"))
+
+
+def population_path(name: str) -> Path:
+    """A population file, by path or by its name under bench/populations."""
+    path = Path(name)
+    return path if path.is_file() else POPULATIONS / name
 
 
 def settings_for(arm: str, data_dir: Path, args: argparse.Namespace, seed: int) -> dict[str, str]:
@@ -80,6 +103,7 @@ def settings_for(arm: str, data_dir: Path, args: argparse.Namespace, seed: int) 
         "ATTUNE_POLICY__LEARN": "false" if arm in ("no_learning", REFERENCE) else "true",
         "ATTUNE_POLICY__SEED": str(seed),
         "ATTUNE_TRAINING__ENABLED": "true" if arm == "policy_adapters" else "false",
+        "ATTUNE_STEERING__ENABLED": "true" if arm in STEERED else "false",
         "ATTUNE_TRAINING__MIN_NEW_RATED": str(max(2, args.messages - 1)),  # each night, whoever reacted enough
         "ATTUNE_TRAINING__THREADS": str(os.cpu_count() or 1),  # nights here are not shared with live users
         "ATTUNE_LIMITS__MESSAGES_PER_MINUTE": "100000",
@@ -138,8 +162,10 @@ async def open_arm(arm: str, seed: int, users: list[SimUser], args: argparse.Nam
     return run
 
 
-async def run_day(run: ArmRun, day: int, seed: int, users: list[SimUser], react_probs: list[float],
-                  prompts: list[list[list[str]]], args: argparse.Namespace) -> None:  # fmt: skip
+async def run_day(
+    run: ArmRun, day: int, seed: int, users: list[SimUser], react_probs: list[float], prompts: list[list[list[str]]],
+    args: argparse.Namespace, scorer: TopicScorer | None,
+) -> None:  # fmt: skip
     """Every user's messages of one day, the users concurrently; then the night, if the arm trains."""
     agent = run.agent
 
@@ -153,7 +179,8 @@ async def run_day(run: ArmRun, day: int, seed: int, users: list[SimUser], react_
             assert reply is not None and reply.kind == "answer", reply
             await agent.delivered(reply, f"d{day}-r{k}")
             observed = measure_style(reply.text)
-            p = users[u].like_prob(observed, turn, reply.text)  # the style it has, and its text effects
+            asked = text if scorer is not None else None  # judged: a reply that does not answer is disliked
+            p = users[u].like_prob(observed, turn, reply.text, asked, scorer)  # its style, its text effects
             liked_p.append(p)
             if run.arm == REFERENCE:
                 run.matched.append(observed == best_style(users[u], turn)[0])
@@ -178,7 +205,8 @@ async def run_night(run: ArmRun, day: int, seed: int) -> None:
     print(f"  seed {seed} night {day + 1}: {run.nights[-1]}", file=sys.stderr, flush=True)
 
 
-async def run_seed(seed: int, users: list[SimUser], args: argparse.Namespace, work: Path) -> dict[str, ArmRun]:
+async def run_seed(seed: int, users: list[SimUser], args: argparse.Namespace, work: Path, scorer: TopicScorer | None
+                   ) -> dict[str, ArmRun]:  # fmt: skip
     """Every arm over every day. The arms' days run together on one model (one batch holds
     every arm's users: only policy_adapters has adapters, so their names cannot clash),
     and the night of the arm that trains runs between days, as the scheduler would run it."""
@@ -192,7 +220,8 @@ async def run_seed(seed: int, users: list[SimUser], args: argparse.Namespace, wo
         for arm in (*ARMS, REFERENCE):
             runs[arm] = await open_arm(arm, seed, users, args, work, llm)
         for day in range(args.days):
-            await asyncio.gather(*(run_day(r, day, seed, users, react_probs, prompts, args) for r in runs.values()))
+            await asyncio.gather(*(run_day(r, day, seed, users, react_probs, prompts, args, scorer)
+                                   for r in runs.values()))  # fmt: skip
             for r in runs.values():
                 if r.agent.settings.training.enabled and day < args.days - 1:
                     await run_night(r, day, seed)
@@ -208,7 +237,10 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    population = json.loads(Path(args.population).read_text(encoding="utf-8"))
+    population = json.loads(population_path(args.population).read_text(encoding="utf-8"))
+    model_dir = cached_directory(find_model(args.model), Path(args.cache_dir).resolve())
+    pool = [p for p in PROMPTS.read_text(encoding="utf-8").splitlines() if p.strip()]
+    scorer = TopicScorer(str(model_dir), pool, AgentSettings().system_prompt) if args.judge_answers else None
     results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in (*ARMS, REFERENCE)}
     oracle: list[float] = []
     with tempfile.TemporaryDirectory(prefix="attune-personalization-") as tmp:
@@ -216,7 +248,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             rng = np.random.default_rng([seed, 1])
             users = draw_users(population, args.users, rng)
             oracle.append(float(np.mean([best_style(u, 0)[1] for u in users])))
-            for arm, r in (await run_seed(seed, users, args, Path(tmp))).items():
+            for arm, r in (await run_seed(seed, users, args, Path(tmp), scorer)).items():
                 results[arm].append({"by_day": r.by_day, "matched": r.matched, "nights": r.nights})
     days = []
     for day in range(args.days):
@@ -226,7 +258,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         days.append(row)
     achievable = [float(np.mean(r["matched"])) for r in results[REFERENCE]]
     gaps = {}  # the same users, prompts and draws in each arm: the gap is paired by seed
-    for better, worse in (("policy_adapters", "policy"), ("policy", "no_learning")):
+    for better, worse in PAIRS:
         per_seed = [b["by_day"][-1] - w["by_day"][-1] for b, w in zip(results[better], results[worse], strict=True)]
         gaps[f"{better}-{worse}"], gaps[f"{better}-{worse}_sd"] = mean_sd(per_seed)
     return {
@@ -269,19 +301,23 @@ def main() -> None:
     for name in ("users", "days", "messages", "seeds", "max_new_tokens"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, help="overrides the preset")
     parser.add_argument("--seed", type=int, default=0, help="the first seed")
-    parser.add_argument("--population", default=str(POPULATIONS / "personalization.json"))
+    parser.add_argument("--population", help="a population file (bench/learning.py's format); default: the preset's")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 (greedy, the default): the arms differ only by what they learned")  # fmt: skip
     parser.add_argument("--cache-dir", default="data/models", help="where the local model is cached")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="any other setting for every arm, e.g. training.epochs=4")  # fmt: skip
+    parser.add_argument("--no-judge-answers", dest="judge_answers", action="store_false",
+                        help="count every reply as an answer (a random test model writes none)")  # fmt: skip
     parser.add_argument("--json", metavar="OUT", help="also write the results here")
     parser.add_argument("--plot", metavar="PNG", default=str(report.RESULTS / "personalization.png"))
     args = parser.parse_args()
     for name, value in PRESETS[args.preset].items():
         if name == "set":
             args.preset_set = value
+        elif name == "population":
+            args.population = args.population or value
         elif getattr(args, name) is None:
             setattr(args, name, value)
 
@@ -297,11 +333,14 @@ def main() -> None:
     print(f"achievable: the reply has the preferred style, asked for outright, "
           f"{data['achievable']:.0%} ± {data['achievable_sd']:.0%} of the time")  # fmt: skip
     gaps = data["gaps_last_day"]
-    for pair in ("policy_adapters-policy", "policy-no_learning"):
-        print(f"day {args.days}, {pair}: {gaps[pair]:+.3f} (sd across seeds {gaps[pair + '_sd']:.3f})")
-    goal = all(gaps[p] > 0 and gaps[p] > gaps[p + "_sd"] for p in ("policy_adapters-policy", "policy-no_learning"))
-    print(f"goal (day {args.days}: policy_adapters > policy > no_learning, each gap above its spread across seeds): "
-          f"{'met' if goal else 'NOT met'}")  # fmt: skip
+    for better, worse in PAIRS:
+        pair = f"{better}-{worse}"
+        print(f"day {args.days}, {pair}: {gaps[pair]:+.3f} (paired sd across seeds {gaps[pair + '_sd']:.3f}, "
+              f"standard error {gaps[pair + '_sd'] / np.sqrt(args.seeds):.3f})")  # fmt: skip
+    se = gaps["policy_adapters-policy_sd"] / np.sqrt(args.seeds)
+    goal = bool(gaps["policy_adapters-policy"] > 2 * se and gaps["policy-no_learning"] > 0)
+    print(f"goal (day {args.days}: policy_adapters above policy by more than twice the standard error of the paired "
+          f"difference, and policy above no_learning): {'met' if goal else 'NOT met'}")  # fmt: skip
     last = data["days"][-1]
     goals = {
         "policy above no_learning by more than twice the paired sd": gaps["policy-no_learning"] > 0

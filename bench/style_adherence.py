@@ -13,7 +13,9 @@ every dimension is asked for equally often) and once with no style. It does so t
 ``measure_style`` reads each reply. Per dimension and value: how often a reply asked for
 it has it (with controls, and with instructions only), and how often an unasked reply has
 it (the base rate). Beside that, the share of real answers (bench/judge.py: not
-degenerate, on topic) and tokens/s of each pass, one request at a time.
+degenerate, on topic), hyphenated words split by a space ("well- being": a control put
+something inside a word), lists asked for with fewer than three items, and tokens/s of
+each pass, one request at a time.
 
     python -m bench.style_adherence [--prompts 16] [--max-new-tokens 160] [--json OUT]
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections import defaultdict
@@ -43,6 +46,18 @@ from bench.judge import TopicScorer, verdict
 PROMPTS = Path(__file__).resolve().parent / "data" / "everyday_prompts.txt"
 PASSES = ("controls", "instructions")
 GOALS = {"shows_when_asked": 0.90, "real_answers": 0.97, "tokens_per_s_ratio": 0.90}
+SPLIT_WORD = re.compile(r"[A-Za-z]- [a-z]")  # "well- being": something inserted inside a hyphenated word
+LIST_ITEM = re.compile(r"^\s*[-*•] ", re.MULTILINE)
+MIN_ITEMS = 3  # a list asked for has at least this many items
+
+
+def split_words(text: str) -> list[str]:
+    """The hyphenated words a control split with a space ("well- being")."""
+    return [text[max(0, m.start() - 8) : m.end() + 6] for m in SPLIT_WORD.finditer(text)]
+
+
+def list_items(text: str) -> int:
+    return len(LIST_ITEM.findall(text))
 
 
 def opposite(style: Style) -> Style:
@@ -115,7 +130,7 @@ def summarise(todo: list[tuple[str, Style | None, GenerationRequest]], results: 
     for name in PASSES:
         asked: dict[tuple[str, str], list[bool]] = defaultdict(list)
         natural: dict[tuple[str, str], list[bool]] = defaultdict(list)
-        failures = []
+        failures, split, short_lists = [], [], 0
         for (prompt, style, _), reply in zip(todo, results[name]["replies"], strict=True):
             observed = measure_style(reply).as_dict()
             for dim, options in DIMENSIONS.items():
@@ -124,6 +139,9 @@ def summarise(todo: list[tuple[str, Style | None, GenerationRequest]], results: 
                         natural[(dim, value)].append(observed[dim] == value)
                 else:
                     asked[(dim, getattr(style, dim))].append(observed[dim] == getattr(style, dim))
+            split += split_words(reply)
+            if style is not None and style.format == "bullets" and list_items(reply) < MIN_ITEMS:
+                short_lists += 1
             if why := verdict(prompt, reply, scorer):
                 failures.append({"prompt": prompt, "style": style.as_dict() if style else None, "why": why,
                                  "reply": reply})  # fmt: skip
@@ -137,11 +155,15 @@ def summarise(todo: list[tuple[str, Style | None, GenerationRequest]], results: 
         answers[name] = {"real_answers": 1 - len(failures) / total, "replies": total,
                          "degenerate": sum(f["why"].startswith("degenerate") for f in failures),
                          "off_topic": sum(f["why"] == "off topic" for f in failures), "failures": failures,
+                         "split_words": len(split), "split_word_examples": split[:10],
+                         "short_lists": short_lists,
                          "tokens_per_s": results[name]["tokens_per_s"]}  # fmt: skip
     ratio = answers["controls"]["tokens_per_s"] / answers["instructions"]["tokens_per_s"]
     shown = min(v["asked"] for v in values.values())
     goals = {"every value shows when asked (>= 90 %)": shown >= GOALS["shows_when_asked"],
              "real answers (>= 97 %)": answers["controls"]["real_answers"] >= GOALS["real_answers"],
+             "no split words": answers["controls"]["split_words"] == 0,
+             f"every list has at least {MIN_ITEMS} items": answers["controls"]["short_lists"] == 0,
              "controls cost at most 10 % of tokens/s": ratio >= GOALS["tokens_per_s_ratio"]}  # fmt: skip
     return {"values": values, "answers": answers, "tokens_per_s_ratio": ratio, "lowest_shown": shown,
             "overall_match": sum(v["asked"] for v in values.values()) / len(values), "goals": goals}  # fmt: skip
@@ -153,9 +175,10 @@ def print_tables(data: dict[str, Any]) -> None:
              f"{v['asked_instructions_only']:.0%}", f"{v['baseline']:.0%} of {v['baseline_n']}"]
             for key, v in data["values"].items()]  # fmt: skip
     print(report.table(["dimension", "value", "shows when asked", "instructions only", "shows unasked"], rows))
-    rows = [[name, f"{a['real_answers']:.1%} of {a['replies']}", a["degenerate"], a["off_topic"],
-             f"{a['tokens_per_s']:.1f}"] for name, a in data["answers"].items()]  # fmt: skip
-    print(report.table(["pass", "real answers", "degenerate", "off topic", "tokens/s"], rows))
+    rows = [[name, f"{a['real_answers']:.1%} of {a['replies']}", a["degenerate"], a["off_topic"], a["split_words"],
+             a["short_lists"], f"{a['tokens_per_s']:.1f}"] for name, a in data["answers"].items()]  # fmt: skip
+    print(report.table(["pass", "real answers", "degenerate", "off topic", "split words",
+                        f"lists < {MIN_ITEMS} items", "tokens/s"], rows))  # fmt: skip
     print(f"tokens/s with controls / instructions only: {data['tokens_per_s_ratio']:.2f}")
     for goal, met in data["goals"].items():
         print(f"goal: {goal}: {'met' if met else 'NOT met'}")

@@ -41,7 +41,7 @@ def test_the_personalization_benchmark_runs_every_arm_and_writes_its_figures(
         sys.executable, "-m", "bench.personalization", "--users", "2", "--days", "2", "--messages", "4",
         "--seeds", "2", "--model", str(tiny_model_dir), "--cache-dir", str(MODEL_CACHE), "--max-new-tokens", "8",
         "--json", str(out), "--plot", str(png), "--population", str(population),
-        "--set", "training.learning_rate=0.05", "--set", "training.epochs=6",
+        "--set", "training.learning_rate=0.05", "--set", "training.epochs=6", "--no-judge-answers",
     ]  # fmt: skip
     env = {**os.environ, "ATTUNE_BENCH_RESULTS": str(tmp_path / "results")}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -49,7 +49,7 @@ def test_the_personalization_benchmark_runs_every_arm_and_writes_its_figures(
     data = json.loads(out.read_text())
     assert data["seeds"] == 2 and [row["day"] for row in data["days"]] == [1, 2]
     for row in data["days"]:
-        for arm in ("no_learning", "policy", "policy_adapters", "asked_best"):
+        for arm in ("no_learning", "policy", "policy_steered", "policy_adapters", "asked_best"):
             assert 0.02 <= row[arm] <= 0.98 and row[f"{arm}_sd"] >= 0, (arm, row)
             assert row[arm] <= data["oracle"] + 1e-9  # nothing beats each user's best style
     assert 0 <= data["achievable"] <= 1

@@ -19,6 +19,7 @@ from agent_core.llm.local import LocalBackend
 from agent_core.llm.style_control import StyleControl, vocab_for
 from agent_core.style import DIMENSIONS, Style, finish, measure_style, token_budget
 from bench.judge import degenerate
+from bench.style_adherence import list_items, split_words
 from tests.conftest import MODEL_CACHE
 
 pytestmark = pytest.mark.no_database  # no database in these tests: not run again on PostgreSQL
@@ -131,6 +132,34 @@ def test_emoji_none_blocks_every_emoji_the_model_wants(tokenizer: object) -> Non
     assert measure_style(blocked).emoji == "none", blocked
 
 
+def test_a_hyphen_inside_a_word_is_not_taken_for_a_list_marker(tokenizer: object) -> None:
+    """With bullets, "well-being" stays one word: only a marker that opens an item (at
+    the start or after a line break) must be followed by a spaced word."""
+    vocab = vocab_for(tokenizer)
+    style = Style("detailed", "casual", "none", "bullets")
+    written = scripted(tokenizer, "- Sleep is good for your well-being and health", StyleControl(
+        vocab, style, prompt_length=0, budget=64), 12)  # fmt: skip
+    assert written.startswith("- Sleep") and "well-being" in written and "- being" not in written, written
+
+
+def test_a_list_has_at_least_three_items_even_when_the_model_would_stop(tokenizer: object) -> None:
+    vocab = vocab_for(tokenizer)
+    eos = tokenizer.eos_token_id  # type: ignore[attr-defined]
+    control = StyleControl(vocab, Style("brief", "formal", "none", "bullets"), prompt_length=0, budget=64,
+                           eos={eos})  # fmt: skip
+    words = tokenizer.encode(" Rest well. Drink water. Walk daily.", add_special_tokens=False)  # type: ignore[attr-defined]
+    reply: list[int] = []
+    for _ in range(40):
+        scores = torch.full((1, len(tokenizer)), -5.0)  # type: ignore[arg-type]
+        scores[0, eos] = 5.0  # the model would end the reply at every step
+        scores[0, words[len([t for t in reply if t in words]) % len(words)]] = 4.0
+        reply.append(int(control(torch.tensor([reply]), scores).argmax()))
+        if reply[-1] == eos:
+            break
+    text = tokenizer.decode(reply, skip_special_tokens=True)  # type: ignore[attr-defined]
+    assert reply[-1] == eos and text.count("\n- ") + text.startswith("- ") == 3, text
+
+
 async def test_every_value_shows_on_the_real_model() -> None:
     """SmolLM2-135M, greedy, all 16 styles over eight questions through the batching engine
     (mixed styles in each batch): each value is asked for eight times and must show in
@@ -147,3 +176,6 @@ async def test_every_value_shows_on_the_real_model() -> None:
     missed = misses(results)
     assert all(n <= 1 for n in missed.values()), (missed, results)
     assert [degenerate(text) for _, text in results] == [None] * 16, results
+    assert not [t for _, t in results if split_words(t)], results  # no control put a space inside a word
+    lists = [t for s, t in results if s.format == "bullets"]
+    assert all(list_items(t) >= 3 for t in lists), lists

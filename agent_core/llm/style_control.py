@@ -63,7 +63,8 @@ CONTRACTION = re.compile(rb"^(?:'|\xe2\x80\x99)(?:s|re|ll|ve|m|d|t)$")
 BRIEF_SENTENCES = 2  # a brief prose reply ends after this many sentences once it has BRIEF_TOKENS...
 BRIEF_TOKENS = 30
 BRIEF_MAX_SENTENCES = 3  # ...and after this many in any case
-BRIEF_ITEMS = 3  # a brief list: this many items (at least two)
+BRIEF_ITEMS = 3  # a list has at least this many items, and a brief one this many
+ITEM_TOKENS = 14  # an item this long gets a bias toward its end, so that three fit a brief budget
 DETAILED_SHARE = 0.85  # a detailed reply may not end before this share of its token budget...
 DETAILED_MIN_TOKENS = 120  # ...nor need more than this many tokens to be allowed to end
 CLOSING_TOKENS = 12  # this close to the budget, sentence ends get a bias...
@@ -340,7 +341,7 @@ class StyleControl:
         if self.style.length != "brief":
             return False
         if self.style.format == "bullets":
-            return self.sentences >= BRIEF_ITEMS or (self.sentences >= 2 and n >= BRIEF_TOKENS)
+            return self.sentences >= BRIEF_ITEMS
         enough = self.sentences >= BRIEF_SENTENCES and n >= BRIEF_TOKENS
         return enough or self.sentences >= BRIEF_MAX_SENTENCES or n >= 2 * BRIEF_TOKENS
 
@@ -416,15 +417,18 @@ class StyleControl:
 
     def _length(self, row: torch.Tensor, style: Style) -> None:
         v, n = self.v, len(self.reply)
-        if (style.length == "detailed" and n < self.detailed_min) or (style.format == "bullets" and self.items < 2):
+        if (style.length == "detailed" and n < self.detailed_min) or (
+            style.format == "bullets" and self.sentences < BRIEF_ITEMS
+        ):
             row[list(self.eos)] = NEG
-        if n >= self.budget - CLOSING_TOKENS or n - self.sentence_from >= RUN_ON_TOKENS:  # close the sentence
+        run_on = ITEM_TOKENS if style.format == "bullets" and style.length == "brief" else RUN_ON_TOKENS
+        if n >= self.budget - CLOSING_TOKENS or n - self.sentence_from >= run_on:  # close the sentence
             _bias(row, v.sentence_end, CLOSING_BIAS)
 
     def _format(self, row: torch.Tensor, style: Style) -> None:
         v, last = self.v, self._last()
         if style.format == "bullets":
-            if last == v.marker:  # an item's first word, after a space: not another marker, nor a number
+            if self._item_opened():  # an item's first word, after a space: not another marker, nor a number
                 _ban(row, v.list_start | v.digit | v.has_newline | ~v.spaced)
             _ban(row, v.hashtag | (v.has_newline & ~_one_hot(v.size, v.newline)))
             return
@@ -449,10 +453,12 @@ class StyleControl:
         if style.tone == "formal":
             _ban(row, v.has_bang | v.apostrophe)
             _ban(row, v.contractions | v.casual)
+            if last is not None and (v.connectives[last] or v.formal[last]):  # "Moreover" stays that word
+                _ban(row, v.word & ~v.spaced)
             if style.format == "prose":
                 opening = self.at_start and self.sentences >= 1
             else:
-                opening = last == v.marker and self.items >= 2
+                opening = self._item_opened() and self.items >= 2
             if opening and not self.connective_last:
                 # An emoji reads as casual: a reply with one needs a formal word to stay formal.
                 owed = self.emoji > 0 and self.formal_words == 0
@@ -469,6 +475,14 @@ class StyleControl:
     def _last(self) -> int | None:
         """The reply's last token, if it is an ordinary one."""
         return self.reply[-1] if self.reply and self.reply[-1] < self.v.size else None
+
+    def _item_opened(self) -> bool:
+        """The last token is a list marker that opens an item (first in the reply or after a
+        line break), not the hyphen of a word the model is writing ("well-being")."""
+        if self._last() != self.v.marker:
+            return False
+        before = self.reply[-2] if len(self.reply) >= 2 else None
+        return before is None or (before < self.v.size and bool(self.v.has_newline[before]))
 
 
 def _only(row: torch.Tensor, allowed: tuple[int, ...] | list[int]) -> None:
