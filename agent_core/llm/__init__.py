@@ -64,8 +64,11 @@ def create_backend(config: Config) -> LLMBackend:
     from agent_core.llm.local import LocalBackend
 
     local = llm.local
+    steering = config.settings.steering
     limits = BatchLimits(
         max_batch_size=local.max_batch_size,
+        # a steered reply decodes its candidate sentences side by side: room for each reply's
+        max_rows=local.max_batch_size * (steering.candidates if steering.enabled else 1),
         max_queue=local.max_queue,
         batch_wait_s=local.batch_wait_ms / 1000,
         queue_timeout_s=local.queue_timeout_s,
