@@ -85,7 +85,7 @@ class Agent:
         self.training = TrainingJob(store.training, settings, model_dir=lambda: base_model_dir(settings),
                                     measured=self.steering.measured)  # fmt: skip
         self.operations = Operations(
-            self.training, store, self.policy, llm.describe
+            self.training, store, self.policy, llm.describe, self.steering
         )  # train now, roll back, stop, status
         self.commands = Commands(store, self.policy, describe_model=llm.describe, operations=self.operations,
                                  steering=self.steering)  # fmt: skip

@@ -21,8 +21,8 @@ from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
 from agent_core.operations import Operations, UnknownUser
 from agent_core.policy import StylePolicy, realisation_counts
+from agent_core.steering import CHANGE_WINDOW, ReplySteering
 from agent_core.steering import PREFERENCE as STEERING
-from agent_core.steering import ReplySteering
 from agent_core.stores import CommandStore
 from agent_core.style import DIMENSIONS, describe_asked_and_shown, is_valid
 
@@ -294,24 +294,12 @@ async def _steering_lines(cmds: Commands, user_id: int) -> list[str]:
     if cmds.steering is None:
         return []
     lines = [await cmds.steering.describe(user_id, await cmds.store.preferences(user_id))]
-    liked = [t for t in await cmds.steering.terms(user_id) if t.weight > 0]
     adapter = await cmds.store.training.serving(user_id)
-    if liked and adapter is not None and adapter.user_id == user_id and adapter.since is not None:
-        replies = await cmds.store.reply_texts(user_id, CHANGE_WINDOW)
-        before = [text for at, text in replies if at < adapter.since]
-        after = [text for at, text in replies if at >= adapter.since]
-        if before and after:
-            day = time.strftime("%-d %B", time.localtime(adapter.since))
-            changes = [f"{t.text}: {_share(t.gram, before):.0%} → {_share(t.gram, after):.0%}" for t in liked]
-            lines.append(f"Your replies since your adapter of {day}: " + "; ".join(changes) + ".")
+    since = adapter.since if adapter is not None and adapter.user_id == user_id else None
+    replies = await cmds.store.reply_texts(user_id, CHANGE_WINDOW) if since is not None else []
+    if change := cmds.steering.change_line(await cmds.steering.terms(user_id), since, replies):
+        lines.append(change)
     return lines
-
-
-CHANGE_WINDOW = 200  # /stats: the replies over which "before and since your adapter" is counted
-
-
-def _share(gram: str, texts: list[str]) -> float:
-    return fmean(reward_model.holds(text, gram) for text in texts)
 
 
 async def _training_line(cmds: Commands, user_id: int) -> str:

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from agent_core import reward_model
 from agent_core.policy import REALISATION_WINDOW, StylePolicy, realisation_counts
+from agent_core.steering import CHANGE_WINDOW, ReplySteering
 from agent_core.stores import OperationsStore
 from agent_core.training.job import POPULATION, Plan, Progress, TrainingBusy, TrainingJob
 from storage.training import AdapterRow
@@ -56,13 +58,16 @@ class Operations:
         store: OperationsStore,
         policy: StylePolicy | None = None,
         describe_model: Callable[[], str] = str,
+        steering: ReplySteering | None = None,
     ) -> None:
-        """``policy`` and ``describe_model`` feed :meth:`overview` only (``attune train`` runs without them)."""
+        """``policy``, ``describe_model`` and ``steering`` feed :meth:`overview` only (``attune
+        train`` runs without them)."""
         self.training = training
         self.records = training.records
         self.store = store
         self.policy = policy
         self.describe_model = describe_model
+        self.steering = steering
         self.background: set[asyncio.Task[None]] = set()  # trainings started by train_now
 
     # --- who ------------------------------------------------------------------------------
@@ -170,6 +175,18 @@ class Operations:
         """Users, messages, replies, reactions, and adapters in service."""
         return await self.store.reports.totals()
 
+    async def learned(self, user_id: int) -> dict[str, str | None]:
+        """What the user's reward model learned, in words, and how their replies changed
+        since their adapter (what /stats tells them)."""
+        if self.steering is None:
+            return {"terms": None, "changes": None}
+        terms = await self.steering.terms(user_id)
+        adapter = await self.records.serving(user_id)
+        since = adapter.since if adapter is not None and adapter.user_id == user_id else None
+        replies = await self.store.reply_texts(user_id, CHANGE_WINDOW) if since is not None else []
+        return {"terms": reward_model.describe_terms(terms) or None,
+                "changes": self.steering.change_line(terms, since, replies)}  # fmt: skip
+
     async def overview(self) -> dict[str, Any]:
         """The dashboard's data (also its JSON): the model, users and what the policy
         believes of each, activity, rewards by day, style asked and shown, adapters, runs."""
@@ -179,6 +196,7 @@ class Operations:
             "model": self.describe_model(),
             "users": [u.__dict__ for u in users],
             "beliefs": {str(u.id): await self.policy.beliefs(u.id) if self.policy else {} for u in users},
+            "learned": {str(u.id): await self.learned(u.id) for u in users},
             "daily": await reports.daily_activity(),
             "reward_by_day": await reports.reward_by_day(),
             "adapters": await reports.adapters(),

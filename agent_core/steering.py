@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 PREFERENCE = "steering"  # /prefs steering on|off
 HISTORY = 500  # a user's newest rated replies their model is fitted on
 MODELS_CACHED = 4096  # users whose parsed model is kept between their messages
+CHANGE_WINDOW = 200  # the user's newest replies over which "before and since your adapter" is counted
 
 
 class ReplySteering:
@@ -155,6 +156,20 @@ class ReplySteering:
                    "It does not steer my replies to you: the last measurement found it did not help.")  # fmt: skip
         return f"{what} {how}"
 
+    @staticmethod
+    def change_line(terms: list[Term], since: float | None, replies: list[tuple[float, str]]) -> str | None:
+        """How the user's replies changed since their adapter came into service (``since``):
+        the share of ``replies`` ((time, text), newest :data:`CHANGE_WINDOW`) holding each
+        liked term, before and since. None without an adapter, liked terms or replies on both sides."""
+        liked = [t for t in terms if t.weight > 0]
+        before = [text for at, text in replies if since is not None and at < since]
+        after = [text for at, text in replies if since is not None and at >= since]
+        if not liked or since is None or not before or not after:
+            return None
+        day = time.strftime("%-d %B", time.localtime(since))
+        changes = [f"{t.text}: {_share(t.gram, before):.0%} → {_share(t.gram, after):.0%}" for t in liked]
+        return f"Your replies since your adapter of {day}: " + "; ".join(changes) + "."
+
     async def export(self, user_id: int) -> dict[str, Any]:
         """The user's model as data (/export): its weights and the words behind them."""
         row = await self.store.reward_model(user_id)
@@ -163,6 +178,10 @@ class ReplySteering:
         weights = np.frombuffer(row.weights, dtype=np.float32)
         return {"rated": row.rated, "strength": row.strength, "reset_at": row.reset_at, "updated_at": row.updated_at,
                 "terms": row.terms, "weights": [round(float(w), 5) for w in weights]}  # fmt: skip
+
+
+def _share(gram: str, texts: list[str]) -> float:
+    return float(np.mean([reward_model.holds(text, gram) for text in texts]))
 
 
 def _fit_user(population: RewardModel, texts: list[str], rewards: list[float]) -> tuple[RewardModel, list[Term]]:

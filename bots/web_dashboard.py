@@ -179,7 +179,12 @@ class Dashboard:
             "(read by <code>measure_style</code>). The policy learns from what was shown.</p>",
             _table(["dimension", "value", "asked", "shown", "share"], shown, "No replies yet."),
             "</section><section><h2>Users</h2>",
-            _users_table(users, {int(k): v for k, v in data["beliefs"].items()}, csrf),
+            _users_table(
+                users,
+                {int(k): v for k, v in data["beliefs"].items()},
+                {int(k): v for k, v in data["learned"].items()},
+                csrf,
+            ),
             "</section><section><h2>Adapters</h2>",
             _table(
                 ["user", "version", "status", "on top of", "held-out NLL liked: served → new", "pref. accuracy"],
@@ -239,7 +244,14 @@ def _beliefs(user: dict[str, Any], beliefs: dict[str, Any]) -> str:
     return f"<ul class='beliefs'>{''.join(items)}</ul>"
 
 
-def _users_table(users: list[dict[str, Any]], beliefs: dict[int, dict[str, Any]], csrf: str) -> str:
+def _learned(learned: dict[str, str | None]) -> str:
+    """What the user's reward model learned from their reactions, and how their replies changed."""
+    lines = [learned.get("terms") or "nothing stands out yet", learned.get("changes") or ""]
+    return "<br>".join(escape(line) for line in lines if line)
+
+
+def _users_table(users: list[dict[str, Any]], beliefs: dict[int, dict[str, Any]],
+                 learned: dict[int, dict[str, str | None]], csrf: str) -> str:  # fmt: skip
     if not users:
         return "<p class='empty'>Nobody has written yet.</p>"
     rows = []
@@ -253,10 +265,12 @@ def _users_table(users: list[dict[str, Any]], beliefs: dict[int, dict[str, Any]]
         rows.append(
             f"<tr><td>{escape(u['name'])}</td><td>{escape(', '.join(u['platforms']))}</td><td>{u['messages']}</td>"
             f"<td>{u['reactions']}</td><td>{reward}</td><td>{_beliefs(u, beliefs.get(u['id'], {}))}</td>"
+            f"<td class='learned'>{_learned(learned.get(u['id'], {}))}</td>"
             f"<td class='actions'>{buttons}</td></tr>"
         )
     head = "".join(f"<th>{h}</th>" for h in ("user", "platforms", "messages", "reactions", "mean reward",
-                                             "what it believes about their style", ""))  # fmt: skip
+                                             "what it believes about their style",
+                                             "what their reward model learned", ""))  # fmt: skip
     return f"<table class='users'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 

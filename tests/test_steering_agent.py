@@ -94,6 +94,16 @@ async def test_reactions_steer_the_next_reply_in_another_process_and_stats_names
         disliked_quoted = re.findall(r"'([^']+)'", stats.split("you dislike")[1].split("\n")[0])
         assert disliked_quoted and all(q.lower() in DISLIKED.lower() for q in disliked_quoted), disliked_quoted
 
+        ann = await second.store.resolve_user("web", "ann", "ann")
+        await TrainingRecords(second.store.db).add_adapter(ann, 1, "/nowhere", promote=True, parent="base", metrics={})
+        for i in range(3):  # replies since the adapter: each one with the liked phrases
+            await ask(second, "ann", f"tell me one more thing {i}", 200 + i)
+        stats = await command(second, "ann", "stats")
+        change = next(line for line in stats.splitlines() if line.startswith("Your replies since your adapter of"))
+        assert quoted[0].lower() in change.lower() and "→ 100%" in change, change
+        learned = (await second.operations.overview())["learned"][str(ann)]  # the dashboard shows the same
+        assert learned["terms"] in stats and learned["changes"] == change
+
         assert "off" in await command(second, "ann", "prefs", "steering off")
         await ask(second, "ann", "one more", 102)
         assert backend.requests[-1].steering is None  # turned off for ann alone
