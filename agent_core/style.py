@@ -61,7 +61,7 @@ class Style:
 # budget, and is cut after its last complete sentence.
 BRIEF_TOKENS = 64
 _SENTENCE_END = re.compile(
-    "[.!?…][\"')\\]]*(?:\\s*[\U0001f300-\U0001faff\u2600-\u27bf\U0001f000-\U0001f2ff\ufe0f\u200d]+)*(?=\\s|$)"
+    "[.!?…][\"')\\]”’»]*(?:\\s*[\U0001f300-\U0001faff\u2600-\u27bf\U0001f000-\U0001f2ff\ufe0f\u200d]+)*(?=\\s|$)"
 )
 
 

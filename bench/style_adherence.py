@@ -130,7 +130,7 @@ def summarise(todo: list[tuple[str, Style | None, GenerationRequest]], results: 
     for name in PASSES:
         asked: dict[tuple[str, str], list[bool]] = defaultdict(list)
         natural: dict[tuple[str, str], list[bool]] = defaultdict(list)
-        failures, split, short_lists = [], [], 0
+        failures, split, short_lists = [], [], []
         for (prompt, style, _), reply in zip(todo, results[name]["replies"], strict=True):
             observed = measure_style(reply).as_dict()
             for dim, options in DIMENSIONS.items():
@@ -141,7 +141,7 @@ def summarise(todo: list[tuple[str, Style | None, GenerationRequest]], results: 
                     asked[(dim, getattr(style, dim))].append(observed[dim] == getattr(style, dim))
             split += split_words(reply)
             if style is not None and style.format == "bullets" and list_items(reply) < MIN_ITEMS:
-                short_lists += 1
+                short_lists.append(reply)
             if why := verdict(prompt, reply, scorer):
                 failures.append({"prompt": prompt, "style": style.as_dict() if style else None, "why": why,
                                  "reply": reply})  # fmt: skip
@@ -156,7 +156,7 @@ def summarise(todo: list[tuple[str, Style | None, GenerationRequest]], results: 
                          "degenerate": sum(f["why"].startswith("degenerate") for f in failures),
                          "off_topic": sum(f["why"] == "off topic" for f in failures), "failures": failures,
                          "split_words": len(split), "split_word_examples": split[:10],
-                         "short_lists": short_lists,
+                         "short_lists": len(short_lists), "short_list_examples": short_lists[:5],
                          "tokens_per_s": results[name]["tokens_per_s"]}  # fmt: skip
     ratio = answers["controls"]["tokens_per_s"] / answers["instructions"]["tokens_per_s"]
     shown = min(v["asked"] for v in values.values())

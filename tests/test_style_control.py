@@ -179,3 +179,10 @@ async def test_every_value_shows_on_the_real_model() -> None:
     assert not [t for _, t in results if split_words(t)], results  # no control put a space inside a word
     lists = [t for s, t in results if s.format == "bullets"]
     assert all(list_items(t) >= 3 for t in lists), lists
+
+
+def test_a_brief_reply_ends_at_its_last_full_sentence_closing_quotes_included() -> None:
+    lists = Style("brief", "formal", "none", "bullets")
+    quoted = "- “A Simple Lunch.”\n- “A Quick Dinner.”\n- “The Lazy Breakfast: A Simple Lunch.”\n"
+    assert finish(quoted, lists) == quoted.strip()  # the third item stays: it ended, inside its quotes
+    assert finish("- One item.\n- Two items.\n- Three and then it was cut", lists) == "- One item.\n- Two items."
