@@ -212,7 +212,8 @@ async def run_seed(seed: int, users: list[SimUser], args: argparse.Namespace, wo
     and the night of the arm that trains runs between days, as the scheduler would run it."""
     react_probs = [u.react_prob for u in users]
     prompts = prompts_for(seed, len(users), args.days, args.messages)
-    shared = load_config(None, environ=settings_for(ARMS[0], work / f"model-{seed}", args, seed))
+    # the model every arm shares, with rows for the steered arms' candidate sentences
+    shared = load_config(None, environ=settings_for(STEERED[0], work / f"model-{seed}", args, seed))
     llm = create_backend(shared)
     runs: dict[str, ArmRun] = {}
     try:  # closed whatever happens: database threads would keep the process alive
