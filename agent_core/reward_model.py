@@ -212,7 +212,8 @@ def describe_gram(gram: str) -> str:
 def _quoted(words: Sequence[str]) -> str:
     if len(words) == 1 and words[0] in _MARKS:
         return _MARKS[words[0]]
-    return "'" + " ".join(_MARKS.get(w, w) for w in words) + "'"
+    text = " ".join(_MARKS.get(w, w) for w in words)
+    return "'" + re.sub(r" (?=[.,!?;:])", "", text) + "'"  # "is ." reads "is."
 
 
 def strongest_terms(model: RewardModel, texts: Sequence[str], rewards: Sequence[float], k: int = 3) -> list[Term]:

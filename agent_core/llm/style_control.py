@@ -378,6 +378,8 @@ class StyleControl:
             self.emoji_prefix = ()
             self.queue.append(v.newline)
             _only(row, v.trie[()])
+        elif v.period is not None and len(self.reply) > self.sentence_from and self._last() != v.marker:
+            _only(row, (v.period,))  # the item ends as a sentence: a brief reply is not cut there
 
     def _forced(self, row: torch.Tensor) -> bool:
         """Inside an emoji, or a marker, line break or end is due: allow only that."""
@@ -417,10 +419,12 @@ class StyleControl:
 
     def _length(self, row: torch.Tensor, style: Style) -> None:
         v, n = self.v, len(self.reply)
-        if (style.length == "detailed" and n < self.detailed_min) or (
-            style.format == "bullets" and self.sentences < BRIEF_ITEMS
-        ):
+        short_list = style.format == "bullets" and self.sentences < BRIEF_ITEMS
+        if (style.length == "detailed" and n < self.detailed_min) or short_list:
+            done = int(row.argmax()) in self.eos and n > self.sentence_from and self._last() != v.marker
             row[list(self.eos)] = NEG
+            if short_list and done:  # the model ends its item: with a full stop, and the next item follows
+                _only(row, np.flatnonzero(v.sentence_end[: row.shape[0]]).tolist())
         run_on = ITEM_TOKENS if style.format == "bullets" and style.length == "brief" else RUN_ON_TOKENS
         if n >= self.budget - CLOSING_TOKENS or n - self.sentence_from >= run_on:  # close the sentence
             _bias(row, v.sentence_end, CLOSING_BIAS)
