@@ -106,6 +106,8 @@ def settings_for(arm: str, data_dir: Path, args: argparse.Namespace, seed: int) 
         "ATTUNE_STEERING__ENABLED": "true" if arm in STEERED else "false",
         "ATTUNE_TRAINING__MIN_NEW_RATED": str(max(2, args.messages - 1)),  # each night, whoever reacted enough
         "ATTUNE_TRAINING__THREADS": str(os.cpu_count() or 1),  # nights here are not shared with live users
+        "ATTUNE_LLM__TIMEOUT_S": "1800",  # it measures what is learned: 15 users at once on 2 cores may be slow
+        "ATTUNE_LLM__LOCAL__QUEUE_TIMEOUT_S": "1800",
         "ATTUNE_LIMITS__MESSAGES_PER_MINUTE": "100000",
         "ATTUNE_LIMITS__GLOBAL_MESSAGES_PER_MINUTE": "0",
         "ATTUNE_LLM__LOCAL__MAX_BATCH_SIZE": str(min(64, (len(ARMS) + 1) * args.users)),  # every arm's users at once
