@@ -21,8 +21,8 @@ from agent_core.events import Attachment
 from agent_core.memory import MAX_NOTE_CHARS
 from agent_core.operations import Operations, UnknownUser
 from agent_core.policy import StylePolicy, realisation_counts
-from agent_core.steering import CHANGE_WINDOW, ReplySteering
 from agent_core.steering import PREFERENCE as STEERING
+from agent_core.steering import ReplySteering
 from agent_core.stores import CommandStore
 from agent_core.style import DIMENSIONS, describe_asked_and_shown, is_valid
 
@@ -296,8 +296,7 @@ async def _steering_lines(cmds: Commands, user_id: int) -> list[str]:
     lines = [await cmds.steering.describe(user_id, await cmds.store.preferences(user_id))]
     adapter = await cmds.store.training.serving(user_id)
     since = adapter.since if adapter is not None and adapter.user_id == user_id else None
-    replies = await cmds.store.reply_texts(user_id, CHANGE_WINDOW) if since is not None else []
-    if change := cmds.steering.change_line(await cmds.steering.terms(user_id), since, replies):
+    if change := await cmds.steering.changes(user_id, since, cmds.store.reply_texts):
         lines.append(change)
     return lines
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from agent_core import reward_model
 from agent_core.policy import REALISATION_WINDOW, StylePolicy, realisation_counts
-from agent_core.steering import CHANGE_WINDOW, ReplySteering
+from agent_core.steering import ReplySteering
 from agent_core.stores import OperationsStore
 from agent_core.training.job import POPULATION, Plan, Progress, TrainingBusy, TrainingJob
 from storage.training import AdapterRow
@@ -180,12 +180,10 @@ class Operations:
         since their adapter (what /stats tells them)."""
         if self.steering is None:
             return {"terms": None, "changes": None}
-        terms = await self.steering.terms(user_id)
         adapter = await self.records.serving(user_id)
         since = adapter.since if adapter is not None and adapter.user_id == user_id else None
-        replies = await self.store.reply_texts(user_id, CHANGE_WINDOW) if since is not None else []
-        return {"terms": reward_model.describe_terms(terms) or None,
-                "changes": self.steering.change_line(terms, since, replies)}  # fmt: skip
+        return {"terms": reward_model.describe_terms(await self.steering.terms(user_id)) or None,
+                "changes": await self.steering.changes(user_id, since, self.store.reply_texts)}  # fmt: skip
 
     async def overview(self) -> dict[str, Any]:
         """The dashboard's data (also its JSON): the model, users and what the policy

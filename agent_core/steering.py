@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -156,19 +157,24 @@ class ReplySteering:
                    "It does not steer my replies to you: the last measurement found it did not help.")  # fmt: skip
         return f"{what} {how}"
 
-    @staticmethod
-    def change_line(terms: list[Term], since: float | None, replies: list[tuple[float, str]]) -> str | None:
+    async def changes(
+        self, user_id: int, since: float | None, reply_texts: Callable[[int, int], Awaitable[list[tuple[float, str]]]]
+    ) -> str | None:
         """How the user's replies changed since their adapter came into service (``since``):
-        the share of ``replies`` ((time, text), newest :data:`CHANGE_WINDOW`) holding each
-        liked term, before and since. None without an adapter, liked terms or replies on both sides."""
-        liked = [t for t in terms if t.weight > 0]
-        before = [text for at, text in replies if since is not None and at < since]
-        after = [text for at, text in replies if since is not None and at >= since]
-        if not liked or since is None or not before or not after:
+        the share of their newest :data:`CHANGE_WINDOW` replies (read by ``reply_texts``)
+        holding each liked term, before and since. None without an adapter, liked terms or
+        replies on both sides."""
+        liked = [t for t in await self.terms(user_id) if t.weight > 0]
+        if not liked or since is None:
+            return None
+        replies = await reply_texts(user_id, CHANGE_WINDOW)
+        before = [text for at, text in replies if at < since]
+        after = [text for at, text in replies if at >= since]
+        if not before or not after:
             return None
         day = time.strftime("%-d %B", time.localtime(since))
-        changes = [f"{t.text}: {_share(t.gram, before):.0%} → {_share(t.gram, after):.0%}" for t in liked]
-        return f"Your replies since your adapter of {day}: " + "; ".join(changes) + "."
+        shares = [f"{t.text}: {_share(t.gram, before):.0%} → {_share(t.gram, after):.0%}" for t in liked]
+        return f"Your replies since your adapter of {day}: " + "; ".join(shares) + "."
 
     async def export(self, user_id: int) -> dict[str, Any]:
         """The user's model as data (/export): its weights and the words behind them."""

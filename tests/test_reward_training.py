@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from agent_core.agent import Agent
 from agent_core.config import Config, TrainingSettings
 from agent_core.events import Command, Message
 from agent_core.llm.decoder import LoraAdapter
 from agent_core.training.evaluate import reward_gate
+from agent_core.training.job import Task
 from agent_core.training.worker import peft_model
 from attune.wiring import open_agent
 from storage.training import TrainingRecords
@@ -24,6 +26,14 @@ from tests.conftest import MODEL_CACHE
 from tests.test_training import adapter_of, history_agent, rate_history, training_text, user_id
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.no_database]  # no database: not run again on PostgreSQL
+
+
+async def night_after_history(agent: Agent) -> tuple[int, Task]:
+    """Ann's 18 rated exchanges (lists liked, prose disliked), then the nightly job: her id and her task."""
+    await rate_history(agent, "ann", 18)
+    ann = await user_id(agent, "ann")
+    (task,) = (await agent.training.run()).tasks
+    return ann, task
 
 
 def test_the_reward_gate_needs_a_reward_model_better_than_chance_fluency_and_a_gain() -> None:
@@ -69,12 +79,9 @@ async def test_a_reward_trained_adapter_is_judged_on_its_generated_replies_and_s
     config = make_config(training_text(tiny_model_dir, extra, local="style_control = false\n"))
     agent = await history_agent(config)
     try:
-        await rate_history(agent, "ann", 18)
-        ann = await user_id(agent, "ann")
-        plan = await agent.training.run()
+        ann, task = await night_after_history(agent)
     finally:
         await agent.close()
-    (task,) = plan.tasks
     m = task.metrics
     assert m["objective"] == objective and m["reward_auc"] == 1.0  # lists told from prose on held-out reactions
     assert m["sampling"]["prompts"] == 4 and m["sampling"]["candidates"] == 12
@@ -107,10 +114,7 @@ async def test_a_distilled_adapter_learns_the_steered_replies_and_the_strength_i
     config = make_config(training_text(tiny_model_dir, extra, local="style_control = false\n"))
     agent = await history_agent(config)
     try:
-        await rate_history(agent, "ann", 18)
-        ann = await user_id(agent, "ann")
-        plan = await agent.training.run()
-        (task,) = plan.tasks
+        ann, task = await night_after_history(agent)
         m = task.metrics
         assert m["objective"] == "distill" and m["reward_auc"] == 1.0, m
         assert m["teaching"]["prompts"] == 4 and m["teaching"]["blocks"] >= 4
