@@ -32,7 +32,8 @@ from agent_core.llm import (
     Steering,
     base_model_dir,
 )
-from agent_core.memory import note_to_remember
+from agent_core.memory import Handled, Memory
+from agent_core.memory.model_facts import ModelFacts
 from agent_core.operations import Operations
 from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
 from agent_core.prompts import PromptParts, build_prompt
@@ -81,6 +82,8 @@ class Agent:
             if settings.policy.learn
             else DefaultsPolicy(settings.style)
         )
+        facts_model = ModelFacts(llm) if settings.memory.extract == "model" else None
+        self.memory = Memory(store, settings.memory, settings.agent, facts_model)  # notes kept and recalled
         self.steering = ReplySteering(store, settings.steering)  # each user's reward model steers their replies
         self.training = TrainingJob(store.training, settings, model_dir=lambda: base_model_dir(settings),
                                     measured=self.steering.measured)  # fmt: skip
@@ -88,7 +91,7 @@ class Agent:
             self.training, store, self.policy, llm.describe, self.steering
         )  # train now, roll back, stop, status
         self.commands = Commands(store, self.policy, describe_model=llm.describe, operations=self.operations,
-                                 steering=self.steering)  # fmt: skip
+                                 steering=self.steering, memory=self.memory)  # fmt: skip
         self.access = Access(settings.access)
         self.rewards = RewardMap(settings.rewards)
         limits = settings.limits
@@ -104,6 +107,7 @@ class Agent:
         """Start the backend in the background (``llm.start()``), so that the platforms
         connect meanwhile: a reply waits for the model, a page or a command does not."""
         self.model_loading = asyncio.ensure_future(self.llm.start())
+        self.memory.start()  # the embedding model, in the background too (recall uses keywords meanwhile)
         return self.model_loading
 
     async def _model_ready(self) -> bool:
@@ -123,6 +127,7 @@ class Agent:
         if self.model_loading is not None and not self.model_loading.done():
             log.info("stopping once the model has finished loading (it cannot be interrupted)")
             await asyncio.gather(self.model_loading, return_exceptions=True)
+        await self.memory.close()
         await self.llm.close()
         await self.store.db.close()
 
@@ -156,35 +161,43 @@ class Agent:
         user = await self.store.resolve_user(msg.platform, msg.sender_id, msg.sender_name)
         chat = await self.store.resolve_chat(msg.platform, msg.chat_id, msg.chat_kind)
         now = time.time()
-        received, context, _ = await asyncio.gather(  # one round trip to the database
+        received, context, notes, _ = await asyncio.gather(  # the database's round trips, at once
             self.store.receive_message(  # committed before the reply is generated
                 user, chat, msg.text, platform_message_id=msg.message_id, event_id=msg.event_id, at=now,
                 owner=self.boot,
             ),
-            self._context(user, chat, msg.text, before=now),
+            self._context(user, chat, before=now),
+            self.memory.recall(user, msg.text, msg.chat_kind),  # the notes relevant to it, and only those
             self.policy.prepare(user),
         )  # fmt: skip
         if received is None:
             return None
-        if note := note_to_remember(msg.text):
-            await self.store.add_memory(user, note)
-        return await self._reply(msg, received, context, on_text)
+        handled = await self.memory.take(user, msg.text, msg.chat_kind, now=now)  # facts kept, "forget that"...
+        return await self._reply(msg, received, context, notes, handled, on_text)
 
-    def _context(self, user: int, chat: int, text: str, *, before: float) -> Awaitable[ReplyContext]:
-        agent = self.settings.agent
-        return self.store.reply_context(user, chat, text, before=before, turns=agent.recent_turns,
-                                        notes=agent.memory_notes)  # fmt: skip
+    def _context(self, user: int, chat: int, *, before: float) -> Awaitable[ReplyContext]:
+        return self.store.reply_context(user, chat, before=before, turns=self.settings.agent.recent_turns)
 
-    async def _reply(self, msg: Message, received: Received, context: ReplyContext, on_text: OnText | None) -> Reply:
+    async def _reply(
+        self, msg: Message, received: Received, context: ReplyContext, notes: list[str], handled: Handled,
+        on_text: OnText | None,
+    ) -> Reply:  # fmt: skip
         """Write the reply to a stored message and store it, or tell the person it failed."""
+        if handled.reply is not None:  # memory answered it ("Noted: ...", "what do you know about me?")
+            return await self._memory_reply(msg, received, handled, on_text)
         if not await self._model_ready():
             await self.store.settle(received.message_id)
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
+        if handled.question:  # "remember that X. <question>": the model answers the question, knowing X
+            msg = dataclasses.replace(msg, text=handled.question)
+            notes = list(dict.fromkeys([*handled.kept, *notes]))
         choice = await self.policy.choose(received.user_id, msg.text, context.preferences,
                                           key=_draw_key(msg, received))  # fmt: skip
         style = choice.style
-        prompt = self._prompt(msg, style, context)
+        prompt = self._prompt(msg, style, context, notes)
         steering = await self.steering.for_reply(received.user_id, context.preferences) if self.llm.steers else None
+        if handled.before and on_text is not None:
+            await on_text(handled.before + "\n\n")
         try:
             text = await self._generate(prompt, style, context.adapter, steering, on_text)
         except LLMBusy:
@@ -194,6 +207,9 @@ class Agent:
             await self.store.settle(received.message_id)
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         observed = measure_style(text)  # what the user will read: the policy learns from this
+        if handled.after and on_text is not None:
+            await on_text("\n\n" + handled.after)
+        text = "\n\n".join(part for part in (handled.before, text, handled.after) if part)
         reply_id = await self.store.add_reply(
             received,
             text=text,
@@ -207,6 +223,15 @@ class Agent:
         return Reply(
             text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id, style=style.as_dict()
         )
+
+    async def _memory_reply(self, msg: Message, received: Received, handled: Handled, on_text: OnText | None) -> Reply:
+        """A reply memory wrote by itself, stored like any reply (nothing learns from it)."""
+        text = handled.reply or ""
+        if on_text is not None and not handled.private:
+            await on_text(text)
+        reply_id = await self.store.add_reply(received, text=text, style=None, adapter_version=None, prompt=None)
+        return Reply(text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id,
+                     private=handled.private)  # fmt: skip
 
     # --- messages a stopped process left unanswered ---------------------------------------
 
@@ -231,15 +256,14 @@ class Agent:
             await self.store.settle(received.message_id)
             return Reply(text=MISSED, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="notice")
         async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
-            context, _ = await asyncio.gather(
-                self._context(received.user_id, received.chat_id, msg.text, before=missed.created_at),
+            context, notes, _ = await asyncio.gather(
+                self._context(received.user_id, received.chat_id, before=missed.created_at),
+                self.memory.recall(received.user_id, msg.text, msg.chat_kind),
                 self.policy.prepare(received.user_id),
             )  # fmt: skip
-            note = note_to_remember(msg.text)
-            kept = [n.text for n in await self.store.list_memories(received.user_id)] if note else []
-            if note and note not in kept:  # the stopped process may have kept it already
-                await self.store.add_memory(received.user_id, note)
-            return await self._reply(msg, received, context, None)
+            # the stopped process may have kept its notes already: keeping them again replaces them
+            handled = await self.memory.take(received.user_id, msg.text, msg.chat_kind, now=missed.created_at)
+            return await self._reply(msg, received, context, notes, handled, None)
 
     def _not_allowed(self, event: Message | Command) -> Reply | None:
         """Not on ``[access]``'s allowlists: a short answer in a private chat, silence elsewhere."""
@@ -260,12 +284,12 @@ class Agent:
             return f"I'm getting more messages than I can answer right now; please try again in {math.ceil(wait)} s."
         return None
 
-    def _prompt(self, msg: Message, style: Style, context: ReplyContext) -> list[ChatMessage]:
+    def _prompt(self, msg: Message, style: Style, context: ReplyContext, notes: list[str]) -> list[ChatMessage]:
         parts = PromptParts(
             system_prompt=self.settings.agent.system_prompt,
             user_name=msg.sender_name,
             style=style,
-            notes=context.notes,
+            notes=notes,
             turns=context.turns,
             text=msg.text,
             persona=context.preferences.get("persona", ""),

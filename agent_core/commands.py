@@ -18,7 +18,7 @@ from statistics import fmean
 
 from agent_core import reward_model
 from agent_core.events import Attachment
-from agent_core.memory import MAX_NOTE_CHARS
+from agent_core.memory import MAX_NOTE_CHARS, Memory, listing
 from agent_core.operations import Operations, UnknownUser
 from agent_core.policy import StylePolicy, realisation_counts
 from agent_core.steering import PREFERENCE as STEERING
@@ -94,8 +94,10 @@ class Commands:
         describe_model: Callable[[], str],
         operations: Operations | None = None,
         steering: ReplySteering | None = None,
+        memory: Memory | None = None,
     ) -> None:
         self.store = store
+        self.memory = memory  # /remember keeps a note as "remember that ..." does
         self.policy = policy
         self.describe_model = describe_model
         self.operations = operations  # for /admin and /forget all (the adapter files)
@@ -198,6 +200,8 @@ async def _remember(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         raise UsageError("Tell me what to remember.")
     if len(args) > MAX_NOTE_CHARS:
         raise UsageError(f"A note can be at most {MAX_NOTE_CHARS} characters.")
+    if cmds.memory is not None:
+        return CommandResult(await cmds.memory.remember(caller.user_id, args), private=True)
     note_id = await cmds.store.add_memory(caller.user_id, args)
     return CommandResult(f"I'll remember that (note #{note_id}).", private=True)
 
@@ -208,8 +212,7 @@ async def _forget(cmds: Commands, caller: Caller, args: str) -> CommandResult:
         notes = await cmds.store.list_memories(caller.user_id, 50)
         if not notes:
             return CommandResult("You have no notes. /forget all deletes everything I store about you.", True)
-        lines = ["Your notes (/forget <number> deletes one):"] + [f"  #{n.id}: {n.text}" for n in notes]
-        return CommandResult("\n".join(lines), private=True)
+        return CommandResult(listing(notes, "Your notes (/forget <number> deletes one):"), private=True)
     if words == ["all"]:
         cmds._forget_pending[caller.user_id] = time.monotonic() + FORGET_CONFIRM_SECONDS
         return CommandResult(

@@ -138,7 +138,18 @@ class AgentSettings(Section):
     name: str = "attune"
     system_prompt: str = "You are attune, a friendly and helpful assistant."
     recent_turns: int = Field(default=12, ge=0)
-    memory_notes: int = Field(default=5, ge=0)
+    memory_notes: int = Field(default=5, ge=0)  # at most this many notes recalled into a prompt
+    # ...each at least this relevant (agent_core/memory/recall.py: meaning plus a bonus for a shared word)
+    memory_threshold: float = Field(default=0.5, ge=0.0, le=2.0)
+
+
+class MemorySettings(Section):
+    """Long-term notes kept without being asked, recalled when they matter (agent_core/memory/)."""
+
+    automatic: bool = True  # keep what people say about themselves in ordinary messages
+    extract: Literal["rules", "model"] = "rules"  # "model": ask the configured LLM which facts a message states
+    recall_in_groups: bool = False  # recall a person's notes in group chats too (else only in their private chats)
+    embeddings: bool = True  # recall by meaning (all-MiniLM-L6-v2, loaded in the background); false: keywords only
 
 
 class StyleDefaults(Section):
@@ -309,6 +320,7 @@ class Settings(Section):
     storage: StorageSettings = StorageSettings()
     llm: LLMSettings = LLMSettings()
     agent: AgentSettings = AgentSettings()
+    memory: MemorySettings = MemorySettings()
     style: StyleDefaults = StyleDefaults()
     policy: PolicySettings = PolicySettings()
     steering: SteeringSettings = SteeringSettings()

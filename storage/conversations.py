@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from storage.note_search import search_terms
-from storage.rows import Received, ReplyContext, ReplyRef, Unanswered
+from storage.rows import MemoryNote, Received, ReplyContext, ReplyRef, Unanswered
 from storage.tables import Tables, insert
 from storage.training import AdapterRow
 
@@ -22,16 +22,11 @@ def _search_query(dialect: str, terms: list[str]) -> str | None:
     return " OR ".join(f'"{t}"' for t in terms) if dialect == "sqlite" else " ".join(terms)
 
 
-# Notes relevant to a message, best first, in each engine's full-text search: FTS5 with
-# BM25 on SQLite; on PostgreSQL the GIN-indexed term array, ranked by terms matched.
-_RELEVANT = {
-    "sqlite": " UNION ALL SELECT * FROM (SELECT 'note', CAST(m.id AS TEXT), m.text, bm25(memories_fts)"
-    "  FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE memories_fts MATCH :query"
-    "  ORDER BY bm25(memories_fts) LIMIT :notes) AS note",
-    "postgresql": " UNION ALL SELECT * FROM (SELECT 'note', CAST(m.id AS TEXT), m.text,"
-    "  -(SELECT COUNT(*) FROM unnest(f.words) AS w WHERE w = ANY(attune_stems(:query))) AS rank"
-    "  FROM memories_fts f JOIN memories m ON m.id = f.rowid WHERE f.words && attune_stems(:query)"
-    "  ORDER BY rank, m.id DESC LIMIT :notes) AS note",
+# The notes that share a word with a message, in each engine's full-text search: FTS5 on
+# SQLite; on PostgreSQL the GIN-indexed term array.
+_MATCHING = {
+    "sqlite": "SELECT rowid FROM memories_fts WHERE memories_fts MATCH :query",
+    "postgresql": "SELECT rowid FROM memories_fts WHERE words && attune_stems(:query)",
 }
 
 
@@ -131,15 +126,16 @@ class Conversations(Tables):
         received: Received,
         *,
         text: str,
-        style: dict[str, str],
+        style: dict[str, str] | None,
         adapter_version: str | None,
-        prompt: Sequence[Mapping[str, str]],
+        prompt: Sequence[Mapping[str, str]] | None,
         policy: Mapping[str, Any] | None = None,
         observed: dict[str, str] | None = None,
     ) -> int:
         """Store the bot's answer to ``received``, with the exact prompt it came from, how
         its style was decided (``style``: the style asked for) and the style its text has
-        (``observed``). The message no longer awaits a reply."""
+        (``observed``); ``style`` and ``prompt`` are None for a reply memory wrote without
+        the model ("Noted: ..."), which nothing learns from. The message no longer awaits a reply."""
         async with self.db.transaction() as conn:
             reply_id = await self._insert_reply(conn, received, text, style, adapter_version, prompt, policy, observed)
             await conn.execute("UPDATE messages SET awaiting_reply = NULL WHERE id = ?", (received.message_id,))
@@ -158,9 +154,11 @@ class Conversations(Tables):
                 received.user_id,
                 self.cipher.seal(text, "messages.text"),
                 received.message_id,
-                json.dumps(style),
+                json.dumps(style) if style is not None else None,
                 adapter_version,
-                self.cipher.seal(json.dumps(list(prompt), ensure_ascii=False), "messages.prompt"),
+                self.cipher.seal(json.dumps(list(prompt), ensure_ascii=False), "messages.prompt")
+                if prompt is not None
+                else None,
                 json.dumps(policy) if policy is not None else None,
                 time.time(),
                 json.dumps(observed) if observed is not None else None,
@@ -215,16 +213,13 @@ class Conversations(Tables):
         )
         return ReplyRef(message_id=int(row[0]), user_id=int(row[1])) if row else None
 
-    async def reply_context(
-        self, user_id: int, chat_id: int, text: str, *, before: float, turns: int, notes: int
-    ) -> ReplyContext:
-        """What a reply to ``text`` (sent at ``before``) needs: preferences, the serving
-        adapter, notes recalled by relevance (FTS5, BM25) then recency, and recent turns.
-        Strictly this user's: in a group chat nobody else's turns or notes come back.
+    async def reply_context(self, user_id: int, chat_id: int, *, before: float, turns: int) -> ReplyContext:
+        """What a reply to a message sent at ``before`` needs: preferences, the serving
+        adapter and this user's recent turns in this chat (the notes it recalls come from
+        :meth:`note_candidates`). Strictly this user's: in a group chat nobody else's turns
+        come back.
 
         One statement, so one round trip: the parts are tagged by ``kind``."""
-        terms = search_terms(self.cipher, user_id, text)
-        query = _search_query(self.db.dialect, terms)
         rows = await self.db.fetchall(
             "SELECT 'pref' AS kind, key AS a, value AS b, NULL AS c FROM preferences WHERE user_id = :user"
             " UNION ALL SELECT * FROM (SELECT 'adapter', CAST(version AS TEXT), path, user_id FROM adapters"
@@ -232,25 +227,32 @@ class Conversations(Tables):
             "  ORDER BY user_id IS NULL, version DESC LIMIT 1) AS adapter"
             " UNION ALL SELECT * FROM (SELECT 'turn', role, text, id FROM messages"
             "  WHERE user_id = :user AND chat_id = :chat AND created_at < :before"
-            "  ORDER BY id DESC LIMIT :turns) AS turn"
-            + (_RELEVANT[self.db.dialect] if terms else "")
-            + " UNION ALL SELECT * FROM (SELECT 'newest', CAST(id AS TEXT), text, -id FROM memories"
-            "  WHERE user_id = :user ORDER BY id DESC LIMIT :notes) AS newest",
-            {"user": user_id, "chat": chat_id, "before": before, "turns": turns, "notes": notes, "query": query},
+            "  ORDER BY id DESC LIMIT :turns) AS turn",
+            {"user": user_id, "chat": chat_id, "before": before, "turns": turns},
         )
-        by_kind: dict[str, list[Any]] = {"pref": [], "adapter": [], "turn": [], "note": [], "newest": []}
+        by_kind: dict[str, list[Any]] = {"pref": [], "adapter": [], "turn": []}
         for row in rows:
             by_kind[row[0]].append(row)
         adapter = next((AdapterRow(r[3], int(r[1]), str(r[2])) for r in by_kind["adapter"]), None)
-        recalled: dict[int, str | bytes] = {}
-        for row in sorted(by_kind["note"], key=lambda r: r[3]) + by_kind["newest"]:
-            recalled.setdefault(int(row[1]), row[2])
         return ReplyContext(
             preferences={str(r[1]): str(r[2]) for r in by_kind["pref"]},
             adapter=adapter,
-            notes=[self.cipher.open(n, "memories.text") for n in list(recalled.values())[: max(notes, 0)]],
             turns=[(str(r[1]), self.cipher.open(r[2], "messages.text")) for r in reversed(by_kind["turn"])],
         )
+
+    async def note_candidates(self, user_id: int, text: str, limit: int = 200) -> list[MemoryNote]:
+        """This user's notes that recall weighs for a message ``text``: their newest ``limit``,
+        each with its vector and whether it shares a word with ``text`` (the keyword half:
+        FTS5 on SQLite, the term array on PostgreSQL)."""
+        terms = search_terms(self.cipher, user_id, text)
+        query = _search_query(self.db.dialect, terms)
+        matching = f"m.id IN ({_MATCHING[self.db.dialect]})" if terms else "FALSE"
+        rows = await self.db.fetchall(
+            f"SELECT m.id, m.text, m.created_at, m.source, m.slot, m.embedding, {matching} FROM memories m"
+            " WHERE m.user_id = :user ORDER BY m.id DESC LIMIT :limit",
+            {"user": user_id, "limit": limit, "query": query},
+        )
+        return [self.note(r, keyword=bool(r[6])) for r in rows]
 
     async def history(self, user_id: int, chat_id: int, limit: int = 100) -> list[dict[str, Any]]:
         """This user's last messages in this chat, oldest first, each reply with the emoji

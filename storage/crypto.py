@@ -38,7 +38,7 @@ NEW_KEY_ENV = "ATTUNE_NEW_ENCRYPTION_KEY"
 # The columns that hold people's words, sealed when a key is set.
 SEALED_COLUMNS: dict[str, tuple[str, ...]] = {
     "messages": ("text", "prompt"),
-    "memories": ("text",),
+    "memories": ("text", "slot", "embedding"),
     "reward_models": ("terms",),
 }
 

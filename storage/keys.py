@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from storage.crypto import KEY_ENV, NEW_KEY_ENV, SEALED_COLUMNS, Cipher, EncryptionError, Key
 from storage.database import Database
-from storage.note_search import note_terms
+from storage.note_search import note_terms, slot_key
 
 # (table, rows done, rows in all)
 Progress = Callable[[str, int, int], None]
@@ -79,9 +79,13 @@ async def _rotate_table(db: Database, table: str, columns: tuple[str, ...], batc
                 await conn.execute(
                     f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in stale)} WHERE id = ?", (*sealed, row["id"])
                 )
-                if table == "memories":  # the index's hashed words change with the key
+                if table == "memories" and "text" in texts:  # the index's hashed words change with the key
                     terms = note_terms(cipher, row["user_id"], texts["text"])
                     await conn.execute("UPDATE memories_fts SET terms = ? WHERE rowid = ?", (terms, row["id"]))
+                if table == "memories" and "slot" in texts:  # and so does the hashed slot
+                    await conn.execute(
+                        "UPDATE memories SET slot_key = ? WHERE id = ?", (slot_key(cipher, texts["slot"]), row["id"])
+                    )
                 resealed += len(stale)
         last = int(rows[-1]["id"])
         done += len(rows)

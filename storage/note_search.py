@@ -24,3 +24,8 @@ def search_terms(cipher: Cipher, user_id: int, text: str) -> list[str]:
     """The index terms that find this user's notes relevant to ``text`` (any of them)."""
     words = sorted({w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in STOP_WORDS})
     return [f"u{int(user_id)}_{cipher.word(w)}" for w in words]
+
+
+def slot_key(cipher: Cipher, slot: str | None) -> str | None:
+    """What the ``slot_key`` column holds for a note's slot (a keyed hash when encrypted)."""
+    return cipher.word(slot) if slot else None

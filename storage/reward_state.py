@@ -74,7 +74,8 @@ class RewardState(Tables):
         rows = await self.db.fetchall(
             "SELECT * FROM (SELECT m.id, m.user_id, m.text, AVG(r.reward) AS reward FROM messages m"
             " JOIN reactions r ON r.message_id = m.id AND r.user_id = m.user_id AND r.removed_at IS NULL"
-            " WHERE m.role = 'assistant' AND (CAST(? AS BIGINT) IS NULL OR m.user_id = ?) AND r.created_at >= ?"
+            " WHERE m.role = 'assistant' AND m.style IS NOT NULL AND (CAST(? AS BIGINT) IS NULL OR m.user_id = ?)"
+            " AND r.created_at >= ?"
             " GROUP BY m.id ORDER BY m.id DESC LIMIT ?) AS rated WHERE reward <> 0 ORDER BY id",
             (user_id, user_id, since, limit),
         )

@@ -42,9 +42,23 @@ class ReplyRef:
 
 @dataclass(frozen=True)
 class MemoryNote:
+    """One of a user's long-term notes."""
+
     id: int
     text: str
     created_at: float
+    source: str = "user"  # "user": /remember or "remember that"; "auto": a fact stated in passing
+    slot: str | None = None  # what it is about ("home", "pet:cat"); a newer note with the same slot replaces it
+    embedding: str | None = None  # its text as a vector (agent_core.memory.embedder.to_text); None: not yet
+    keyword: bool = False  # (as a recall candidate) the message shares one of its words
+
+
+@dataclass(frozen=True)
+class KeptNote:
+    """A note just kept, and the notes about the same thing it replaced (deleted)."""
+
+    id: int
+    replaced: list[MemoryNote]
 
 
 @dataclass(frozen=True)
@@ -53,5 +67,4 @@ class ReplyContext:
 
     preferences: dict[str, str]
     adapter: AdapterRow | None  # the one serving: their own, else the population's
-    notes: list[str]  # long-term notes: those relevant to the message best first, then the newest
     turns: list[tuple[str, str]]  # (role, text) of this user's recent turns in this chat, oldest first

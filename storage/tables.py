@@ -6,6 +6,7 @@ from collections import OrderedDict
 from typing import Any
 
 from storage.database import Database
+from storage.rows import MemoryNote
 
 _CACHE_SIZE = 50_000
 
@@ -37,3 +38,12 @@ class Tables:
         self.cipher = db.cipher
         self._users = _LRU()  # (platform, platform user id) -> user id
         self._chats = _LRU()  # (platform, platform chat id) -> chat id
+
+    def note(self, row: Any, *, keyword: bool = False) -> MemoryNote:
+        """A ``memories`` row (id, text, created_at, source, slot, embedding), opened."""
+        cipher = self.cipher
+        return MemoryNote(
+            int(row[0]), cipher.open(row[1], "memories.text"), float(row[2]), source=str(row[3]),
+            slot=cipher.open(row[4], "memories.slot") if row[4] is not None else None,
+            embedding=cipher.open(row[5], "memories.embedding") if row[5] is not None else None, keyword=keyword,
+        )  # fmt: skip

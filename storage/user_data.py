@@ -7,8 +7,8 @@ import logging
 import time
 from typing import Any
 
-from storage.note_search import note_terms
-from storage.rows import MemoryNote
+from storage.note_search import note_terms, slot_key
+from storage.rows import KeptNote, MemoryNote
 from storage.tables import Tables, insert
 
 log = logging.getLogger(__name__)
@@ -19,18 +19,62 @@ class UserData(Tables):
 
     # --- long-term memory ------------------------------------------------------------
 
-    async def add_memory(self, user_id: int, text: str) -> int:
+    async def add_memory(
+        self, user_id: int, text: str, *, source: str = "user", slot: str | None = None, embedding: str | None = None
+    ) -> int:
+        """Keep a note (beside any other about the same slot); its id."""
         async with self.db.transaction() as conn:
-            memory_id = await insert(
-                conn,
-                "INSERT INTO memories (user_id, text, created_at) VALUES (?, ?, ?)",
-                (user_id, self.cipher.seal(text, "memories.text"), time.time()),
-            )
-            await conn.execute(
-                "INSERT INTO memories_fts (rowid, terms) VALUES (?, ?)",
-                (memory_id, note_terms(self.cipher, user_id, text)),
-            )
+            return await self._insert_note(conn, user_id, text, source, slot, embedding)
+
+    async def keep_note(
+        self, user_id: int, text: str, *, source: str, slot: str, embedding: str | None = None
+    ) -> KeptNote:
+        """Keep a note about ``slot``, deleting the notes about the same slot it replaces."""
+        async with self.db.transaction() as conn:
+            replaced = await self._take_slot(conn, user_id, slot)
+            note_id = await self._insert_note(conn, user_id, text, source, slot, embedding)
+        return KeptNote(note_id, replaced)
+
+    async def forget_slot(self, user_id: int, slot: str) -> list[MemoryNote]:
+        """Delete this user's notes about ``slot`` ("I no longer live in Lisbon"); those deleted."""
+        async with self.db.transaction() as conn:
+            return await self._take_slot(conn, user_id, slot)
+
+    async def set_note_embedding(self, user_id: int, memory_id: int, embedding: str) -> None:
+        """Store the vector of a note kept before the embedding model was in."""
+        await self.db.execute(
+            "UPDATE memories SET embedding = ? WHERE id = ? AND user_id = ?",
+            (self.cipher.seal(embedding, "memories.embedding"), memory_id, user_id),
+        )
+
+    async def _insert_note(
+        self, conn: Any, user_id: int, text: str, source: str, slot: str | None, embedding: str | None
+    ) -> int:
+        cipher = self.cipher
+        memory_id = await insert(
+            conn,
+            "INSERT INTO memories (user_id, text, created_at, source, slot, slot_key, embedding)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                user_id, cipher.seal(text, "memories.text"), time.time(), source,
+                cipher.seal(slot, "memories.slot") if slot else None, slot_key(cipher, slot),
+                cipher.seal(embedding, "memories.embedding") if embedding else None,
+            ),
+        )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO memories_fts (rowid, terms) VALUES (?, ?)", (memory_id, note_terms(cipher, user_id, text))
+        )
         return memory_id
+
+    async def _take_slot(self, conn: Any, user_id: int, slot: str) -> list[MemoryNote]:
+        rows = await conn.execute_fetchall(
+            "SELECT id, text, created_at, source, slot, embedding FROM memories WHERE user_id = ? AND slot_key = ?",
+            (user_id, slot_key(self.cipher, slot)),
+        )
+        taken = [self.note(r) for r in rows]
+        for note in taken:
+            await conn.execute("DELETE FROM memories WHERE id = ?", (note.id,))
+        return taken
 
     async def delete_memory(self, user_id: int, memory_id: int) -> bool:
         """Delete one of this user's notes; False if there is no such note of theirs."""
@@ -38,11 +82,13 @@ class UserData(Tables):
         return cur.rowcount == 1
 
     async def list_memories(self, user_id: int, limit: int = 1000) -> list[MemoryNote]:
+        """This user's notes, newest first."""
         rows = await self.db.fetchall(
-            "SELECT id, text, created_at FROM memories WHERE user_id = ? ORDER BY id DESC LIMIT ?",
+            "SELECT id, text, created_at, source, slot, embedding FROM memories WHERE user_id = ?"
+            " ORDER BY id DESC LIMIT ?",
             (user_id, limit),
         )
-        return [MemoryNote(int(r[0]), self.cipher.open(r[1], "memories.text"), float(r[2])) for r in rows]
+        return [self.note(r) for r in rows]
 
     # --- preferences -----------------------------------------------------------------
 
@@ -103,9 +149,11 @@ class UserData(Tables):
             message["text"] = self.cipher.open(message["text"], "messages.text")
             for key in ("style", "observed_style", "policy"):
                 message[key] = json.loads(message[key]) if message[key] else None
-        memories = await rows("SELECT id, text, created_at FROM memories WHERE user_id = ? ORDER BY id")
-        for memory in memories:
-            memory["text"] = self.cipher.open(memory["text"], "memories.text")
+        memories = [
+            {"id": n.id, "text": n.text, "created_at": n.created_at, "source": n.source, "slot": n.slot,
+             "embedding": n.embedding}
+            for n in reversed(await self.list_memories(user_id, limit=1_000_000))
+        ]  # fmt: skip
         return {
             "user": user[0] if user else None,
             "identities": await rows(

@@ -92,13 +92,13 @@ async def test_a_rollback_says_the_population_adapter_serves_where_it_does(guard
 
 
 async def test_no_command_reads_or_changes_another_users_data(guarded: Agent) -> None:
-    await command(guarded, "/remember ann's code word is zanzibar")
+    await command(guarded, "/remember ann's favourite city is zanzibar")
     await command(guarded, "/prefs tone formal")
     for text in ("/stats", "/export", "/forget", "/prefs", "/remember bob was here", "/forget 1", "/forget all"):
         answer = await command(guarded, text, user="bob")
         assert "zanzibar" not in answer and "tone: formal" not in answer, text
     ann = await guarded.store.resolve_user("test", "ann")
-    assert [n.text for n in await guarded.store.list_memories(ann)] == ["ann's code word is zanzibar"]
+    assert [n.text for n in await guarded.store.list_memories(ann)] == ["Ann's favourite city is zanzibar."]
     assert (await guarded.store.preferences(ann)) == {"tone": "formal"}
 
 

@@ -91,11 +91,11 @@ async def test_the_prompt_holds_style_preferences_memory_and_recent_turns(agent:
     assert "polite, formal" in system  # the explicit setting
     assert "Answer in one to three short sentences." in system or "Answer thoroughly" in system  # learned
     assert "Always reply in French." in system and "Persona: a patient teacher" in system
-    assert "- my cat is called Tom" in system  # recalled by "remember that ..."
+    assert "- Their cat is called Tom." in system  # kept by "remember that ...", recalled by "cat"
     assert "You are talking with Ann." in system
     assert [m["content"] for m in messages[1:]] == [
         "remember that my cat is called Tom",
-        "echo: remember that my cat is called Tom",
+        "Noted: your cat is called Tom.",
         "what about dogs?",
         "echo: what about dogs?",
         "and my cat?",
@@ -103,17 +103,34 @@ async def test_the_prompt_holds_style_preferences_memory_and_recent_turns(agent:
     assert [m["role"] for m in messages[1:]] == ["user", "assistant", "user", "assistant", "user"]
 
 
-async def test_in_a_group_chat_one_users_memory_never_reaches_another(agent: Agent) -> None:
+async def test_in_a_group_chat_one_users_memory_never_reaches_another(
+    agent: Agent, make_config: Callable[..., Config]
+) -> None:
     group = {"chat": "g1", "chat_kind": "group"}
-    await send(agent, msg("/remember my password hint is blue whale", user="ann", chat="g1"))
-    await send(agent, msg("I am Ann and I like whales", **group))
+    await send(agent, msg("/remember my favourite animal is the blue whale", user="ann", chat="g1"))
+    await send(agent, msg("I am Ann and I love whales", **group))  # kept as Ann's note ("They love whales.")
+    assert "They love whales." in [n.text for n in await agent.store.list_memories(1)]
     await send(agent, msg("tell me about whales", user="bob", **group))
     bob_prompt = json.dumps(backend(agent).requests[-1].messages)
-    assert "blue whale" not in bob_prompt and "I am Ann" not in bob_prompt
+    assert "blue whale" not in bob_prompt and "I am Ann" not in bob_prompt and "love whales" not in bob_prompt
     await send(agent, msg("whales again", **group))
     ann_prompt = json.dumps(backend(agent).requests[-1].messages)
-    assert "blue whale" in ann_prompt and "I am Ann" in ann_prompt
+    assert "I am Ann" in ann_prompt  # her own turn in this chat
+    assert "blue whale" not in ann_prompt and "They love whales" not in ann_prompt  # notes stay out of groups
     assert "tell me about whales" not in ann_prompt
+    await send(agent, msg("whales in private?", chat="dm"))
+    assert "blue whale" in json.dumps(backend(agent).requests[-1].messages)  # her notes, in her private chat
+    await agent.close()
+
+    shared = await open_agent(make_config("[memory]\nrecall_in_groups = true\n"), llm=RecordingBackend())
+    await shared.llm.start()
+    try:
+        await send(shared, msg("whales once more", **group))
+        assert "blue whale" in json.dumps(backend(shared).requests[-1].messages)  # when the operator allows it
+        await send(shared, msg("whales for bob", user="bob", **group))
+        assert "blue whale" not in json.dumps(backend(shared).requests[-1].messages)  # never to another person
+    finally:
+        await shared.close()
 
 
 async def test_a_failing_backend_gives_an_apology_and_keeps_the_message(agent: Agent) -> None:

@@ -84,17 +84,18 @@ async def test_unknown_command_points_to_help(agent: Agent) -> None:
 
 async def test_remember_and_forget_one_note(agent: Agent) -> None:
     saved = (await run(agent, "/remember I am allergic to peanuts")).text
-    note = saved.split("#")[1].rstrip(").")
-    assert f"#{note}: I am allergic to peanuts" in (await run(agent, "/forget")).text
+    assert saved.startswith("Noted: you are allergic to peanuts.")  # kept as a fact about them, said back to them
+    note = saved.split("#")[1].split(";")[0]
+    assert f"#{note}: You are allergic to peanuts." in (await run(agent, "/forget")).text
     assert "Forgot note" in (await run(agent, f"/forget {note}")).text
     assert "You have no notes" in (await run(agent, "/forget")).text
 
 
 async def test_one_user_cannot_forget_anothers_note(agent: Agent) -> None:
     saved = (await run(agent, "/remember ann's note")).text
-    note = saved.split("#")[1].rstrip(").")
+    note = saved.split("#")[1].split(";")[0]
     assert "You have no note" in (await run(agent, f"/forget {note}", user="bob")).text
-    assert "ann's note" in (await run(agent, "/forget")).text
+    assert "Ann's note." in (await run(agent, "/forget")).text
 
 
 async def test_forget_all_needs_a_confirmation_and_deletes_everything(agent: Agent) -> None:
@@ -174,7 +175,7 @@ async def test_export_holds_everything_about_me_and_nothing_about_others(agent: 
     assert data["messages"][1]["policy"]["propensity"] > 0  # how the style was chosen
     assert data["learned_style"]["reactions_learned_from"] == 1
     assert [r["emoji"] for r in data["reactions"]] == ["❤"]
-    assert [m["text"] for m in data["memories"]] == ["ann note"]
+    assert [m["text"] for m in data["memories"]] == ["Ann note."]
     assert data["preferences"] == {"tone": "formal"}
     assert "bob writes" not in reply.attachment.content.decode()
 

@@ -75,14 +75,15 @@ async def test_with_a_key_no_plaintext_reaches_the_files(make_config: Callable[.
         await _fill(agent)
         backend = agent.llm
         assert isinstance(backend, RecordingBackend)
-        await send(agent, msg("what is my cat called?", message_id="m2"), platform_id="r2")
+        await send(agent, msg("tell me a story about my cat", message_id="m2"), platform_id="r2")
         prompt = json.dumps(backend.requests[-1].messages)
         assert "Zanzibar" in prompt  # the note was found by its word through the hashed index
         assert "quokka shaped marzipan" in prompt  # and the earlier turn was read back
         exported = json.loads((await run(agent, "/export")).attachment.content)  # type: ignore[union-attr]
-        assert [m["text"] for m in exported["messages"]][:2] == ["I bake quokka shaped marzipan",
-                                                                 "echo: I bake quokka shaped marzipan"]  # fmt: skip
-        assert exported["memories"][0]["text"] == "my cat is called Zanzibar"
+        said, answered = [m["text"] for m in exported["messages"]][:2]
+        assert said == "I bake quokka shaped marzipan" and answered.startswith("echo: I bake quokka shaped marzipan")
+        assert "They bake quokka shaped marzipan." in [m["text"] for m in exported["memories"]]  # kept unasked
+        assert exported["memories"][-1]["text"] == "Their cat is called Zanzibar."
         raw = await agent.store.db.fetchone("SELECT text, prompt FROM messages WHERE role = 'assistant'")
         assert raw is not None and all(agent.store.cipher.current(v) and "echo" not in str(v) for v in raw)
     finally:
@@ -119,7 +120,7 @@ async def test_a_missing_or_wrong_key_stops_start_up_and_changes_nothing(
     assert db_file.read_bytes() == before
     agent = await _open(make_config, key)  # the right key still opens it
     try:
-        assert [n.text for n in await agent.store.list_memories(1)] == ["my cat is called Zanzibar"]
+        assert "Their cat is called Zanzibar." in [n.text for n in await agent.store.list_memories(1)]
     finally:
         await agent.close()
 
@@ -186,7 +187,9 @@ def _key_ids(db_file: Path) -> dict[bytes | None, int]:
     """How many sealed values are under each key id (None: plain text)."""
     counts: dict[bytes | None, int] = {}
     with sqlite3.connect(db_file) as db:
-        for (value,) in db.execute("SELECT text FROM messages UNION ALL SELECT text FROM memories"):
+        for (value,) in db.execute("SELECT text FROM messages UNION ALL SELECT text FROM memories UNION ALL"
+                                   " SELECT slot FROM memories WHERE slot IS NOT NULL UNION ALL SELECT embedding"
+                                   " FROM memories WHERE embedding IS NOT NULL"):  # fmt: skip
             key_id = value[1:9] if isinstance(value, bytes) else None
             counts[key_id] = counts.get(key_id, 0) + 1
     return counts
@@ -203,8 +206,9 @@ async def test_sigkill_during_rotation_then_running_it_again_finishes_it(tmp_pat
     texts = [f"quokka message {i}" for i in range(4000)]
     for i, text in enumerate(texts):
         await store.receive_message(user, chat, text, platform_message_id=None, event_id=f"e{i}", at=i)
-    for i in range(50):
-        await store.add_memory(user, f"marzipan note {i}")
+    for i in range(50):  # a tenth with the slot and vector an automatic note has (sealed too)
+        slot, vector = (f"taste:marzipan {i}", "AAAA") if i % 10 == 0 else (None, None)
+        await store.add_memory(user, f"marzipan note {i}", source="auto", slot=slot, embedding=vector)
     await db.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATTUNE_")}
     env |= {"ATTUNE_ENCRYPTION_KEY": old, "ATTUNE_NEW_ENCRYPTION_KEY": new}
@@ -226,17 +230,18 @@ async def test_sigkill_during_rotation_then_running_it_again_finishes_it(tmp_pat
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "values re-encrypted" in again.stdout
-    assert _key_ids(db_file) == {Key.from_text(new).id: 4050}
+    assert _key_ids(db_file) == {Key.from_text(new).id: 4050 + 2 * 5}
     with sqlite3.connect(db_file) as check:
         assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert _files_hold(tmp_path / "data") == []
     db = await SqliteDatabase.open(db_file, cipher=Cipher(Key.from_text(new)))
     try:
         store = Store(db)
-        assert [t for _, t in (await store.reply_context(user, chat, "marzipan", before=1e12, turns=4000,
-                                                         notes=1)).turns] == texts  # fmt: skip
-        context = await store.reply_context(user, chat, "note 49 marzipan", before=0, turns=0, notes=50)
-        assert len(context.notes) == 50 and all(n.startswith("marzipan note") for n in context.notes)
+        assert [t for _, t in (await store.reply_context(user, chat, before=1e12, turns=4000)).turns] == texts
+        notes = await store.note_candidates(user, "note 49 marzipan")
+        assert len(notes) == 50 and all(n.text.startswith("marzipan note") and n.keyword for n in notes)
+        corrected = await store.keep_note(user, "marzipan note 0 again", source="auto", slot="taste:marzipan 0")
+        assert [n.text for n in corrected.replaced] == ["marzipan note 0"]  # the slot's key was re-hashed too
     finally:
         await db.close()
 

@@ -38,9 +38,9 @@ async def test_linking_shares_memory_preferences_and_history(agent: Agent) -> No
     tg = await agent.store.resolve_user("telegram", "ann-tg")
     assert await agent.store.resolve_user("discord", "ann-dc") == tg
     assert await agent.store.preferences(tg) == {"tone": "formal", "length": "detailed"}
-    await agent.handle_message(Message(platform="discord", chat_id="d1", sender_id="ann-dc", text="what is my cat?"))
-    assert isinstance(agent.llm, RecordingBackend)
-    assert "- my cat is called Tom" in agent.llm.requests[-1].messages[0]["content"]
+    answer = await agent.handle_message(Message(platform="discord", chat_id="d1", sender_id="ann-dc",
+                                                text="what is my cat?"))  # fmt: skip
+    assert answer is not None and answer.text == "Your cat is called Tom."  # the note came along
     exported = json.loads((await command(agent, "discord", "ann-dc", "export")).attachment.content)  # type: ignore[union-attr]
     assert {i["platform"] for i in exported["identities"]} == {"telegram", "discord"}
     assert [m["text"] for m in exported["messages"] if m["role"] == "user"] == ["hi from telegram", "what is my cat?"]
@@ -70,7 +70,7 @@ async def test_only_the_account_entering_the_code_moves(agent: Agent) -> None:
     # and Ann never typed it. Entering it from Mallory's own discord account moves that one only.
     assert "Linked" in (await command(agent, "discord", "mallory-dc", "link", mallory_code)).text
     assert await agent.store.resolve_user("discord", "ann") == ann
-    assert [n.text for n in await agent.store.list_memories(ann)] == ["ann's secret"]
+    assert [n.text for n in await agent.store.list_memories(ann)] == ["Ann's secret."]
 
 
 async def test_guessing_codes_is_limited(agent: Agent) -> None:

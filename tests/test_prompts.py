@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent_core.memory import note_to_remember
+from agent_core.memory.facts import explicit_note
 from agent_core.prompts import PromptParts, build_prompt
 from agent_core.rewards import RewardMap, normalize
 from agent_core.style import Style
@@ -62,16 +62,18 @@ def test_then_notes_then_the_start_of_the_message() -> None:
 @pytest.mark.parametrize(
     ("text", "note"),
     [
-        ("remember that my cat is called Tom.", "my cat is called Tom"),
-        ("Please remember: I'm vegetarian", "I'm vegetarian"),
-        ("REMEMBER THAT tea > coffee", "tea > coffee"),
+        ("remember that my cat is called Tom.", ("my cat is called Tom", "")),
+        ("Please remember: I'm vegetarian", ("I'm vegetarian", "")),
+        ("REMEMBER THAT tea > coffee", ("tea > coffee", "")),
+        ("remember that I'm vegan. What can I cook tonight?", ("I'm vegan", "What can I cook tonight?")),
+        ("Can you remember that I'm vegan, what can I cook?", ("I'm vegan", "what can I cook?")),
         ("do you remember that song?", None),
         ("remember", None),
         ("I remember that day", None),
     ],
 )
-def test_remember_phrases(text: str, note: str | None) -> None:
-    assert note_to_remember(text) == note
+def test_remember_phrases(text: str, note: tuple[str, str] | None) -> None:
+    assert explicit_note(text) == note
 
 
 def test_reward_mapping_folds_modifiers_and_clamps() -> None:

@@ -96,14 +96,16 @@ async def test_identities_users_and_event_dedupe(store: Store) -> None:
     assert (await store.db.fetchone("SELECT COUNT(*) FROM messages"))[0] == 2  # one per chat
 
 
-async def _context(
-    store: Store, user: str, chat: str, text: str = "", before: float | None = None, turns: int = 10, notes: int = 5
-) -> ReplyContext:
+async def _context(store: Store, user: str, chat: str, before: float | None = None, turns: int = 10) -> ReplyContext:
     user_id = await store.resolve_user("test", user)
     chat_id = await store.resolve_chat("test", chat)
-    return await store.reply_context(
-        user_id, chat_id, text, before=time.time() if before is None else before, turns=turns, notes=notes
-    )
+    return await store.reply_context(user_id, chat_id, before=time.time() if before is None else before, turns=turns)
+
+
+async def _matching(store: Store, user: str, text: str) -> list[str]:
+    """The texts of ``user``'s notes that share a word with ``text`` (the keyword half of recall)."""
+    candidates = await store.note_candidates(await store.resolve_user("test", user), text)
+    return [n.text for n in candidates if n.keyword]
 
 
 async def test_recent_turns_are_per_user_even_in_a_group(store: Store) -> None:
@@ -117,23 +119,22 @@ async def test_recent_turns_are_per_user_even_in_a_group(store: Store) -> None:
     assert (await _context(store, "bob", "group")).turns == [("user", "bob one")]
 
 
-async def test_memory_recall_is_per_user_relevant_first_then_newest(store: Store) -> None:
+async def test_note_candidates_are_per_user_and_mark_shared_words(store: Store) -> None:
     ann, bob = await store.resolve_user("test", "ann"), await store.resolve_user("test", "bob")
-    await store.resolve_chat("test", "c")
     tom = await store.add_memory(ann, "my cat is called Tom")
-    await store.add_memory(ann, "I live in Lyon")
+    await store.add_memory(ann, "I live in Lyon", source="auto", slot="home")
     await store.add_memory(ann, "I work as a nurse")
     await store.add_memory(bob, "my cat is called Felix")
-    found = (await _context(store, "ann", "c", "What are my cats' names?")).notes  # "cats" matches "cat"
-    assert found == ["my cat is called Tom", "I work as a nurse", "I live in Lyon"]
-    assert (await _context(store, "ann", "c", "cat", notes=1)).notes == ["my cat is called Tom"]
-    assert (await _context(store, "ann", "c", "!!! ???", notes=2)).notes == ["I work as a nurse", "I live in Lyon"]
-    assert len((await _context(store, "ann", "c", 'cat" OR terms:* NEAR(')).notes) == 3  # no query injection
-    assert (await _context(store, "bob", "c", "cat")).notes == ["my cat is called Felix"]
-    assert (await _context(store, "ann", "c", "cat", notes=0)).notes == []
+    assert await _matching(store, "ann", "What are my cats' names?") == ["my cat is called Tom"]  # "cats": "cat"
+    assert await _matching(store, "ann", "!!! ???") == []
+    assert await _matching(store, "ann", 'cat" OR terms:* NEAR(') == ["my cat is called Tom"]  # no query injection
+    assert await _matching(store, "bob", "cat") == ["my cat is called Felix"]
+    every = await store.note_candidates(ann, "anything")
+    assert [n.text for n in every] == ["I work as a nurse", "I live in Lyon", "my cat is called Tom"]  # newest first
+    assert [(n.source, n.slot) for n in every][1] == ("auto", "home")
     assert not await store.delete_memory(bob, tom)  # not Bob's to delete
     assert await store.delete_memory(ann, tom)
-    assert "my cat is called Tom" not in (await _context(store, "ann", "c", "cat")).notes
+    assert "my cat is called Tom" not in await _matching(store, "ann", "cat")
     hits = await store.db.fetchall("SELECT rowid FROM memories_fts WHERE rowid = ?", (tom,))
     assert hits == []  # the index follows deletions
 
@@ -187,6 +188,6 @@ async def test_delete_user_removes_every_row_about_them(store: Store) -> None:
     assert (await store.db.fetchone("SELECT COUNT(*) FROM users WHERE id = ?", (ann,)))[0] == 0
     texts = [r[0] for r in await store.db.fetchall("SELECT text FROM messages")]
     assert texts == ["bob stays"]
-    assert (await _context(store, "ann", "c", "private note")).notes == []
+    assert await store.note_candidates(ann, "private note") == []
     assert (await store.db.fetchone("SELECT COUNT(*) FROM memories_fts"))[0] == 0
     assert await store.resolve_user("test", "ann") != ann  # comes back as a new user

@@ -104,9 +104,9 @@ async def test_each_message_a_stopped_process_left_is_answered_or_told_and_never
         old, recent = [await after.answer_unanswered(m) for m in missed]
         assert old is not None and old.text == MISSED and old.kind == "notice" and old.in_reply_to == "m2"
         assert recent is not None and recent.reply_id is not None and recent.in_reply_to == "m3"
-        assert recent.text == "echo: remember that I like tea"
-        assert [r.messages[-1]["content"] for r in backend.requests] == ["remember that I like tea"]
-        assert [n.text for n in await after.store.list_memories(user)] == ["I like tea"]
+        assert recent.text == "Noted: you like tea."  # memory answers it: no model needed
+        assert backend.requests == []
+        assert [n.text for n in await after.store.list_memories(user)] == ["They like tea."]
     finally:
         await after.close()
     again = await open_agent(config, llm=RecordingBackend())
