@@ -123,8 +123,15 @@ _NOT_A_STATEMENT = re.compile(
     re.I,
 )
 _CLAUSES = re.compile(
-    r"(?<=[.!?;])\s+|\n+|\s*,?\s+(?:and|but|so|plus|though|although)\s+(?=(?:i|i'm|i've|my|we|we're|our)\b)"
-    r"|,\s+(?=(?:i|i'm|i've|my)\b)",
+    r"(?<=[.!?;])\s+|\n+|\s*,?\s+(?:and|but|so|plus|though|although)\s+(?=(?:i|i'm|i've|my|we|we're|our|call me)\b)"
+    r"|[,:]\s+(?=(?:i|i'm|i've|my|we|we're|our|call me)\b)|\s+-+\s+|\s*[—–]\s*",
+    re.I,
+)
+# chatter at the end of a statement, left out of the note ("I live in Lisbon btw", "... last month")
+_TRAILING = re.compile(
+    r"(?:\s*,?\s+(?:btw|fyi|lol|haha|by the way|just so you know|these days|at the moment|right now|now|"
+    r"last (?:week|month|year)|a (?:few|couple of) (?:weeks|months|years) ago|recently|actually|too|as well|"
+    r"anyway|though))+\s*[.!]*$",
     re.I,
 )
 _NEGATED = re.compile(r"\b(?:no longer|not any ?more|anymore|any more)\b", re.I)
@@ -373,7 +380,7 @@ def _clauses(text: str) -> list[str]:
 
 def _clean(clause: str) -> str:
     clause = _LEAD.sub("", clause.strip().strip("\"'“”")).strip()
-    clause = clause.replace("’", "'")
+    clause = _TRAILING.sub("", clause.replace("’", "'")).strip()
     return re.sub(r"^i\b", "I", clause)
 
 
