@@ -139,8 +139,8 @@ class AgentSettings(Section):
     system_prompt: str = "You are attune, a friendly and helpful assistant."
     recent_turns: int = Field(default=12, ge=0)
     memory_notes: int = Field(default=5, ge=0)  # at most this many notes recalled into a prompt
-    # ...each at least this relevant (agent_core/memory/recall.py: meaning plus a bonus for a shared word)
-    memory_threshold: float = Field(default=0.5, ge=0.0, le=2.0)
+    # ...each at least this relevant (agent_core/memory/recall.py: meaning, twice, plus a bonus for a shared word)
+    memory_threshold: float = Field(default=0.6, ge=0.0, le=2.5)
 
 
 class MemorySettings(Section):

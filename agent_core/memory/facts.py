@@ -26,7 +26,8 @@ MAX_NOTE_CHARS = 500
 
 @dataclass(frozen=True)
 class Fact:
-    # name, home, origin, work, study, diet, allergy, health, pet, family, birthday, taste, favourite, age, plan, hobby
+    # name, home, origin, work, study, diet, allergy, health, pet, family, birthday, taste, favourite, age, plan,
+    # hobby, language, vehicle
     kind: str
     slot: str  # a newer fact with the same slot replaces the older note ("home", "pet:cat")
     text: str  # third person: "They live in Lisbon."
@@ -123,7 +124,9 @@ _NOT_A_STATEMENT = re.compile(
     re.I,
 )
 _CLAUSES = re.compile(
-    r"(?<=[.!?;])\s+|\n+|\s*,?\s+(?:and|but|so|plus|though|although)\s+(?=(?:i|i'm|i've|my|we|we're|our|call me)\b)"
+    r"(?<=[.!?;])(?<!\bDr\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bMrs\.)(?<!\bProf\.)(?<!\bSt\.)\s+|\n+"
+    r"|\s*,?\s+(?:and|but|so|plus|though|although|since|because|as|cause)\s+"
+    r"(?=(?:i|i'm|i've|my|we|we're|our|call me)\b)"
     r"|[,:]\s+(?=(?:i|i'm|i've|my|we|we're|our|call me)\b)|\s+-+\s+|\s*[—–]\s*",
     re.I,
 )
@@ -131,7 +134,7 @@ _CLAUSES = re.compile(
 _TRAILING = re.compile(
     r"(?:\s*,?\s+(?:btw|fyi|lol|haha|by the way|just so you know|these days|at the moment|right now|now|"
     r"last (?:week|month|year)|a (?:few|couple of) (?:weeks|months|years) ago|recently|actually|too|as well|"
-    r"anyway|though))+\s*[.!]*$",
+    r"anyway|though|for (?:\w+|a few|a couple of) (?:years|months|weeks)|here))+\s*[.!]*$",
     re.I,
 )
 _NEGATED = re.compile(r"\b(?:no longer|not any ?more|anymore|any more)\b", re.I)
@@ -159,7 +162,7 @@ _JOBS = (
 )
 _DIETS = (
     r"vegetarian|vegan|pescatarian|pescetarian|keto|paleo|gluten[- ]free|dairy[- ]free|lactose[- ]intolerant|"
-    r"coeliac|celiac|halal|kosher|teetotal|teetotaller|on a diet|on a \w+ diet|plant[- ]based"
+    r"coeliac|celiac|[\w]+[- ]intolerant|halal|kosher|teetotal|teetotaller|on a diet|on a \w+ diet|plant[- ]based"
 )
 _CONDITIONS = (
     r"(?:type [12] )?diabetes|diabetic|asthma|asthmatic|celiac disease|coeliac disease|high blood pressure|"
@@ -216,7 +219,7 @@ _RULES: list[_Rule] = [
         "home",
         "home",
         rf"^(?:i|we)(?: now| currently| still)? (?:live|living|am living|are living|'m living|"
-        rf"'re living|reside) (?:in|near|outside|just outside) {_OBJECT}",
+        rf"'re living|reside)(?: with [\w' ]{{2,30}}?)? (?:in|near|outside|just outside) {_OBJECT}",
     ),
     _rule(
         "home", "home", rf"^(?:i'm|i am|we're|we are)(?: now| currently)? (?:based|living) (?:in|near|out of) {_OBJECT}"
@@ -263,7 +266,7 @@ _RULES: list[_Rule] = [
     _rule(
         "health",
         "health:{v}",
-        rf"^i (?:have|have got|'ve got|suffer from|was diagnosed with|live with) "
+        rf"^i(?: have| have got|'ve got| got| suffer from| was diagnosed with| live with) "
         rf"(?P<v>{_CONDITIONS})",
     ),
     _rule("health", "health:{v}", rf"^(?:i'm|i am) (?P<v>{_CONDITIONS})"),
@@ -368,6 +371,86 @@ _RULES: list[_Rule] = [
         r"^(?:my|our) (?P<v>(?:[\w-]+ )?(?:exam|interview|appointment|flight|trip|wedding|"
         r"surgery|operation|holiday|vacation|meeting|party|race|marathon|concert|date|deadline|"
         r"move|presentation|test|dentist appointment|doctor's appointment)) is (?P<rest>[^,;]{2,80}?)",
+    ),
+    # more ways of saying the same things
+    _rule(
+        "home", "home", rf"^(?:i|we)(?:'ve| have)(?: been)? (?:living|lived|based|settled) (?:in|near|out of) {_OBJECT}"
+    ),
+    _rule(
+        "home",
+        "home",
+        rf"^(?:i|we)(?: just| recently| finally)? moved into (?:a |an |our |my )?(?:new |little |small )?"
+        rf"(?:flat|apartment|house|place|home|condo|studio)s? (?:in|near) {_OBJECT}",
+        "They live in {v} now.",
+    ),
+    _rule(
+        "home", "home", rf"^(?:home (?:for me |for us )?is|my home(?: base)? is(?: in)?) {_OBJECT}", "They live in {v}."
+    ),
+    _rule("origin", "origin", rf"^my (?:home ?town|birthplace|home country) is {_OBJECT}"),
+    _rule(
+        "work",
+        "work",
+        rf"^i(?: now| currently| mostly| mainly| usually)? work(?: nights| days| night shifts| shifts| weekends|"
+        rf" part[- ]time| full[- ]time| remotely| from home)+(?: as| at| for| in) {_OBJECT}",
+    ),
+    _rule(
+        "work",
+        "work",
+        rf"^i(?: now| currently)? (?:teach|lecture|tutor|run|own|manage|nurse|design|edit|write for|drive for|cook at|"
+        rf"volunteer at|volunteer as) {_OBJECT}",
+    ),
+    _rule("work", "work", rf"^i do {_OBJECT} for a living"),
+    _rule(
+        "pet",
+        "pet:{rel}",
+        rf"^(?:i|we)(?:'ve| have)? (?:got|have|own|adopted|just adopted|rescued) an? (?:[\w-]+ ){{0,2}}"
+        rf"(?P<rel>{_PETS}|retriever|labrador|poodle|terrier|spaniel|beagle|husky|collie|tabby|kitty|pup)"
+        rf",? (?:called|named) {_NAME}",
+    ),
+    _rule(
+        "pet",
+        "pet:{rel}",
+        rf"^(?:my|our) (?P<rel>{_PETS}),? (?P<v>[A-Z][\w'-]*),? (?:is|was|just|has|loves|[a-z]+(?:ed|s))\b.*",
+        "Their {rel} is called {v}.",
+    ),
+    _rule(
+        "diet",
+        "diet",
+        r"^(?:i|we) (?:follow|eat|am on|'m on|keep|stick to|try to eat) (?:a |an )?(?:strict |mostly |"
+        r"fully )?(?P<v>[\w-]+(?: [\w-]+)?) diet",
+    ),
+    _rule("diet", "diet:{v}", rf"^i (?:stopped|quit|gave up|cut out) (?:eating |drinking )?{_OBJECT}"),
+    _rule("allergy", "allergy:{v}", rf"^i(?:'ve| have)? got an? (?:severe |mild |bad )?{_OBJECT} allergy"),
+    _rule(
+        "allergy",
+        "allergy:{v}",
+        r"^(?P<v>[\w -]{2,40}?) makes me (?:really |very |so |quite )?(?:sick|ill|itchy|break out)",
+    ),
+    _rule(
+        "birthday",
+        "birthday:{rel}",
+        rf"^my (?P<rel>{_RELATIONS}|{_PETS}) turns (?:\d+|\w+) (?:on|in|next|this) {_OBJECT}",
+    ),
+    _rule("birthday", "birthday:self", rf"^it's my birthday (?:on|next|this|in) {_OBJECT}"),
+    _rule(
+        "name",
+        "name",
+        r"^(?:you can call me|call me|please call me|i go by|my name is)\s+"
+        r"(?P<v>(?:dr|mr|mrs|ms|mx|prof)\.?\s+[A-Z][\w'-]*)",
+        "Their name is {v}.",
+    ),
+    _rule("taste", "taste:{v}", rf"^(?:big|huge|massive|total) fan of {_OBJECT}(?: here)?"),
+    _rule("plan", "plan:wedding", r"^(?:i'm|i am|we're|we are) getting married(?P<rest>.*)"),
+    _rule("plan", "plan:{v}", rf"^(?:i'm|i am|we're|we are) (?:training|preparing|saving|studying) for {_OBJECT}"),
+    _rule("family", "parent", r"^(?:i'm|i am) an? (?:[\w-]+ )?(?:mom|mum|dad|mother|father|parent)(?P<rest>.*)"),
+    _rule("language", "language", rf"^i (?:speak|am fluent in|'m fluent in) {_OBJECT}"),
+    _rule("vehicle", "vehicle", rf"^i (?:drive|ride) an? {_OBJECT}"),
+    _rule(
+        "hobby",
+        "hobby:{v}",
+        r"^(?:i|we)(?: usually| often| always| sometimes| regularly| love to| like to)? (?:play|practi[cs]e|go|do|"
+        r"collect|paint|knit|sing|run|swim|climb|surf|ride|bake|garden|hike) (?P<v>[^,;]{2,60}?)(?: (?:every|each|"
+        r"on|at|most|twice|once|three times)\b.*)?",
     ),
 ]
 _NEEDS_WHEN = {"plan"}  # a plan is kept only with a time ("on Friday", "next week")

@@ -18,9 +18,9 @@ from agent_core.memory.facts import MAX_NOTE_CHARS, Fact, holds_secret
 log = logging.getLogger(__name__)
 
 KINDS = ("name", "home", "origin", "work", "study", "diet", "allergy", "health", "pet", "family", "birthday", "taste",
-         "favourite", "age", "plan", "hobby")  # fmt: skip
+         "favourite", "age", "plan", "hobby", "language", "vehicle")  # fmt: skip
 _NOT_A_WORD = re.compile(r"[^\w ]+")
-SINGLE = {"name", "home", "origin", "work", "study", "diet", "age"}  # one note each: a newer one replaces it
+SINGLE = {"name", "home", "origin", "work", "study", "diet", "age", "vehicle"}  # one note each: a newer one replaces it
 PROMPT = f"""You keep notes about the user you are talking with. From their message, list the facts they state
 about themselves: who they are, where they live, their work, family, pets, diet, allergies, health, likes and
 dislikes, what to call them, plans with dates. Nothing else: not facts about other people beyond their relation to
