@@ -6,7 +6,8 @@ stating facts in passing, some with "remember that" or /remember, some corrected
 then they ask ``direct`` questions about a fact, ``meaning`` questions that need a fact
 but share no word with it, and questions that need ``none``. Everyday messages get a
 canned reply (no model); a sample of the questions (``--replies`` per kind) is answered
-by the default local model, as the bot answers them.
+by the default local model, as the bot answers them but as the first message of a
+conversation (the canned replies left out of its prompt: the small model would copy them).
 
 Arms, in one run, each on its own database:
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
@@ -90,8 +92,15 @@ class Switch(LLMBackend):
         return self.real.describe() if self.real else "canned"
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
-        source = self.real if self.use_real and self.real else self.fake
-        async for piece in source.stream(request):
+        if not (self.use_real and self.real):
+            async for piece in self.fake.stream(request):
+                yield piece
+            return
+        # The question as the first of a conversation: the system prompt (with the notes
+        # recalled) and the question. The canned everyday replies stay out, or the small
+        # model copies them instead of answering.
+        fresh = dataclasses.replace(request, messages=[request.messages[0], request.messages[-1]])
+        async for piece in self.real.stream(fresh):
             yield piece
 
 
@@ -121,11 +130,12 @@ class StatesEmbedder:
 
     def __init__(self, directory: Path) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.model = AutoModel.from_pretrained(directory, torch_dtype=torch.float32).eval()
+        # the causal LM as saved (its input embeddings are tied to lm_head), then its decoder stack
+        self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).model.eval()
         self.ready = True
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -147,7 +157,8 @@ async def run_arm(arm: str, users: list[User], sampled: set[tuple[int, int]], re
     extra = {"keywords": "[memory]\nembeddings = false\n", "baseline": "[memory]\nembeddings = false\n"}.get(arm, "")
     with tempfile.TemporaryDirectory(prefix=f"bench-memory-{arm}-") as tmp:
         path = Path(tmp) / "attune.toml"
-        limits = f"[agent]\nmemory_threshold = {threshold}\n[limits]\nmessages_per_minute = 100000\nglobal_messages_per_minute = 0\n"  # users type fast here
+        limits = (f"[agent]\nmemory_threshold = {threshold}\n"  # and simulated users type fast
+                  "[limits]\nmessages_per_minute = 100000\nglobal_messages_per_minute = 0\n")  # fmt: skip
         path.write_text(f'[storage]\ndata_dir = "{Path(tmp) / "data"}"\n{limits}{extra}', encoding="utf-8")
         switch = Switch(real)
         agent = await open_agent(load_config(path, environ={}), llm=switch)
@@ -241,8 +252,9 @@ def summarize(questions: list[dict[str, Any]], captured: list[dict[str, Any]], s
         "capture_corrected": share([c for c in captured if c["corrected"]], "kept"),
         "recall_at_prompt": {k: share(by_kind[k], "recalled") for k in ("direct", "meaning")},
         "leak_rate": share(by_kind["none"], "any_note"),
-        "fact_in_reply": {k: share([q for q in by_kind[k] if "reply" in q], "fact_in_reply")
-                          for k in ("direct", "meaning")},  # fmt: skip
+        "fact_in_reply": {
+            k: share([q for q in by_kind[k] if "reply" in q], "fact_in_reply") for k in ("direct", "meaning")
+        },
         "note_leak_in_reply": share(replied, "other_fact_in_reply"),
         "spurious_notes_per_user": statistics.mean(spurious) if spurious else None,
         "ms_per_message": statistics.mean(ms) if ms else None,
@@ -251,8 +263,11 @@ def summarize(questions: list[dict[str, Any]], captured: list[dict[str, Any]], s
         "questions": {k: len(v) for k, v in by_kind.items()},
         "replies": len(replied),
         "missed_captures": [c for c in captured if not c["kept"]],
-        "missed_recalls": [{k: q[k] for k in ("user", "kind", "question", "notes")} for q in questions
-                           if q["kind"] != "none" and not q["recalled"]],  # fmt: skip
+        "missed_recalls": [
+            {k: q[k] for k in ("user", "kind", "question", "notes")}
+            for q in questions
+            if q["kind"] != "none" and not q["recalled"]
+        ],
         "leaks": [{k: q[k] for k in ("user", "question", "notes")} for q in by_kind["none"] if q["any_note"]],
         "examples": [q for q in questions if "reply" in q][:30],
     }
@@ -275,7 +290,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sampled = sample_questions(users, args.replies) if args.replies else set()
     real: LLMBackend | None = None
     states: StatesEmbedder | None = None
-    config = load_config(None, environ={"ATTUNE_LLM__LOCAL__CACHE_DIR": str(Path(args.cache_dir).resolve())})
+    config = load_config(None, environ={"ATTUNE_LLM__LOCAL__CACHE_DIR": str(Path(args.cache_dir).resolve()),
+                                        "ATTUNE_LLM__LOCAL__MODEL": args.model})  # fmt: skip
     if args.replies or "smollm2_states" in args.arms:
         real = create_backend(config)
         await real.start()
@@ -300,8 +316,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                   "fact_in_reply.direct": attune["fact_in_reply"]["direct"],
                   "ms_per_message": attune["ms_per_message"]}  # fmt: skip
         lower_is_better = {"leak_rate", "note_leak_in_reply", "ms_per_message"}
-        goals = {k: {"goal": g, "value": values[k], "met": values[k] is not None and
-                     (values[k] <= g if k in lower_is_better else values[k] >= g)} for k, g in GOALS.items()}  # fmt: skip
+        goals = {
+            k: {"goal": g, "value": values[k],
+                "met": values[k] is not None and (values[k] <= g if k in lower_is_better else values[k] >= g)}
+            for k, g in GOALS.items()
+        }  # fmt: skip
     return {"arms": results, "goals": goals, "users": args.users, "seed": args.seed,
             "model": real.describe() if real else None}  # fmt: skip
 
@@ -319,6 +338,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=AgentSettings().memory_threshold,
                         help="[agent] memory_threshold for the arms")  # fmt: skip
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--model", default="smollm2", help="the local model that answers the sampled questions")
     parser.add_argument("--cache-dir", default="data/models")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()

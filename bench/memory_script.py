@@ -89,7 +89,11 @@ TASTES = [  # (what they love, a question it helps with that shares no word with
 ]
 PLANS = [  # (what, direct question, meaning question)
     ("job interview", "When is my interview?", "Any tips to calm my nerves before meeting a hiring manager?"),
-    ("dentist appointment", "When is my dentist appointment?", "Should I avoid coffee before getting my teeth checked?"),
+    (
+        "dentist appointment",
+        "When is my dentist appointment?",
+        "Should I avoid coffee before getting my teeth checked?",
+    ),
     ("marathon", "When is my marathon?", "How should I taper my running in the last week?"),
 ]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
@@ -137,62 +141,110 @@ def _facts(rng: random.Random) -> list[Fact]:
     a_job = ("an " if job[0] in "aeiou" else "a ") + job
     suffix = {1: "st", 2: "nd", 3: "rd", 21: "st", 22: "nd", 23: "rd"}.get(day, "th")
     facts = [
-        Fact("home", [[city]], {
-            "plain": f"I live in {city}.",
-            "chatty": f"Ugh, long week at last. By the way, I live in {city}, so the weather talk makes sense.",
-            "terse": f"i live in {city.lower()} btw",
-        }, ["Where do I live?", "What city do I live in?"],
+        Fact(
+            "home",
+            [[city]],
+            {
+                "plain": f"I live in {city}.",
+                "chatty": f"Ugh, long week at last. By the way, I live in {city}, so the weather talk makes sense.",
+                "terse": f"i live in {city.lower()} btw",
+            },
+            ["Where do I live?", "What city do I live in?"],
             ["What's the weather usually like around here in winter?", "Recommend a place to visit nearby."],
-            correction=(f"Big news: I moved to {city2} last month.", [[city2]]), old_keys=[[city]]),
-        Fact("work", [[job]], {
-            "plain": f"I work as {a_job}.",
-            "chatty": f"Today was hectic. I'm {a_job}, so long days are normal for me.",
-            "terse": f"i work as {a_job}",
-        }, ["What do I do for work?", "What is my job?"],
+            correction=(f"Big news: I moved to {city2} last month.", [[city2]]),
+            old_keys=[[city]],
+        ),
+        Fact(
+            "work",
+            [[job]],
+            {
+                "plain": f"I work as {a_job}.",
+                "chatty": f"Today was hectic. I'm {a_job}, so long days are normal for me.",
+                "terse": f"i work as {a_job}",
+            },
+            ["What do I do for work?", "What is my job?"],
             ["How can I unwind after a stressful shift?", "Any advice for staying sharp at the end of a long day?"],
             correction=(f"I changed careers, I'm {('an ' if job2[0] in 'aeiou' else 'a ') + job2} now.", [[job2]]),
-            old_keys=[[job]]),
-        Fact("diet", [[diet]], {
-            "plain": f"I am {diet}.",
-            "chatty": f"Quick heads up, I'm {diet}, and I love trying new recipes.",
-            "terse": f"i'm {diet} fyi",
-        }, ["Am I vegetarian?", "What's my diet?"],
-            ["What should I cook for dinner tonight?", "Any ideas for a quick lunch?"]),
-        Fact("pet", [[pet_name]], {
-            "plain": f"My {pet} is called {pet_name}.",
-            "chatty": f"Haha, my {pet} {pet_name} just knocked my coffee over. My {pet} is called {pet_name}, "
-                      f"by the way.",
-            "terse": f"my {pet}'s name is {pet_name}",
-        }, [f"What is my {pet} called?", f"What's my {pet}'s name?"],
-            ["My little companion seems bored, any toy ideas?", "How often should I take my furry friend to the vet?"]),
-        Fact("allergy", [[allergen]], {
-            "plain": f"I'm allergic to {allergen}.",
-            "chatty": f"Careful with suggestions, I'm allergic to {allergen}, it's quite serious.",
-            "terse": f"allergic to {allergen}, i'm allergic to {allergen}",
-        }, ["What am I allergic to?", "Do I have any allergies?"],
-            ["Can you suggest a snack for a long train ride?", "What should I bake for a party?"]),
-        Fact("birthday", [[month, month[:3]], [str(day), f"{day}{suffix}"]], {
-            "plain": f"My {relative}'s birthday is on {month} {day}.",
-            "chatty": f"Oh, I need to plan ahead: my {relative}'s birthday is on {month} {day}{suffix}.",
-            "terse": f"my {relative}'s birthday is {day} {month}",
-        }, [f"When is my {relative}'s birthday?"],
-            ["Help me plan a celebration for someone I love.", "What present would make a special day memorable?"]),
-        Fact("name", [[name]], {
-            "plain": f"My name is {name}.",
-            "chatty": f"We haven't been introduced properly, call me {name}.",
-            "terse": f"call me {name}",
-        }, ["What's my name?", "Do you remember my name?"],
-            ["How should you address me?", "Write a short greeting for me."]),
-        Fact("taste", [[taste]], {
-            "plain": f"I love {taste}.",
-            "chatty": f"Fun fact about me: I really love {taste}, it's my favourite way to relax.",
-            "terse": f"i love {taste}",
-        }, ["What do I love?"], [taste_q]),
-        Fact("plan", [[plan.split()[-1]]], {
-            "plain": f"I have a {plan} next {weekday}.",
-            "chatty": f"Feeling a bit nervous, I have a {plan} next {weekday}.",
-            "terse": f"got a {plan} next {weekday.lower()}, i have a {plan} next {weekday.lower()}",
-        }, [plan_direct], [plan_meaning]),
+            old_keys=[[job]],
+        ),
+        Fact(
+            "diet",
+            [[diet]],
+            {
+                "plain": f"I am {diet}.",
+                "chatty": f"Quick heads up, I'm {diet}, and I love trying new recipes.",
+                "terse": f"i'm {diet} fyi",
+            },
+            ["Am I vegetarian?", "What's my diet?"],
+            ["What should I cook for dinner tonight?", "Any ideas for a quick lunch?"],
+        ),
+        Fact(
+            "pet",
+            [[pet_name]],
+            {
+                "plain": f"My {pet} is called {pet_name}.",
+                "chatty": f"Haha, my {pet} {pet_name} just knocked my coffee over. My {pet} is called {pet_name}, "
+                f"by the way.",
+                "terse": f"my {pet}'s name is {pet_name}",
+            },
+            [f"What is my {pet} called?", f"What's my {pet}'s name?"],
+            ["My little companion seems bored, any toy ideas?", "How often should I take my furry friend to the vet?"],
+        ),
+        Fact(
+            "allergy",
+            [[allergen]],
+            {
+                "plain": f"I'm allergic to {allergen}.",
+                "chatty": f"Careful with suggestions, I'm allergic to {allergen}, it's quite serious.",
+                "terse": f"allergic to {allergen}, i'm allergic to {allergen}",
+            },
+            ["What am I allergic to?", "Do I have any allergies?"],
+            ["Can you suggest a snack for a long train ride?", "What should I bake for a party?"],
+        ),
+        Fact(
+            "birthday",
+            [[month, month[:3]], [str(day), f"{day}{suffix}"]],
+            {
+                "plain": f"My {relative}'s birthday is on {month} {day}.",
+                "chatty": f"Oh, I need to plan ahead: my {relative}'s birthday is on {month} {day}{suffix}.",
+                "terse": f"my {relative}'s birthday is {day} {month}",
+            },
+            [f"When is my {relative}'s birthday?"],
+            ["Help me plan a celebration for someone I love.", "What present would make a special day memorable?"],
+        ),
+        Fact(
+            "name",
+            [[name]],
+            {
+                "plain": f"My name is {name}.",
+                "chatty": f"We haven't been introduced properly, call me {name}.",
+                "terse": f"call me {name}",
+            },
+            ["What's my name?", "Do you remember my name?"],
+            ["How should you address me?", "Write a short greeting for me."],
+        ),
+        Fact(
+            "taste",
+            [[taste]],
+            {
+                "plain": f"I love {taste}.",
+                "chatty": f"Fun fact about me: I really love {taste}, it's my favourite way to relax.",
+                "terse": f"i love {taste}",
+            },
+            ["What do I love?"],
+            [taste_q],
+        ),
+        Fact(
+            "plan",
+            [[plan.split()[-1]]],
+            {
+                "plain": f"I have a {plan} next {weekday}.",
+                "chatty": f"Feeling a bit nervous, I have a {plan} next {weekday}.",
+                "terse": f"got a {plan} next {weekday.lower()}, i have a {plan} next {weekday.lower()}",
+            },
+            [plan_direct],
+            [plan_meaning],
+        ),
     ]
     return facts
 

@@ -8,7 +8,6 @@ import time
 
 from agent_core.agent import Agent
 from agent_core.events import Command, Message, Reply
-from agent_core.testing import RecordingBackend
 
 
 async def command(agent: Agent, platform: str, user: str, name: str, args: str = "") -> Reply:

@@ -37,12 +37,20 @@ async def test_a_short_conversation_with_the_real_model(tmp_path: Path, caplog: 
         assert agent.llm.context_window == 8192
         base = {"platform": "test", "chat_id": "c", "sender_id": "alice", "sender_name": "Alice"}
 
-        noted = await agent.handle_command(Command(**base, name="remember", args="my cat is called Tom"))
-        assert noted is not None and "remember" in noted.text
+        await agent.memory.start()  # the embedding model too, as `attune run` loads it
+        told = await agent.handle_message(Message(**base, text="My cat is called Zorblax."))
+        assert told is not None and told.kind == "answer"  # the model answers; the note is kept without asking
+        assert "I'll remember that your cat is called Zorblax" in told.text
 
-        reply = await agent.handle_message(Message(**base, text="What is the name of my cat?"))
+        answer = await agent.handle_message(Message(**base, text="What is my cat called?"))
+        assert answer is not None and answer.text == "Your cat is called Zorblax."  # from the kept note
+
+        reply = await agent.handle_message(Message(**base, text="How do I fix a flat bike tire?"))
         assert reply is not None and reply.kind == "answer", reply
-        assert "Tom" in reply.text  # recalled from memory into the prompt, used by the model
+        assert "Zorblax" not in reply.text  # a note never shows up in a reply about something else
+        row = await agent.store.db.fetchone("SELECT style, policy, prompt FROM messages WHERE id = ?",
+                                            (reply.reply_id,))  # fmt: skip
+        assert "What you know about this user" not in json.loads(row[2])[0]["content"]  # nothing relevant recalled
         await agent.delivered(reply, "m-1")
 
         outcome = await agent.handle_reaction(Reaction(**base, message_id="m-1", emoji="👍"))
@@ -50,19 +58,18 @@ async def test_a_short_conversation_with_the_real_model(tmp_path: Path, caplog: 
         # The reaction taught the style policy at once, about the style that reply was given.
         learned = await agent.policy.beliefs(1)
         assert learned["reactions_learned_from"] == 1
-        row = await agent.store.db.fetchone("SELECT style, policy FROM messages WHERE id = ?", (reply.reply_id,))
         assert json.loads(row[0]) == reply.style and json.loads(row[1])["context"] == "question"
         assert set(measure_style(reply.text).as_dict()) == set(reply.style)  # what the reply actually looks like
 
-        follow_up = await agent.handle_message(Message(**base, text="Thanks! Say hello to him."))
+        follow_up = await agent.handle_message(Message(**base, text="Thanks! What tools do I need for it?"))
         assert follow_up is not None and follow_up.kind == "answer" and follow_up.text
         row = await agent.store.db.fetchone("SELECT prompt FROM messages WHERE id = ?", (follow_up.reply_id,))
         prompt = json.loads(row[0])
-        assert [m["content"] for m in prompt[1:3]] == ["What is the name of my cat?", reply.text]  # recent turns
+        assert [m["content"] for m in prompt[-3:-1]] == ["How do I fix a flat bike tire?", reply.text]  # recent turns
 
         stats = await agent.handle_command(Command(**base, name="stats"))
         assert stats is not None
-        assert "Messages: 2 from you, 2 replies from me." in stats.text
+        assert "Messages: 4 from you, 4 replies from me." in stats.text
         assert "Reactions: 1; reward +1.00" in stats.text
     finally:
         await agent.close()

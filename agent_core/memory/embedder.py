@@ -98,10 +98,11 @@ class Embedder:
     def start(self) -> asyncio.Future[None]:
         """Load in a thread; replies do not wait for it."""
         if self.loading is None:
-            self.loading = asyncio.ensure_future(asyncio.to_thread(self._load))
+            self.loading = asyncio.ensure_future(asyncio.to_thread(self.load))
         return self.loading
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Load it here and now (blocking): check the files, read the weights, measure the dtype."""
         started = time.perf_counter()
         try:
             directory = model_dir()
