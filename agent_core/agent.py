@@ -32,7 +32,7 @@ from agent_core.llm import (
     Steering,
     base_model_dir,
 )
-from agent_core.memory import Handled, Memory
+from agent_core.memory import Handled, Memory, Recalled
 from agent_core.memory.model_facts import ModelFacts
 from agent_core.operations import Operations
 from agent_core.policy import DefaultsPolicy, LearningPolicy, StylePolicy
@@ -161,7 +161,7 @@ class Agent:
         user = await self.store.resolve_user(msg.platform, msg.sender_id, msg.sender_name)
         chat = await self.store.resolve_chat(msg.platform, msg.chat_id, msg.chat_kind)
         now = time.time()
-        received, context, notes, _ = await asyncio.gather(  # the database's round trips, at once
+        received, context, recalled, _ = await asyncio.gather(  # the database's round trips, at once
             self.store.receive_message(  # committed before the reply is generated
                 user, chat, msg.text, platform_message_id=msg.message_id, event_id=msg.event_id, at=now,
                 owner=self.boot,
@@ -173,13 +173,13 @@ class Agent:
         if received is None:
             return None
         handled = await self.memory.take(user, msg.text, msg.chat_kind, now=now)  # facts kept, "forget that"...
-        return await self._reply(msg, received, context, notes, handled, on_text)
+        return await self._reply(msg, received, context, recalled, handled, on_text)
 
     def _context(self, user: int, chat: int, *, before: float) -> Awaitable[ReplyContext]:
         return self.store.reply_context(user, chat, before=before, turns=self.settings.agent.recent_turns)
 
     async def _reply(
-        self, msg: Message, received: Received, context: ReplyContext, notes: list[str], handled: Handled,
+        self, msg: Message, received: Received, context: ReplyContext, recalled: Recalled, handled: Handled,
         on_text: OnText | None,
     ) -> Reply:  # fmt: skip
         """Write the reply to a stored message and store it, or tell the person it failed."""
@@ -188,9 +188,10 @@ class Agent:
         if not await self._model_ready():
             await self.store.settle(received.message_id)
             return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
+        notes, start = recalled.notes, recalled.lead if self.llm.continues else ""
         if handled.question:  # "remember that X. <question>": the model answers the question, knowing X
             msg = dataclasses.replace(msg, text=handled.question)
-            notes = list(dict.fromkeys([*handled.kept, *notes]))
+            notes, start = list(dict.fromkeys([*handled.kept, *notes])), ""
         choice = await self.policy.choose(received.user_id, msg.text, context.preferences,
                                           key=_draw_key(msg, received))  # fmt: skip
         style = choice.style
@@ -199,7 +200,7 @@ class Agent:
         if handled.before and on_text is not None:
             await on_text(handled.before + "\n\n")
         try:
-            text = await self._generate(prompt, style, context.adapter, steering, on_text)
+            text = await self._generate(prompt, style, context.adapter, steering, on_text, start)
         except LLMBusy:
             await self.store.settle(received.message_id)
             return Reply(text=BUSY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
@@ -256,14 +257,14 @@ class Agent:
             await self.store.settle(received.message_id)
             return Reply(text=MISSED, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="notice")
         async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
-            context, notes, _ = await asyncio.gather(
+            context, recalled, _ = await asyncio.gather(
                 self._context(received.user_id, received.chat_id, before=missed.created_at),
                 self.memory.recall(received.user_id, msg.text, msg.chat_kind),
                 self.policy.prepare(received.user_id),
             )  # fmt: skip
             # the stopped process may have kept its notes already: keeping them again replaces them
             handled = await self.memory.take(received.user_id, msg.text, msg.chat_kind, now=missed.created_at)
-            return await self._reply(msg, received, context, notes, handled, None)
+            return await self._reply(msg, received, context, recalled, handled, None)
 
     def _not_allowed(self, event: Message | Command) -> Reply | None:
         """Not on ``[access]``'s allowlists: a short answer in a private chat, silence elsewhere."""
@@ -304,9 +305,10 @@ class Agent:
 
     async def _generate(
         self, prompt: list[ChatMessage], style: Style, adapter: AdapterRow | None, steering: Steering | None,
-        on_text: OnText | None,
+        on_text: OnText | None, start: str = "",
     ) -> str | None:  # fmt: skip
         """The model's reply, streamed to ``on_text``; None (and a log line) if it failed.
+        ``start``: its first words, decided already (the model writes on from them).
         Raises :class:`LLMBusy` when the backend has no room for another request."""
         llm = self.settings.llm
         request = GenerationRequest(
@@ -317,8 +319,11 @@ class Agent:
             adapter=AdapterRef(adapter.name, adapter.path) if adapter else None,
             style=style,
             steering=steering,
+            reply_start=start,
         )
-        pieces: list[str] = []
+        pieces: list[str] = [start] if start else []
+        if start and on_text is not None:
+            await on_text(start)
         try:
             async with asyncio.timeout(llm.timeout_s):
                 async for piece in self.llm.stream(request):

@@ -46,6 +46,7 @@ class RecordingBackend(LLMBackend):
         piece_delay_s: float = 0.0,
         fail: bool = False,
         record: bool = True,
+        continues: bool = False,
     ) -> None:
         self.reply = reply or (lambda r: f"echo: {r.messages[-1]['content']}")
         self.context_window = context_window
@@ -53,6 +54,7 @@ class RecordingBackend(LLMBackend):
         self.piece_delay_s = piece_delay_s  # pause between words, like a model writing
         self.fail = fail
         self.record = record  # off for long benchmarks: every prompt kept adds up
+        self._continues = continues  # write on from GenerationRequest.reply_start, as the local backend does
         self.requests: list[GenerationRequest] = []
 
     async def start(self) -> None:
@@ -63,6 +65,10 @@ class RecordingBackend(LLMBackend):
 
     def describe(self) -> str:
         return "recording test backend"
+
+    @property
+    def continues(self) -> bool:
+        return self._continues
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
@@ -77,4 +83,4 @@ class RecordingBackend(LLMBackend):
         for i, word in enumerate(self.reply(request).split(" ")):
             if i and self.piece_delay_s:
                 await asyncio.sleep(self.piece_delay_s)
-            yield word if i == 0 else " " + word
+            yield word if i == 0 and not request.reply_start else " " + word  # writing on from reply_start

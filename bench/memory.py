@@ -54,7 +54,7 @@ from agent_core.agent import Agent
 from agent_core.config import AgentSettings
 from agent_core.events import Message
 from agent_core.llm import GenerationRequest, LLMBackend, base_model_dir, create_backend
-from agent_core.memory import Handled
+from agent_core.memory import Handled, Recalled
 from agent_core.memory.facts import explicit_note
 from agent_core.memory.recall import KIND_QUESTIONS
 from agent_core.testing import RecordingBackend
@@ -88,6 +88,10 @@ class Switch(LLMBackend):
     def count_tokens(self, text: str) -> int:
         return self.real.count_tokens(text) if self.real else len(text.split())
 
+    @property
+    def continues(self) -> bool:
+        return bool(self.use_real and self.real and self.real.continues)
+
     def describe(self) -> str:
         return self.real.describe() if self.real else "canned"
 
@@ -111,10 +115,10 @@ class TodaysMemory:
         self.store = agent.store
         self.cap = agent.settings.agent.memory_notes
 
-    async def recall(self, user_id: int, text: str, chat_kind: str = "private") -> list[str]:
+    async def recall(self, user_id: int, text: str, chat_kind: str = "private") -> Recalled:
         notes = await self.store.note_candidates(user_id, text)
         ranked = [n.text for n in notes if n.keyword] + [n.text for n in notes]
-        return list(dict.fromkeys(ranked))[: self.cap]
+        return Recalled(list(dict.fromkeys(ranked))[: self.cap])
 
     async def take(self, user_id: int, text: str, chat_kind: str = "private", *, now: float | None = None) -> Handled:
         if (asked := explicit_note(text)) is not None:
@@ -173,10 +177,10 @@ async def run_arm(arm: str, users: list[User], sampled: set[tuple[int, int]], re
             await (agent.memory.start() or asyncio.sleep(0))
         memory = agent.memory
         spent: list[float] = []
-        recalled: dict[int, list[str]] = {}
+        recalled: dict[int, Recalled] = {}
         original_recall, original_take = memory.recall, memory.take
 
-        async def recall(user_id: int, text: str, chat_kind: str = "private") -> list[str]:
+        async def recall(user_id: int, text: str, chat_kind: str = "private") -> Recalled:
             started = time.perf_counter()
             notes = await original_recall(user_id, text, chat_kind)
             spent.append(time.perf_counter() - started)
@@ -210,13 +214,14 @@ async def run_arm(arm: str, users: list[User], sampled: set[tuple[int, int]], re
                     if turn.kind not in KINDS:
                         continue
                     user_id = await agent.store.resolve_user("bench", user.name)
-                    notes = recalled.pop(user_id, [])
+                    got = recalled.pop(user_id, Recalled([]))
+                    notes = got.notes
                     needed = [current_keys(user.facts[i], i in corrected) for i in turn.facts]
                     others = [current_keys(f, i in corrected) for i, f in enumerate(user.facts) if i not in turn.facts]
                     entry: dict[str, Any] = {
                         "user": u, "kind": turn.kind, "question": turn.text,
                         "recalled": bool(needed) and all(any(contains(n, k) for n in notes) for k in needed),
-                        "any_note": bool(notes), "notes": notes,
+                        "any_note": bool(notes), "notes": notes, "lead": got.lead,
                     }  # fmt: skip
                     if real_reply and reply is not None:
                         entry["reply"] = reply.text

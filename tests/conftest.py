@@ -182,9 +182,10 @@ def plain_generate(
     *,
     adapter: Path | None = None,
     repetition_penalty: float = 1.0,
+    start: str = "",
 ) -> str:
-    """Greedy reply from plain transformers ``generate`` (with peft for an adapter): what
-    the local backend's own paths are checked against."""
+    """Greedy reply from plain transformers ``generate`` (with peft for an adapter), written
+    on from ``start``: what the local backend's own paths are checked against."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -194,6 +195,9 @@ def plain_generate(
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter).eval()
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    if start:
+        begun = tokenizer(start, add_special_tokens=False, return_tensors="pt")
+        inputs = {k: torch.cat([inputs[k], begun[k]], dim=1) for k in ("input_ids", "attention_mask")}
     with torch.inference_mode():
         out = model.generate(
             **inputs,

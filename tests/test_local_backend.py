@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -42,6 +43,16 @@ async def test_generates_and_streams_the_same_text(tiny: LocalBackend) -> None:
 
 async def test_greedy_output_matches_plain_transformers_generate(tiny: LocalBackend, tiny_model_dir: Path) -> None:
     assert await tiny.generate(greedy(tokens=8)) == plain_generate(tiny_model_dir, PROMPT, 8)
+
+
+async def test_a_reply_written_on_from_its_first_words_matches_plain_generate(
+    tiny: LocalBackend, tiny_model_dir: Path
+) -> None:
+    start = "Since you are vegetarian,"
+    request = dataclasses.replace(greedy(tokens=8), reply_start=start)
+    written = await tiny.generate(request)
+    assert tiny.continues and written == plain_generate(tiny_model_dir, PROMPT, 8, start=start)
+    assert written != await tiny.generate(greedy(tokens=8))  # the start changed what follows
 
 
 @pytest.fixture(scope="module")

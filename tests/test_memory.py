@@ -214,6 +214,25 @@ async def test_a_note_reaches_the_prompt_only_when_relevant(agent: Agent, minilm
     assert len(vectors) == 3 and all(v[0] for v in vectors)  # each note stored with its vector
 
 
+async def test_a_reply_to_a_request_starts_from_the_note_that_surely_matters(
+    make_config: Callable[..., Config], minilm: Embedder
+) -> None:
+    agent = await open_agent(make_config(), llm=RecordingBackend(continues=True))
+    await agent.llm.start()
+    try:
+        await by_meaning(agent, minilm)
+        await say(agent, "I'm vegetarian.")
+        reply = await say(agent, "What should I cook for dinner tonight?")
+        assert requests(agent)[-1].reply_start == "Since you are vegetarian,"  # the model writes on from it
+        assert reply.text.startswith("Since you are vegetarian, echo: What should I cook")
+        await say(agent, "How do I fix a flat bike tire?")
+        assert requests(agent)[-1].reply_start == ""  # nothing relevant: the model starts the reply
+        await say(agent, "Am I vegetarian?")  # a direct question: answered from the note, no model
+        assert requests(agent)[-1].messages[-1]["content"] == "How do I fix a flat bike tire?"
+    finally:
+        await agent.close()
+
+
 async def test_keyword_recall_serves_until_the_embedding_model_is_in(agent: Agent) -> None:
     assert not agent.memory.by_meaning  # not started
     await say(agent, "remember that my cat is called Zorblax")

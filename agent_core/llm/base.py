@@ -90,6 +90,10 @@ class GenerationRequest:
     style: Style | None = None
     #: The user's reward model steers the reply (a backend that cannot steer ignores it).
     steering: Steering | None = None
+    #: The reply begins with this text, already decided (memory's "Since you are vegetarian,"):
+    #: a backend that :attr:`~LLMBackend.continues` writes on from it; it is not part of the
+    #: streamed pieces. Others are never given one.
+    reply_start: str = ""
 
 
 class LLMBackend(ABC):
@@ -123,6 +127,11 @@ class LLMBackend(ABC):
     @property
     def steers(self) -> bool:
         """Whether this backend follows ``GenerationRequest.steering`` (others ignore it)."""
+        return False
+
+    @property
+    def continues(self) -> bool:
+        """Whether this backend writes on from ``GenerationRequest.reply_start`` (a chat API cannot)."""
         return False
 
     @abstractmethod

@@ -311,6 +311,8 @@ class BatchingEngine:
         request = job.request
         prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, return_dict=True)
         job.prompt = list(prompt["input_ids"])
+        if request.reply_start:  # the reply's first words, decided already: the model writes on
+            job.prompt += self.tokenizer(request.reply_start, add_special_tokens=False)["input_ids"]
         job.prompt_length = job.kept = len(job.prompt)
         if job.prompt_length >= self.decoder.max_length:
             raise LLMError(f"the prompt has {job.prompt_length} tokens; the context holds {self.decoder.max_length}")

@@ -188,6 +188,10 @@ class LocalBackend(LLMBackend):
         return self._engine is not None
 
     @property
+    def continues(self) -> bool:
+        return True
+
+    @property
     def kernel_choice(self) -> KernelChoice | None:
         """The batched decoder's matmul path per batch size (None: no batched decoder)."""
         return self._engine.decoder.kernels if self._engine is not None else None
@@ -287,6 +291,9 @@ class LocalBackend(LLMBackend):
             inputs = self._tokenizer.apply_chat_template(
                 request.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
             )
+            if request.reply_start:  # the reply's first words, decided already: the model writes on
+                start = self._tokenizer(request.reply_start, add_special_tokens=False, return_tensors="pt")
+                inputs = {k: torch.cat([inputs[k], start[k]], dim=1) for k in ("input_ids", "attention_mask")}
             # The same processors as the batching engine, in its order (the warpers among them).
             processors = logits_processors(
                 request, prompt_length=int(inputs["input_ids"].shape[1]), vocab=self._vocab,

@@ -10,6 +10,6 @@
 """
 
 from agent_core.memory.facts import MAX_NOTE_CHARS
-from agent_core.memory.keeper import Handled, Memory, listing
+from agent_core.memory.keeper import Handled, Memory, Recalled, listing
 
-__all__ = ["MAX_NOTE_CHARS", "Handled", "Memory", "listing"]
+__all__ = ["MAX_NOTE_CHARS", "Handled", "Memory", "Recalled", "listing"]

@@ -22,8 +22,8 @@ from agent_core.config import AgentSettings, MemorySettings
 from agent_core.memory.embedder import Embedder, EmbedderUnavailable, from_text, to_text
 from agent_core.memory.facts import Fact, explicit_note, extract_facts, holds_secret, second_person, third_person
 from agent_core.memory.model_facts import ModelFacts
-from agent_core.memory.questions import answers, asks_to_forget_that, asks_to_list, direct_question
-from agent_core.memory.recall import KIND_QUESTIONS, Candidate, relevant
+from agent_core.memory.questions import answers, asks_something, asks_to_forget_that, asks_to_list, direct_question
+from agent_core.memory.recall import KIND_QUESTIONS, LEAD_ABOVE, LEAD_KINDS, Candidate, kind_of, lead, relevant
 from agent_core.stores import MemoryStore
 from storage.rows import MemoryNote
 
@@ -35,6 +35,14 @@ SECRET = ("I don't keep passwords, card or account numbers or other secrets, so 
           "Please don't send them in a chat.")  # fmt: skip
 NOTHING_TO_FORGET = "I haven't kept anything from what you said just now. /forget lists your notes and deletes one."
 NO_NOTES = "I don't know anything about you yet beyond this chat. Tell me, or use /remember <text>."
+
+
+@dataclass(frozen=True)
+class Recalled:
+    """The notes for a reply's prompt, and its first words when one of them surely matters."""
+
+    notes: list[str]
+    lead: str = ""  # "Since you are vegetarian," (for a backend that continues a reply; else unused)
 
 
 @dataclass(frozen=True)
@@ -118,13 +126,14 @@ class Memory:
     def recalls_in(self, chat_kind: str) -> bool:
         return chat_kind == "private" or self.settings.recall_in_groups
 
-    async def recall(self, user_id: int, text: str, chat_kind: str = "private") -> list[str]:
-        """The notes relevant to ``text``, best first (none in a group chat unless ``recall_in_groups``)."""
+    async def recall(self, user_id: int, text: str, chat_kind: str = "private") -> Recalled:
+        """The notes relevant to ``text``, best first (none in a group chat unless
+        ``recall_in_groups``), and how a reply to it starts when one of them surely matters."""
         if not self.recalls_in(chat_kind) or self.agent.memory_notes <= 0:
-            return []
+            return Recalled([])
         notes = await self.store.note_candidates(user_id, text)
         if not notes:
-            return []
+            return Recalled([])
         query: np.ndarray | None = None
         if self.by_meaning and self.embedder is not None:
             missing = [n for n in notes if n.embedding is None or from_text(n.embedding) is None]
@@ -142,7 +151,12 @@ class Memory:
         ]  # fmt: skip
         chosen = relevant(candidates, query, self._kinds, cap=self.agent.memory_notes,
                           threshold=self.agent.memory_threshold)  # fmt: skip
-        return [c.text for c in chosen]
+        start = ""
+        if chosen and query is not None and asks_something(text) and direct_question(text) is None:
+            best, note = chosen[0]
+            if best >= self.agent.memory_threshold + LEAD_ABOVE and kind_of(note.slot) in LEAD_KINDS:
+                start = lead(note.text)
+        return Recalled([c.text for _, c in chosen], start)
 
     # --- what a message gives memory ----------------------------------------------------------
 

@@ -25,6 +25,18 @@ _FORGET_THAT = re.compile(
 )
 
 
+_REQUEST = re.compile(
+    r"^\s*(?:any|suggest|recommend|give|help|plan|tell|write|show|find|what|how|which|where|when|should|can|could|"
+    r"would|is|are|do|does|ideas?|tips?)\b",
+    re.I,
+)
+
+
+def asks_something(text: str) -> bool:
+    """Whether ``text`` asks a question or for something (an answer can start from a note)."""
+    return "?" in text or bool(_REQUEST.match(text))
+
+
 def asks_to_list(text: str) -> bool:
     """ "what do you know about me?" """
     return bool(_LIST.match(text.strip()))

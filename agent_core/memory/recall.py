@@ -15,10 +15,13 @@ question needs from the rest better than either part alone or their maximum.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from agent_core.memory.facts import second_person
 
 # What a note of each kind helps with, as the questions people ask (matched by meaning).
 KIND_QUESTIONS: dict[str, tuple[str, ...]] = {
@@ -133,6 +136,13 @@ KIND_QUESTIONS: dict[str, tuple[str, ...]] = {
         "How can I get better at my hobby?",
     ),
 }
+# A reply to a request starts from the best note ("Since you are vegetarian, ..."), so that a
+# 135M model uses it, when recall by meaning is this sure of it (above the threshold) and
+# the note is of a kind that changes an answer.
+LEAD_ABOVE = 0.25
+LEAD_KINDS = {"diet", "allergy", "health", "home", "pet", "taste", "hobby", "plan", "birthday", "work", "study",
+              "favourite", "language", "vehicle", "family"}  # fmt: skip
+_ASIDE = re.compile(r"\s*\([^)]*\)")
 KEYWORD_BONUS = 0.25  # a shared word (not a stop word) counts this much on top of the meaning
 BEHIND_BEST = 0.25  # a note this much less relevant than the best one stays out (it would only distract)
 
@@ -166,10 +176,17 @@ def score(candidate: Candidate, query: np.ndarray | None, kinds: Mapping[str, np
 def relevant(
     candidates: Sequence[Candidate], query: np.ndarray | None, kinds: Mapping[str, np.ndarray], *, cap: int,
     threshold: float,
-) -> list[Candidate]:  # fmt: skip
-    """The notes to recall for the message, best first: at most ``cap``, each at least ``threshold``."""
+) -> list[tuple[float, Candidate]]:  # fmt: skip
+    """The notes to recall for the message, best first, with their scores: at most ``cap``,
+    each at least ``threshold``."""
     scored = [(score(c, query, kinds), c) for c in candidates]
     best = max((s for s, _ in scored), default=0.0)
     kept = [(s, c) for s, c in scored if s >= threshold and s >= best - BEHIND_BEST]
     kept.sort(key=lambda sc: -sc[0])
-    return [c for _, c in kept[: max(cap, 0)]]
+    return kept[: max(cap, 0)]
+
+
+def lead(note: str) -> str:
+    """The reply's first words from a note it should use: "They are vegetarian." -> "Since you are vegetarian," """
+    said = second_person(_ASIDE.sub("", note)).strip().rstrip(".!")
+    return f"Since {said},"
