@@ -218,10 +218,16 @@ async def run_arm(arm: str, users: list[User], sampled: set[tuple[int, int]], re
                     notes = got.notes
                     needed = [current_keys(user.facts[i], i in corrected) for i in turn.facts]
                     others = [current_keys(f, i in corrected) for i, f in enumerate(user.facts) if i not in turn.facts]
+                    weights: list[tuple[float, Any]] = []
+                    if hasattr(memory, "weigh"):  # every note's relevance, for the threshold-free figures
+                        weights = (await memory.weigh(user_id, turn.text))[0]
                     entry: dict[str, Any] = {
                         "user": u, "kind": turn.kind, "question": turn.text,
                         "recalled": bool(needed) and all(any(contains(n, k) for n in notes) for k in needed),
                         "any_note": bool(notes), "notes": notes, "lead": got.lead,
+                        "needed_score": min((max((w for w, c in weights if contains(c.text, k)), default=0.0)
+                                             for k in needed), default=None),
+                        "best_score": max((w for w, _ in weights), default=0.0),
                     }  # fmt: skip
                     if real_reply and reply is not None:
                         entry["reply"] = reply.text
@@ -250,6 +256,19 @@ def summarize(questions: list[dict[str, Any]], captured: list[dict[str, Any]], s
         return sum(bool(r[key]) for r in rows) / len(rows) if rows else None
 
     by_kind = {k: [q for q in questions if q["kind"] == k] for k in KINDS}
+    negatives = sorted(q["best_score"] for q in by_kind["none"])
+    at_5 = negatives[min(len(negatives) - 1, int(0.95 * len(negatives)))] if negatives else 0.0
+
+    def separation(kind: str) -> dict[str, float | None]:
+        """Threshold-free: how often the needed note outscores every note of a question that
+        needs none (AUC), and the share recalled at the threshold that leaks on 5 % of those."""
+        positives = [q["needed_score"] for q in by_kind[kind] if q["needed_score"] is not None]
+        if not positives or not negatives:
+            return {"auc": None, "recall_at_leak_5": None}
+        wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+        return {"auc": wins / (len(positives) * len(negatives)),
+                "recall_at_leak_5": sum(p > at_5 for p in positives) / len(positives)}  # fmt: skip
+
     replied = [q for q in questions if "reply" in q]
     ms = sorted(s * 1000 for s in spent)
     return {
@@ -257,6 +276,7 @@ def summarize(questions: list[dict[str, Any]], captured: list[dict[str, Any]], s
         "capture_corrected": share([c for c in captured if c["corrected"]], "kept"),
         "recall_at_prompt": {k: share(by_kind[k], "recalled") for k in ("direct", "meaning")},
         "leak_rate": share(by_kind["none"], "any_note"),
+        "separation": {k: separation(k) for k in ("direct", "meaning")},
         "fact_in_reply": {
             k: share([q for q in by_kind[k] if "reply" in q], "fact_in_reply") for k in ("direct", "meaning")
         },
@@ -360,6 +380,12 @@ def main() -> None:
     print(report.table(["arm", "capture", "recall direct", "recall meaning", "leak (none)", "fact in reply direct",
                         "fact in reply meaning", "note leak in reply", "spurious notes/user", "ms/msg",
                         "ms/msg p95"], rows))  # fmt: skip
+    sep = [[arm, _pct(r["separation"]["direct"]["auc"]), _pct(r["separation"]["meaning"]["auc"]),
+            _pct(r["separation"]["meaning"]["recall_at_leak_5"])]
+           for arm, r in data["arms"].items() if r["separation"]["meaning"]["auc"] is not None]  # fmt: skip
+    if sep:
+        print("relevance without a threshold: AUC of the needed note against the best note of a question needing none")
+        print(report.table(["arm", "AUC direct", "AUC meaning", "meaning recalled at 5 % leak"], sep))
     for key, goal in data["goals"].items():
         print(f"  goal {key}: {goal['value']} vs {goal['goal']}: {'met' if goal['met'] else 'NOT met'}")
     data["params"] = {**vars(args), "json": str(args.json) if args.json else None}

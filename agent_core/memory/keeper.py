@@ -23,7 +23,16 @@ from agent_core.memory.embedder import Embedder, EmbedderUnavailable, from_text,
 from agent_core.memory.facts import Fact, explicit_note, extract_facts, holds_secret, second_person, third_person
 from agent_core.memory.model_facts import ModelFacts
 from agent_core.memory.questions import answers, asks_something, asks_to_forget_that, asks_to_list, direct_question
-from agent_core.memory.recall import KIND_QUESTIONS, LEAD_ABOVE, LEAD_KINDS, Candidate, kind_of, lead, relevant
+from agent_core.memory.recall import (
+    KIND_QUESTIONS,
+    LEAD_ABOVE,
+    LEAD_KINDS,
+    Candidate,
+    kind_of,
+    lead,
+    relevant,
+    score,
+)
 from agent_core.stores import MemoryStore
 from storage.rows import MemoryNote
 
@@ -131,14 +140,25 @@ class Memory:
         ``recall_in_groups``), and how a reply to it starts when one of them surely matters."""
         if not self.recalls_in(chat_kind) or self.agent.memory_notes <= 0:
             return Recalled([])
+        candidates, by_meaning = await self.weigh(user_id, text)
+        chosen = relevant(candidates, cap=self.agent.memory_notes, threshold=self.agent.memory_threshold)
+        start = ""
+        if chosen and by_meaning and asks_something(text) and direct_question(text) is None:
+            best, note = chosen[0]
+            if best >= self.agent.memory_threshold + LEAD_ABOVE and kind_of(note.slot) in LEAD_KINDS:
+                start = lead(note.text)
+        return Recalled([c.text for _, c in chosen], start)
+
+    async def weigh(self, user_id: int, text: str) -> tuple[list[tuple[float, Candidate]], bool]:
+        """Each of the user's notes with its relevance to ``text`` (recall.score), and whether
+        that went by meaning (the embedding model is in) or by keywords alone."""
         notes = await self.store.note_candidates(user_id, text)
         if not notes:
-            return Recalled([])
+            return [], False
         query: np.ndarray | None = None
         if self.by_meaning and self.embedder is not None:
             missing = [n for n in notes if n.embedding is None or from_text(n.embedding) is None]
-            texts = [text] + [n.text for n in missing]
-            vectors = await self.embedder.aembed(texts)
+            vectors = await self.embedder.aembed([text] + [n.text for n in missing])
             query = vectors[0]
             filled = {n.id: to_text(v) for n, v in zip(missing, vectors[1:], strict=True)}
             for note_id, vector in filled.items():  # kept before the model was in: stored now
@@ -149,14 +169,7 @@ class Memory:
                       n.keyword)
             for n in notes
         ]  # fmt: skip
-        chosen = relevant(candidates, query, self._kinds, cap=self.agent.memory_notes,
-                          threshold=self.agent.memory_threshold)  # fmt: skip
-        start = ""
-        if chosen and query is not None and asks_something(text) and direct_question(text) is None:
-            best, note = chosen[0]
-            if best >= self.agent.memory_threshold + LEAD_ABOVE and kind_of(note.slot) in LEAD_KINDS:
-                start = lead(note.text)
-        return Recalled([c.text for _, c in chosen], start)
+        return [(score(c, query, self._kinds), c) for c in candidates], query is not None
 
     # --- what a message gives memory ----------------------------------------------------------
 

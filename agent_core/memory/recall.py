@@ -173,13 +173,9 @@ def score(candidate: Candidate, query: np.ndarray | None, kinds: Mapping[str, np
     return itself + kind + bonus
 
 
-def relevant(
-    candidates: Sequence[Candidate], query: np.ndarray | None, kinds: Mapping[str, np.ndarray], *, cap: int,
-    threshold: float,
-) -> list[tuple[float, Candidate]]:  # fmt: skip
-    """The notes to recall for the message, best first, with their scores: at most ``cap``,
-    each at least ``threshold``."""
-    scored = [(score(c, query, kinds), c) for c in candidates]
+def relevant(scored: Sequence[tuple[float, Candidate]], *, cap: int, threshold: float) -> list[tuple[float, Candidate]]:
+    """The notes to recall for the message, best first, from each note's :func:`score`: at
+    most ``cap``, each at least ``threshold`` and not far behind the best."""
     best = max((s for s, _ in scored), default=0.0)
     kept = [(s, c) for s, c in scored if s >= threshold and s >= best - BEHIND_BEST]
     kept.sort(key=lambda sc: -sc[0])
