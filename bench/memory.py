@@ -226,8 +226,8 @@ async def run_arm(arm: str, users: list[User], sampled: set[tuple[int, int]], re
                         "recalled": bool(needed) and all(any(contains(n, k) for n in notes) for k in needed),
                         "any_note": bool(notes), "notes": notes, "lead": got.lead,
                         "needed_score": min((max((w for w, c in weights if contains(c.text, k)), default=0.0)
-                                             for k in needed), default=None),
-                        "best_score": max((w for w, _ in weights), default=0.0),
+                                             for k in needed), default=None) if weights else None,
+                        "best_score": max((w for w, _ in weights), default=0.0) if weights else None,
                     }  # fmt: skip
                     if real_reply and reply is not None:
                         entry["reply"] = reply.text
@@ -256,7 +256,7 @@ def summarize(questions: list[dict[str, Any]], captured: list[dict[str, Any]], s
         return sum(bool(r[key]) for r in rows) / len(rows) if rows else None
 
     by_kind = {k: [q for q in questions if q["kind"] == k] for k in KINDS}
-    negatives = sorted(q["best_score"] for q in by_kind["none"])
+    negatives = sorted(q["best_score"] for q in by_kind["none"] if q["best_score"] is not None)
     at_5 = negatives[min(len(negatives) - 1, int(0.95 * len(negatives)))] if negatives else 0.0
 
     def separation(kind: str) -> dict[str, float | None]:

@@ -85,6 +85,9 @@ def listing(notes: list[MemoryNote], heading: str) -> str:
 
 
 class Memory:
+    """The user's long-term notes, as the message pipeline uses them: :meth:`recall` before
+    the reply, :meth:`take` on every stored message, :meth:`remember` for ``/remember``."""
+
     def __init__(
         self, store: MemoryStore, settings: MemorySettings, agent: AgentSettings, model: ModelFacts | None = None
     ) -> None:

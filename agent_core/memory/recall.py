@@ -140,7 +140,7 @@ KIND_QUESTIONS: dict[str, tuple[str, ...]] = {
 # 135M model uses it, when recall by meaning is this sure of it (above the threshold) and
 # the note is of a kind that changes an answer.
 LEAD_ABOVE = 0.25
-LEAD_KINDS = {"diet", "allergy", "health", "home", "pet", "taste", "hobby", "plan", "birthday", "work", "study",
+LEAD_KINDS = {"name", "diet", "allergy", "health", "home", "pet", "taste", "hobby", "plan", "birthday", "work", "study",
               "favourite", "language", "vehicle", "family"}  # fmt: skip
 _ASIDE = re.compile(r"\s*\([^)]*\)")
 KEYWORD_BONUS = 0.25  # a shared word (not a stop word) counts this much on top of the meaning
