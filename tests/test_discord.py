@@ -116,10 +116,10 @@ async def test_every_application_command_answers(bot: DiscordConnector, fake: Fa
     assert callbacks[0]["type"] == 4
     assert callbacks[0]["data"]["content"] == "Set tone to formal." and callbacks[0]["data"]["flags"] == 64
     commands = [
-        ("remember", [{"name": "text", "type": 3, "value": "I live in Oslo"}], "I'll remember that"),
+        ("remember", [{"name": "text", "type": 3, "value": "I live in Oslo"}], "Noted: you live in Oslo."),
         ("help", [], "/prefs"),
         ("stats", [], "Messages: 0 from you"),
-        ("forget", [], "I live in Oslo"),
+        ("forget", [], "You live in Oslo."),
         ("prefs", [], "tone: formal"),
         ("link", [], "Your link code"),
         ("admin", [{"name": "action", "type": 3, "value": "stats"}], "Only an admin"),  # ann is not one
@@ -134,7 +134,7 @@ async def test_every_application_command_answers(bot: DiscordConnector, fake: Fa
     export = callbacks[-1]
     assert export["payload_json"]["data"]["flags"] == 64
     document = json.loads(export["files[0]"])
-    assert document["memories"][0]["text"] == "I live in Oslo"
+    assert document["memories"][0]["text"] == "They live in Oslo."
 
 
 async def test_a_sent_message_can_be_edited(bot: DiscordConnector, fake: FakeDiscord) -> None:

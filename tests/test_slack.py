@@ -113,8 +113,8 @@ async def test_the_slash_command_is_acknowledged_and_answered_ephemerally(bot: S
         responses = await fake.wait_for("responses", n)  # one at a time: each may depend on the last
     texts = [r["text"] for r in responses]
     assert any("/prefs" in t and "/export" in t for t in texts)  # empty text: help
-    assert any('"text": "I live in Oslo"' in t for t in texts)  # the export's JSON
-    assert any("#1: I live in Oslo" in t for t in texts) and any("Reactions: 0" in t for t in texts)
+    assert any('"text": "They live in Oslo."' in t for t in texts)  # the export's JSON
+    assert any("#1: You live in Oslo." in t for t in texts) and any("Reactions: 0" in t for t in texts)
     assert any("Your link code" in t for t in texts)
     assert any("Unknown command /dance" in t for t in texts)
     assert all(r["response_type"] == "ephemeral" for r in responses)

@@ -117,16 +117,16 @@ async def test_commands_work_and_personal_answers_in_groups_go_private(
     await fake.push_text(ANN, ANN, "/prefs tone formal")
     assert (await fake.wait_sent(1))[0]["text"] == "Set tone to formal."
     await fake.push_text(ANN, ANN, "/remember I like tea")
-    assert "I'll remember that" in (await fake.wait_sent(2))[1]["text"]
+    assert (await fake.wait_sent(2))[1]["text"].startswith("Noted: you like tea.")
     await fake.push_text(ANN, ANN, "/start")
     assert "/prefs" in (await fake.wait_sent(3))[2]["text"]
     await fake.push_text(ANN, ANN, "/forget")
-    assert "I like tea" in (await fake.wait_sent(4))[3]["text"]
+    assert "You like tea." in (await fake.wait_sent(4))[3]["text"]
     await fake.push_text(ANN, ANN, "/link")
     assert "Your link code" in (await fake.wait_sent(5))[4]["text"]
     await fake.push_text(ANN, ANN, "/export")
     documents = await fake.wait_sent(1, "sendDocument")
-    assert json.loads(documents[0]["document"])["memories"][0]["text"] == "I like tea"
+    assert json.loads(documents[0]["document"])["memories"][0]["text"] == "They like tea."
     await fake.push_text(GROUP, ANN, "/stats@attune_bot")
     sent = await fake.wait_sent(8)  # the export's text went before its document
     private, note = sent[-2], sent[-1]

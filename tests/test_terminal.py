@@ -90,8 +90,8 @@ def test_attune_chat_reads_a_script_from_stdin(tmp_path: Path, tiny_model_dir: P
     out = result.stdout.splitlines()
     assert out[0].startswith("attune> ") and len(out[0]) > len("attune> ")
     assert out[1] == "(reacted 👍 to the last reply: reward +1.00)"
-    assert "I'll remember that" in result.stdout
+    assert "Noted: you like tea." in result.stdout
     assert "Messages: 1 from you, 1 replies from me." in result.stdout
     assert "Reactions: 1; reward +1.00" in result.stdout
     assert query(tmp_path, "SELECT platform_user_id FROM identities") == [("alice",)]
-    assert query(tmp_path, "SELECT text FROM memories") == [("I like tea",)]
+    assert query(tmp_path, "SELECT text FROM memories") == [("They like tea.",)]

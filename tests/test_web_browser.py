@@ -141,7 +141,7 @@ async def test_two_browsers_are_two_users_with_separate_memory(
     web, url = site
     first = await _open_chat(browser, url)
     await _say(first, "/remember my secret is blue")
-    await expect(first.locator("li.message.bot").last).to_contain_text("I'll remember that")
+    await expect(first.locator("li.message.bot").last).to_contain_text("Noted: your secret is blue.")
     second = await _open_chat(browser, url)
     await expect(second.locator("li.message")).to_have_count(0)  # no history of the first
     await _say(second, "/forget")
