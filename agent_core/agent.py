@@ -107,7 +107,10 @@ class Agent:
         """Start the backend in the background (``llm.start()``), so that the platforms
         connect meanwhile: a reply waits for the model, a page or a command does not."""
         self.model_loading = asyncio.ensure_future(self.llm.start())
-        self.memory.start()  # the embedding model, in the background too (recall uses keywords meanwhile)
+        # Then the embedding model, in the background too (recall uses keywords meanwhile); not
+        # beside the local model: transformers' loading patches process-wide state, and two
+        # models loading at once in two threads left the chat model's weights wrong.
+        self.model_loading.add_done_callback(lambda _: self.memory.start())
         return self.model_loading
 
     async def _model_ready(self) -> bool:

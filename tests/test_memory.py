@@ -7,6 +7,7 @@ the recording backend; recall by meaning with the real all-MiniLM-L6-v2 (loaded 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -240,6 +241,30 @@ async def test_keyword_recall_serves_until_the_embedding_model_is_in(agent: Agen
     assert "Their cat is called Zorblax." in notes_in_prompt(agent)
     await say(agent, "What should I cook tonight?")
     assert notes_in_prompt(agent) == ""  # the newest note no longer goes into every prompt
+
+
+async def test_the_embedding_model_loads_after_the_chat_model(make_config: Callable[..., Config]) -> None:
+    """Not beside it: two transformers models loading at once in two threads left the chat
+    model's weights wrong (its replies were noise)."""
+    gate = asyncio.Event()
+
+    class SlowToLoad(RecordingBackend):
+        async def start(self) -> None:
+            await gate.wait()
+            await super().start()
+
+    agent = await open_agent(make_config(), llm=SlowToLoad())
+    try:
+        loading = agent.load_model()
+        await asyncio.sleep(0.1)
+        assert agent.memory.embedder is not None and agent.memory.embedder.loading is None
+        gate.set()
+        await loading
+        await asyncio.sleep(0)  # the done callback
+        assert agent.memory.embedder.loading is not None  # now it loads, in the background
+    finally:
+        await agent.close()
+    assert agent.memory.by_meaning  # close waited for it
 
 
 async def test_automatic_memory_can_be_turned_off(make_config: Callable[..., Config]) -> None:

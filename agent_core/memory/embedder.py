@@ -80,6 +80,22 @@ def from_text(text: str) -> np.ndarray | None:
     return vector if vector.shape == (DIM,) else None
 
 
+def _transformers_classes(tries: int = 10) -> tuple[Any, Any]:
+    """transformers' AutoModel and AutoTokenizer. Its lazy module is not safe to import from
+    two threads at once, and the local model loads in another thread at the same time: an
+    ImportError then is a race, not a missing package, so wait a moment and try again."""
+    for attempt in range(tries):
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5)
+            continue
+        return AutoModel, AutoTokenizer
+    raise AssertionError("unreachable")
+
+
 class Embedder:
     """Normalized sentence vectors; cosine similarity is their dot product."""
 
@@ -107,8 +123,7 @@ class Embedder:
         try:
             directory = model_dir()
             verify(directory)
-            from transformers import AutoModel, AutoTokenizer
-
+            AutoModel, AutoTokenizer = _transformers_classes()
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             model = AutoModel.from_pretrained(directory, local_files_only=True).eval()
         except EmbedderUnavailable as exc:
