@@ -287,9 +287,10 @@ async def test_a_reply_is_shown_as_it_is_written_by_editing_at_the_set_rate(
         assert all(later - earlier >= 0.09 for earlier, later in itertools.pairwise(drafts))
         assert len(fake.sent()) == 1  # one message, edited; not a second one
         query = "SELECT platform_message_id, text FROM messages WHERE role = 'assistant'"
+        # reactions on it find the reply: its id is recorded once Telegram answered the send
+        assert await recorded_reply_id(agent) == fake.sent("editMessageText")[-1]["message_id"]
         stored = await agent.store.db.fetchone(query)
         assert stored is not None and stored[1] == words
-        assert stored[0] == fake.sent("editMessageText")[-1]["message_id"]  # reactions on it find the reply
     finally:
         await connector.stop()
         await agent.close()
