@@ -70,8 +70,9 @@ class NightlyScheduler:
         self.settings = settings
         self.runs = 0  # nightly runs started by this scheduler
         self._task: asyncio.Task[Any] | None = None  # the run under way, if any
-        sqlite = {"connect_args": {"timeout": 30}} if database_url.startswith("sqlite") else {}
-        store = SQLAlchemyJobStore(url=database_url, tablename="scheduler_jobs", engine_options=sqlite)
+        # PostgreSQL: a connection the server dropped (a restart) is noticed and replaced before use.
+        options = {"connect_args": {"timeout": 30}} if database_url.startswith("sqlite") else {"pool_pre_ping": True}
+        store = SQLAlchemyJobStore(url=database_url, tablename="scheduler_jobs", engine_options=options)
         self.scheduler = AsyncIOScheduler(
             jobstores={"default": store},
             job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},

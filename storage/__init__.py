@@ -5,7 +5,7 @@ import sqlite3
 
 import psycopg
 
-from storage.database import Database, DatabaseError
+from storage.database import Database, DatabaseError, Unavailable
 from storage.postgres import PostgresDatabase
 from storage.rows import MemoryNote, Received, ReplyContext, ReplyRef, Unanswered
 from storage.sqlite import SqliteDatabase
@@ -13,7 +13,7 @@ from storage.store import Store
 from storage.training import AdapterRow
 
 # What a database raises when it cannot take a write now (locked, disk full, server gone).
-UNAVAILABLE: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.OperationalError)
+UNAVAILABLE: tuple[type[Exception], ...] = (Unavailable, sqlite3.OperationalError, psycopg.OperationalError)
 
 __all__ = [
     "UNAVAILABLE",
@@ -28,4 +28,5 @@ __all__ = [
     "SqliteDatabase",
     "Store",
     "Unanswered",
+    "Unavailable",
 ]

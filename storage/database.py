@@ -37,6 +37,19 @@ class DatabaseError(Exception):
     """The database cannot be used as it is (with a message saying why and what to do)."""
 
 
+class Unavailable(Exception):
+    """The database cannot take this request now, for a while: its server went away (the
+    engine is reconnecting) or another process holds it exclusively. The engine has
+    logged the outage once; callers tell the person and log no more than a short line.
+
+    ``maybe_committed``: the connection was lost at the write's COMMIT, so it may have
+    been stored; otherwise nothing of it was written, and it may be tried again later."""
+
+    def __init__(self, message: str, *, maybe_committed: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_committed = maybe_committed
+
+
 class Cursor(Protocol):
     rowcount: int
 
@@ -121,6 +134,10 @@ class Database(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """A trivial read: raises if the database cannot be reached now."""
+        await self.fetchone("SELECT 1")
 
     # --- the encryption key, shared by both engines --------------------------------
 

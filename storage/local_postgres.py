@@ -75,12 +75,26 @@ class LocalPostgres:
             shutil.chown(self.root, "postgres", "postgres")
         self._run(binaries / "initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
                   "--no-locale")  # fmt: skip
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again) on its data directory and port."""
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
         if not self.durable:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        self._run(binaries / "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"),
+        self._run(server_bin() / "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"),
                   "-w", "-t", "60", "start")  # fmt: skip
-        return self
+
+    def halt(self) -> None:
+        """Stop the server as an operator's restart or a fail-over does (``-m fast``: every
+        client connection is cut), keeping its data: :meth:`resume` brings it back."""
+        self._run(server_bin() / "pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``, as an operator does it."""
+        self.halt()
+        self.resume()
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"

@@ -121,10 +121,13 @@ class SqliteDatabase(Database):
             await self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
+                await self.conn.execute("COMMIT")
             except BaseException:
-                await self.conn.execute("ROLLBACK")
+                # After a failed COMMIT (a full disk) SQLite may or may not have rolled back
+                # by itself; either way the transaction must not stay open.
+                if self.conn.in_transaction:
+                    await self.conn.execute("ROLLBACK")
                 raise
-            await self.conn.execute("COMMIT")
 
     async def scrub(self) -> bool:
         """Make deleted content unrecoverable from the files: merge the full-text index

@@ -66,22 +66,28 @@ class TrainingRecords:
     # --- the lock ------------------------------------------------------------------------
 
     async def acquire_lock(self, holder: str, ttl_s: float) -> bool:
-        """Take the training lock unless a live holder has it."""
+        """Take the training lock unless a live holder has it. A holder renews it every
+        ``ttl_s / 4`` (:meth:`renew_lock`); it is taken over only once it has been expired
+        for ``ttl_s / 4 + 5`` s more, so that a holder cut off from the database by an
+        outage shorter than ``ttl_s`` renews it before anyone can take it."""
         now = time.time()
+        stale_before = now - (ttl_s / 4 + 5.0)
         async with self.db.transaction() as conn:
             await conn.execute(
                 "INSERT INTO training_lock (id, holder, acquired_at, expires_at) VALUES (1, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, acquired_at = excluded.acquired_at,"
                 " expires_at = excluded.expires_at WHERE training_lock.expires_at < ?",
-                (holder, now, now + ttl_s, now),
+                (holder, now, now + ttl_s, stale_before),
             )
             row = next(iter(await conn.execute_fetchall("SELECT holder FROM training_lock WHERE id = 1")))
             return str(row[0]) == holder
 
-    async def renew_lock(self, holder: str, ttl_s: float) -> None:
-        await self.db.execute(
+    async def renew_lock(self, holder: str, ttl_s: float) -> bool:
+        """Extend ``holder``'s lock; False if it no longer holds it."""
+        cur = await self.db.execute(
             "UPDATE training_lock SET expires_at = ? WHERE id = 1 AND holder = ?", (time.time() + ttl_s, holder)
         )
+        return cur.rowcount == 1
 
     async def release_lock(self, holder: str) -> None:
         await self.db.execute("DELETE FROM training_lock WHERE id = 1 AND holder = ?", (holder,))

@@ -18,6 +18,8 @@ here makes it active. Runs left 'running' by a dead process are marked failed ne
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import os
 import shutil
@@ -28,24 +30,53 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from agent_core import reward_model
 from agent_core.config import Settings
 from agent_core.llm import model_cache_dir
-from agent_core.stores import TrainingStore
+from agent_core.stores import UNAVAILABLE, TrainingStore
 from agent_core.training.dataset import Example, Split, examples, split_by_time, summary, write_examples
 from agent_core.training.executors import Executor, WorkerFailed, create_executor
 from agent_core.training.redact import Redactor
 from storage.crypto import Key
+from storage.database import Unavailable
 from storage.training import AdapterRow, Candidate, RatedReply
 
 log = logging.getLogger(__name__)
 
 POPULATION = "population"
 MIN_TRAIN_LIKED = 2  # fewer liked training replies than this: the user keeps the population adapter
+
+
+class _Patient:
+    """The training's records, waiting out a database outage: a call refused before
+    anything of it could be written is tried again every second, for up to ``wait_s``
+    (half the lock's time-to-live, so the lock is still this run's when it is back)."""
+
+    def __init__(self, records: TrainingStore, wait_s: float) -> None:
+        self._records = records
+        self._wait_s = wait_s
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._records, name)
+        if not inspect.iscoroutinefunction(method):
+            return method
+
+        @functools.wraps(method)
+        async def patient(*args: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + self._wait_s
+            while True:
+                try:
+                    return await method(*args, **kwargs)
+                except Unavailable as exc:
+                    if exc.maybe_committed or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1.0)
+
+        return patient
 
 
 class TrainingBusy(Exception):
@@ -86,7 +117,7 @@ class TrainingJob:
     def __init__(self, records: TrainingStore, settings: Settings, model_dir: Callable[[], Path],
                  measured: Measured | None = None) -> None:  # fmt: skip
         """``measured``: told each user's steering strength as a distill night measures it."""
-        self.records = records
+        self.records = cast(TrainingStore, _Patient(records, wait_s=settings.training.lock_ttl_s / 2))
         self.measured = measured
         self.settings = settings
         self.training = settings.training
@@ -189,9 +220,29 @@ class TrainingJob:
             self._executor.cancel()
 
     async def _heartbeat(self, holder: str) -> None:
+        """Renew the lock every ``lock_ttl_s / 4``. Through a database outage it keeps
+        trying every second, and renews as soon as the database is back; if the lock was
+        lost meanwhile (not renewed within its time-to-live, or taken), the training stops."""
+        ttl = self.training.lock_ttl_s
+        renewed = time.monotonic()
         while True:
-            await asyncio.sleep(self.training.lock_ttl_s / 4)
-            await self.records.renew_lock(holder, self.training.lock_ttl_s)
+            await asyncio.sleep(ttl / 4)
+            while True:
+                try:
+                    held = await self.records.renew_lock(holder, ttl)
+                    break
+                except UNAVAILABLE as exc:
+                    if time.monotonic() - renewed > ttl:
+                        held = False
+                        break
+                    log.debug("the training lock could not be renewed yet (%s)", exc)
+                    await asyncio.sleep(1.0)
+            if not held:
+                log.error("the training lock was lost (not renewed within lock_ttl_s = %.0f s); this training "
+                          "stops, so that no other process trains the same users at the same time", ttl)  # fmt: skip
+                self.cancel()
+                return
+            renewed = time.monotonic()
 
     async def _train(self, tasks: list[Task], work: Path, progress: Progress) -> None:
         """The population's adapter first (users' start from it), then every user's, spread
