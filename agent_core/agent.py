@@ -14,6 +14,7 @@ import logging
 import math
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -49,17 +50,19 @@ from storage import (
     ReplyContext,
     Store,
     Unanswered,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
 
 OnText = Callable[[str], Awaitable[None]]
-APOLOGY = "Sorry, I couldn't come up with an answer just now. Your message is saved; please try again."
+APOLOGY = "Sorry, I couldn't come up with an answer just now. Your message is saved: I'll answer as soon as I can."
 NOT_SAVED = "Sorry, I couldn't save your message just now, so I haven't answered it. Please send it again."
 NOT_ALLOWED = "Sorry, this bot only talks with the people it was set up for."
 CUT_NOTE = "(Your message was longer than I can read: I answered its first {limit} characters.)"
-MISSED = ("Sorry, I stopped before I could answer this message, and it is too long ago to answer now. "
+MISSED = ("Sorry, I couldn't answer this message in time, and it is too long ago to answer now. "
           "Please send it again if it still matters.")  # fmt: skip
+DATABASE_DOWN = "Sorry, I can't reach my database just now; please try again in a moment."
 BUSY = "I'm answering a lot of people at once right now. Your message is saved; please try again in a minute."
 
 
@@ -102,6 +105,9 @@ class Agent:
         self.boot = secrets.token_hex(8)  # marks the messages this process has taken and not answered yet
         self.started_at = time.time()
         self.model_loading: asyncio.Future[None] | None = None  # set by load_model(); None: started by the caller
+        # per platform: set when a message's answer was deferred (the connector answers it later)
+        self.deferred: defaultdict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._claimed_again: list[Unanswered] = []  # claimed deferred messages whose answering failed
 
     def load_model(self) -> asyncio.Future[None]:
         """Start the backend in the background (``llm.start()``), so that the platforms
@@ -153,7 +159,7 @@ class Agent:
             async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
                 reply = await self._answer(msg, on_text)
         except UNAVAILABLE as exc:  # locked past busy_timeout_ms, disk full, server gone...
-            log.error("the database refused a message from %s:%s (%s)", msg.platform, msg.sender_id, exc)
+            _refused("a message", msg, exc)
             return Reply(text=NOT_SAVED, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         if cut and reply is not None:
             reply = dataclasses.replace(reply, text=f"{reply.text}\n\n{CUT_NOTE.format(limit=limit)}")
@@ -183,14 +189,15 @@ class Agent:
 
     async def _reply(
         self, msg: Message, received: Received, context: ReplyContext, recalled: Recalled, handled: Handled,
-        on_text: OnText | None,
-    ) -> Reply:  # fmt: skip
-        """Write the reply to a stored message and store it, or tell the person it failed."""
+        on_text: OnText | None, late: bool = False, told: bool = False,
+    ) -> Reply | None:  # fmt: skip
+        """Write the reply to a stored message and store it, or tell the person it failed.
+        ``late``: the message came earlier (left by a stopped process, or deferred);
+        ``told``: the person already knows its answer comes later (no second apology)."""
         if handled.reply is not None:  # memory answered it ("Noted: ...", "what do you know about me?")
-            return await self._memory_reply(msg, received, handled, on_text)
+            return await self._memory_reply(msg, received, handled, on_text, late)
         if not await self._model_ready():
-            await self.store.settle(received.message_id)
-            return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
+            return await self._defer(msg, received, told)
         notes, start = recalled.notes, recalled.lead if self.llm.continues else ""
         if handled.question:  # "remember that X. <question>": the model answers the question, knowing X
             msg = dataclasses.replace(msg, text=handled.question)
@@ -208,8 +215,7 @@ class Agent:
             await self.store.settle(received.message_id)
             return Reply(text=BUSY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
         if text is None:
-            await self.store.settle(received.message_id)
-            return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error")
+            return await self._defer(msg, received, told)
         observed = measure_style(text)  # what the user will read: the policy learns from this
         if handled.after and on_text is not None:
             await on_text("\n\n" + handled.after)
@@ -224,31 +230,59 @@ class Agent:
             observed=observed.as_dict(),
         )
         await self.policy.shown(style, observed)
-        return Reply(
-            text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id, style=style.as_dict()
-        )
+        return Reply(text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id,
+                     style=style.as_dict(), late=late)  # fmt: skip
 
-    async def _memory_reply(self, msg: Message, received: Received, handled: Handled, on_text: OnText | None) -> Reply:
+    async def _defer(self, msg: Message, received: Received, told: bool) -> Reply | None:
+        """The model could not answer: the message waits for a later answer
+        (:meth:`answer_unanswered`, once the model answers again). The person is told so
+        once, not again when a later try fails too (``told``)."""
+        await self.store.defer(received.message_id)
+        self.deferred[msg.platform].set()
+        if told:
+            return None
+        return Reply(text=APOLOGY, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="error", deferred=True)
+
+    async def _memory_reply(
+        self, msg: Message, received: Received, handled: Handled, on_text: OnText | None, late: bool
+    ) -> Reply:
         """A reply memory wrote by itself, stored like any reply (nothing learns from it)."""
         text = handled.reply or ""
         if on_text is not None and not handled.private:
             await on_text(text)
         reply_id = await self.store.add_reply(received, text=text, style=None, adapter_version=None, prompt=None)
         return Reply(text=text, chat_id=msg.chat_id, reply_id=reply_id, in_reply_to=msg.message_id,
-                     private=handled.private)  # fmt: skip
+                     private=handled.private, late=late)  # fmt: skip
 
-    # --- messages a stopped process left unanswered ---------------------------------------
+    # --- messages answered later: left by a stopped process, or deferred -------------------
 
     async def unanswered(self, platform: str) -> list[Unanswered]:
         """The messages of ``platform`` that a process which stopped (a crash, a kill) had
-        stored but not answered, now claimed by this one: answer each with
-        :meth:`answer_unanswered`. A message is claimed once, so it is answered once."""
+        stored but not answered, or whose answer was deferred, now claimed by this one:
+        answer each with :meth:`answer_unanswered`. A message is claimed once, so it is
+        answered once."""
         return await self.store.claim_unanswered(platform, self.boot, before=self.started_at)
 
+    async def next_deferred(self, platform: str) -> Unanswered | None:
+        """The oldest message of ``platform`` whose answer was deferred (the model could not
+        answer it), claimed by this process: answer it with :meth:`answer_unanswered`.
+        ``self.deferred[platform]`` is set whenever one is deferred."""
+        for i, missed in enumerate(self._claimed_again):
+            if missed.platform == platform:
+                return self._claimed_again.pop(i)
+        return await self.store.claim_deferred(platform, self.boot)
+
+    def try_again_later(self, missed: Unanswered) -> None:
+        """Answering ``missed`` failed on the way (the database away): it is still this
+        process's, and :meth:`next_deferred` gives it again."""
+        self._claimed_again.append(missed)
+        self.deferred[missed.platform].set()
+
     async def answer_unanswered(self, missed: Unanswered) -> Reply | None:
-        """The reply to a message a stopped process left: written now if it came within
-        ``[run] answer_missed_within_s``, else a notice that it was not answered (None: the
-        sender is no longer allowed)."""
+        """The late reply to a stored message: written now if it came within
+        ``[run] answer_missed_within_s``, else a notice that it was not answered; if the model
+        still cannot answer, it stays deferred and the apology is sent once. None: the sender
+        is no longer allowed, or was told already."""
         msg = Message(platform=missed.platform, chat_id=missed.platform_chat_id, sender_id=missed.platform_user_id,
                       sender_name=missed.display_name, chat_kind="group" if missed.chat_kind == "group" else "private",
                       event_id=missed.event_id, text=missed.text, message_id=missed.platform_message_id)  # fmt: skip
@@ -258,7 +292,7 @@ class Agent:
             return None
         if time.time() - missed.created_at > self.settings.run.answer_missed_within_s:
             await self.store.settle(received.message_id)
-            return Reply(text=MISSED, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="notice")
+            return Reply(text=MISSED, chat_id=msg.chat_id, in_reply_to=msg.message_id, kind="notice", late=True)
         async with self.one_at_a_time.hold((msg.platform, msg.sender_id, msg.chat_id)):
             context, recalled, _ = await asyncio.gather(
                 self._context(received.user_id, received.chat_id, before=missed.created_at),
@@ -267,7 +301,7 @@ class Agent:
             )  # fmt: skip
             # the stopped process may have kept its notes already: keeping them again replaces them
             handled = await self.memory.take(received.user_id, msg.text, msg.chat_kind, now=missed.created_at)
-            return await self._reply(msg, received, context, recalled, handled, None)
+            return await self._reply(msg, received, context, recalled, handled, None, late=True, told=missed.told)
 
     def _not_allowed(self, event: Message | Command) -> Reply | None:
         """Not on ``[access]``'s allowlists: a short answer in a private chat, silence elsewhere."""
@@ -351,6 +385,13 @@ class Agent:
         reaction = well_formed(reaction)
         if not self.access.allows(reaction.platform, reaction.sender_id, reaction.chat_id):
             return ReactionOutcome(stored=False)
+        try:
+            return await self._react(reaction)
+        except UNAVAILABLE as exc:  # a reaction has no reply to carry a refusal: the log says it was not stored
+            _refused("a reaction", reaction, exc)
+            return ReactionOutcome(stored=False)
+
+    async def _react(self, reaction: Reaction) -> ReactionOutcome:
         claimed = reaction.event_id is None or await self.store.claim_event(
             reaction.platform, reaction.event_id, reaction.chat_id
         )
@@ -379,13 +420,17 @@ class Agent:
         command = well_formed(command)
         if not self.access.allows(command.platform, command.sender_id, command.chat_id):
             return self._not_allowed(command)
-        if command.event_id is not None and not await self.store.claim_event(
-            command.platform, command.event_id, command.chat_id
-        ):
-            return None
-        user_id = await self.store.resolve_user(command.platform, command.sender_id, command.sender_name)
-        caller = Caller(user_id, command.platform, admin=self.access.is_admin(command.platform, command.sender_id))
-        result = await self.commands.run(caller, command.name, command.args)
+        try:
+            if command.event_id is not None and not await self.store.claim_event(
+                command.platform, command.event_id, command.chat_id
+            ):
+                return None
+            user_id = await self.store.resolve_user(command.platform, command.sender_id, command.sender_name)
+            caller = Caller(user_id, command.platform, admin=self.access.is_admin(command.platform, command.sender_id))
+            result = await self.commands.run(caller, command.name, command.args)
+        except UNAVAILABLE as exc:
+            _refused("a command", command, exc)
+            return Reply(text=DATABASE_DOWN, chat_id=command.chat_id, kind="error")
         return Reply(
             text=result.text,
             chat_id=command.chat_id,
@@ -397,7 +442,37 @@ class Agent:
     async def delivered(self, reply: Reply, platform_message_id: str) -> None:
         """The connector sent ``reply`` and the platform gave it this id."""
         if reply.reply_id is not None:
-            await self.store.set_platform_message_id(reply.reply_id, platform_message_id)
+            try:
+                await self.store.set_platform_message_id(reply.reply_id, platform_message_id)
+            except UNAVAILABLE as exc:  # the reply was sent; only a reaction on it will not find it
+                log.warning("could not record the platform id of reply %d (%s)", reply.reply_id, exc)
+
+    async def health(self) -> dict[str, Any]:
+        """Whether the database and the model can be used now, for ``GET /healthz`` and the
+        dashboard: ``{"ok": bool, "database": {"ok", "detail"}, "model": {"ok", "detail"}}``."""
+
+        async def database() -> str | None:
+            try:
+                async with asyncio.timeout(3.0):
+                    await self.store.db.ping()
+            except (*UNAVAILABLE, TimeoutError) as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return None
+
+        async def model() -> str | None:
+            loading = self.model_loading
+            if loading is not None and not loading.done():
+                return "loading"
+            if loading is not None and loading.exception() is not None:
+                return f"failed to load: {loading.exception()}"
+            return await self.llm.unreachable()
+
+        db_problem, model_problem = await asyncio.gather(database(), model())
+        parts = {
+            "database": {"ok": db_problem is None, "detail": db_problem or self.store.db.where},
+            "model": {"ok": model_problem is None, "detail": model_problem or self.llm.describe()},
+        }
+        return {"ok": all(p["ok"] for p in parts.values()), **parts}
 
     async def history(self, platform: str, user: str, chat: str, name: str = "") -> list[dict[str, Any]]:
         """This person's last messages in this chat, oldest first, each reply with the emoji
@@ -408,6 +483,15 @@ class Agent:
     async def set_display_name(self, platform: str, user: str, name: str) -> None:
         """The name a person chose for themselves (the web chat asks for one)."""
         await self.store.set_display_name(platform, user, name)
+
+
+def _refused(what: str, event: Event, exc: Exception) -> None:
+    """One line per refused event, no traceback; none during a database outage, which the
+    engine logs once when it starts and once when it ends."""
+    if isinstance(exc, Unavailable):
+        log.debug("refused %s from %s:%s (%s)", what, event.platform, event.sender_id, exc)
+    else:
+        log.error("the database refused %s from %s:%s (%s)", what, event.platform, event.sender_id, exc)
 
 
 def _event_fields(msg: Message) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class StorageSettings(Section):
     busy_timeout_ms: int = Field(default=5000, ge=0)
     synchronous: Literal["normal", "full"] = "normal"
     retention_days: int = Field(default=0, ge=0)  # delete messages older than this, daily; 0 = keep them
+    min_free_mb: int = Field(default=200, ge=0)  # `attune run` warns (at start, hourly) below this much free disk
 
     @property
     def data_path(self) -> Path:

@@ -72,6 +72,8 @@ class Reply:
     attachment: Attachment | None = None
     kind: Literal["answer", "command", "notice", "error"] = "answer"
     style: dict[str, str] = field(default_factory=dict)
+    deferred: bool = False  # the message is kept and will be answered later (this is the apology)
+    late: bool = False  # answers a message after other things were said: sent as a reply to it everywhere
 
 
 E = TypeVar("E", bound=Event)

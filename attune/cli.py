@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
+    from attune.disk_space import watch_free_space
     from bots import configured_connectors
     from bots.supervisor import run_connectors
     from bots.terminal import TerminalConnector
@@ -134,9 +135,11 @@ async def _serve(config: Config, *, user: str | None, chat: bool) -> int:
             nightly = NightlyScheduler(agent.training, config.settings.training, storage.sqlalchemy_url,
                                        prune=agent.store.delete_messages_before)  # fmt: skip
             nightly.start()
+        disk = asyncio.create_task(watch_free_space(config.settings))
         try:
             await run_connectors(connectors, config.settings.run, stop)
         finally:
+            disk.cancel()
             if nightly is not None:
                 await nightly.stop()
         if loading.done() and not loading.cancelled() and (failure := loading.exception()) is not None:

@@ -8,7 +8,10 @@ A connector knows its platform and nothing else; the core knows no platform. It:
 2. sends the :class:`~agent_core.events.Reply` it gets back and reports the platform's
    id of the sent message (:meth:`Connector.deliver`), so a later reaction finds the reply.
 3. once started, answers what a stopped process left unanswered on its platform
-   (:meth:`Connector.answer_unanswered`, called by the supervisor; nothing to write per platform).
+   (:meth:`Connector.answer_unanswered`), and, while it runs, the messages whose answer
+   was deferred because the model failed (:meth:`Connector.answer_deferred`); both are
+   started by the supervisor, with nothing to write per platform. Such late replies
+   carry ``Reply.late``: a connector sends them as a reply to their message.
 
 Required of every connector: :meth:`configured`, :meth:`start`, :meth:`stop`, :meth:`send`.
 
@@ -40,6 +43,8 @@ from bots.streaming import LiveReply
 log = logging.getLogger(__name__)
 
 TYPING_REFRESH_S = 4.0  # platforms show "typing" for about 5 s after each call
+DEFERRED_RETRY_S = 2.0  # a deferred answer is tried this long after the model failed, then
+DEFERRED_RETRY_MAX_S = 60.0  # backing off to this while it keeps failing
 
 P = ParamSpec("P")
 
@@ -97,6 +102,45 @@ class Connector(ABC):
                 log.exception("%s: could not answer a message left unanswered", self.platform)
 
         await asyncio.gather(*(one(m) for m in missed))
+
+    async def answer_deferred(self) -> None:
+        """Runs while the connector runs (the supervisor starts it): answers the messages
+        whose answer was deferred because the model could not write one, as soon as it
+        can again, each as a reply to its message. Tries again after
+        :data:`DEFERRED_RETRY_S`, backing off to :data:`DEFERRED_RETRY_MAX_S` while the model
+        still fails."""
+        waiting = self.agent.deferred[self.platform]
+        delay = DEFERRED_RETRY_S
+        while True:
+            await waiting.wait()
+            await asyncio.sleep(delay)
+            waiting.clear()
+            try:
+                done = await self._answer_deferred_now(waiting)
+            except Exception as exc:  # the database is away too: try again later
+                log.warning("%s: could not answer deferred messages yet (%s)", self.platform, exc)
+                waiting.set()
+                done = False
+            delay = DEFERRED_RETRY_S if done else min(delay * 2, DEFERRED_RETRY_MAX_S)
+
+    async def _answer_deferred_now(self, waiting: asyncio.Event) -> bool:
+        """Answer the deferred messages one by one, oldest first; False when the model
+        fails again (the message is deferred again, and ``waiting`` set)."""
+        answered = 0
+        while (missed := await self.agent.next_deferred(self.platform)) is not None:
+            try:
+                reply = await self.agent.answer_unanswered(missed)
+            except Exception:
+                self.agent.try_again_later(missed)
+                raise
+            if waiting.is_set():  # deferred again: the model still fails
+                await self.deliver(reply)  # the apology, for one never told (None for the others)
+                return False
+            await self.deliver(reply)
+            answered += 1
+        if answered:
+            log.info("%s: answered %d message(s) whose answer was deferred", self.platform, answered)
+        return True
 
     async def show_typing(self, chat_id: str) -> None:
         """Show that a reply is being written. Only called when :attr:`has_typing` is true."""

@@ -275,7 +275,8 @@ class DiscordConnector(Connector):
         assert self.client is not None
         channel = self.client.get_partial_messageable(int(reply.chat_id))
         reference = None
-        if reply.in_reply_to and int(reply.chat_id) not in self._dm_channels:
+        # A reply to the message in a server channel, and for a late answer in a DM too.
+        if reply.in_reply_to and (reply.late or int(reply.chat_id) not in self._dm_channels):
             reference = discord.MessageReference(
                 message_id=int(reply.in_reply_to), channel_id=int(reply.chat_id), fail_if_not_exists=False
             )

@@ -207,8 +207,9 @@ class SlackConnector(Connector):
 
     async def send(self, reply: Reply) -> str | None:
         ts = None
-        # Answer a mention in its thread (message_id is the thread's ts); DMs need no thread.
-        thread = reply.in_reply_to if not reply.chat_id.startswith("D") else None
+        # Answer a mention in its thread (message_id is the thread's ts); DMs need no thread,
+        # except for a late answer (other messages came in between).
+        thread = reply.in_reply_to if reply.late or not reply.chat_id.startswith("D") else None
         for chunk in self.chunks(_with_attachment(reply)):
             response = await self.app.client.chat_postMessage(channel=reply.chat_id, text=chunk, thread_ts=thread)
             ts = str(response["ts"])

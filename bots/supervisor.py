@@ -12,8 +12,11 @@ from bots.base import Connector
 log = logging.getLogger(__name__)
 
 
-async def _start_with_retries(connector: Connector, settings: RunSettings, started: list[Connector]) -> None:
-    """Start ``connector``; if it cannot connect, log it and try again with a growing delay."""
+async def _start_with_retries(
+    connector: Connector, settings: RunSettings, started: list[Connector], keepers: list[asyncio.Task[None]]
+) -> None:
+    """Start ``connector``; if it cannot connect, log it and try again with a growing delay.
+    Once started, it answers deferred messages for as long as it runs (``keepers``)."""
     delay = settings.retry_initial_s
     while True:
         try:
@@ -26,6 +29,7 @@ async def _start_with_retries(connector: Connector, settings: RunSettings, start
             continue
         started.append(connector)
         log.info("%s connector started", connector.platform)
+        keepers.append(asyncio.create_task(connector.answer_deferred()))
         try:  # what a stopped process left: answered before this task ends
             await connector.answer_unanswered()
         except Exception:
@@ -43,7 +47,8 @@ async def run_connectors(connectors: list[Connector], settings: RunSettings, sto
 
     One platform failing to connect never holds up or takes down the others."""
     started: list[Connector] = []
-    starters = [asyncio.create_task(_start_with_retries(a, settings, started)) for a in connectors]
+    keepers: list[asyncio.Task[None]] = []
+    starters = [asyncio.create_task(_start_with_retries(a, settings, started, keepers)) for a in connectors]
     all_finished = asyncio.create_task(_all_finished(connectors))
     stopped = asyncio.create_task(stop.wait())
     try:
@@ -51,7 +56,7 @@ async def run_connectors(connectors: list[Connector], settings: RunSettings, sto
         if not stopped.done():  # they ended by themselves: let the answers to messages left unanswered finish
             await asyncio.wait([asyncio.gather(*starters), stopped], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for task in [*starters, all_finished, stopped]:
+        for task in [*starters, *keepers, all_finished, stopped]:
             task.cancel()
         for connector in reversed(started):
             try:
@@ -59,4 +64,4 @@ async def run_connectors(connectors: list[Connector], settings: RunSettings, sto
             except Exception:
                 log.exception("%s did not stop cleanly", connector.platform)
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*starters, all_finished, stopped, return_exceptions=True)
+            await asyncio.gather(*starters, *keepers, all_finished, stopped, return_exceptions=True)

@@ -266,9 +266,10 @@ class TelegramConnector(Connector):
     async def send(self, reply: Reply) -> str | None:
         bot = self.app.bot
         chat_id = int(reply.chat_id)
-        # Quote the message answered in groups (negative ids), where several people talk.
+        # Quote the message answered in groups (negative ids), where several people talk, and
+        # a late answer everywhere (other messages came in between).
         quote = ReplyParameters(int(reply.in_reply_to), allow_sending_without_reply=True) if (
-            reply.in_reply_to and chat_id < 0
+            reply.in_reply_to and (chat_id < 0 or reply.late)
         ) else None  # fmt: skip
         sent = None
         for i, chunk in enumerate(self.chunks(reply.text)):

@@ -35,6 +35,7 @@ from agent_core.commands import parse_command
 from agent_core.config import Config, Section
 from agent_core.events import Command, Message, Reaction, Reply
 from agent_core.platforms import PlatformSpec, Secret
+from agent_core.stores import UNAVAILABLE
 from bots.base import Connector
 from bots.web_dashboard import Dashboard
 
@@ -109,7 +110,8 @@ class WebConnector(Connector):
         return self.settings.secure_cookies
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self.same_origin_posts])
+        app = web.Application(client_max_size=self.settings.max_body_bytes,
+                              middlewares=[self.database_refusals, self.same_origin_posts])  # fmt: skip
         app.on_response_prepare.append(_security_headers)
         app.router.add_get("/", self.chat_page)
         app.router.add_static("/static/", STATIC, append_version=True)
@@ -119,6 +121,7 @@ class WebConnector(Connector):
         app.router.add_post("/api/messages", self.message)
         app.router.add_post("/api/reactions", self.reaction)
         app.router.add_post("/api/commands", self.command)
+        app.router.add_get("/healthz", self.healthz)
         Dashboard(self.agent, self.config, self).add_routes(app)
         return app
 
@@ -183,6 +186,18 @@ class WebConnector(Connector):
             raise web.HTTPForbidden(text="missing or wrong CSRF token: GET /api/session first")
         return await handler(request)
 
+    @web.middleware
+    async def database_refusals(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """What the database cannot take now (its server away, a full disk) is a 503 with
+        a JSON reason and one log line, never a 500 with a traceback. (A message never
+        gets here: the agent answers it with the clear "couldn't save" reply.)"""
+        try:
+            return await handler(request)
+        except UNAVAILABLE as exc:
+            log.warning("web: %s %s refused: the database cannot be used now (%s)", request.method, request.path, exc)
+            body = {"error": "the database cannot be used just now; try again in a moment"}
+            return web.json_response(body, status=503, headers={"Retry-After": "5"})
+
     def _event(self, request: web.Request) -> dict[str, Any]:
         uid = self._uid(request)
         name = request.cookies.get("attune_name", "")[:MAX_NAME] or f"web user {uid[:6]}"
@@ -222,6 +237,12 @@ class WebConnector(Connector):
         response.set_cookie("attune_name", name, httponly=True, samesite="Strict",
                             secure=self.settings.secure_cookies, max_age=10 * 365 * 86400, path="/")  # fmt: skip
         return self.with_cookies(request, response)
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        """200 when the database and the model can be used, else 503; a short JSON body
+        says which part is not (for load balancers and operators)."""
+        health = await self.agent.health()
+        return web.json_response(health, status=200 if health["ok"] else 503, headers={"Cache-Control": "no-store"})
 
     async def history(self, request: web.Request) -> web.StreamResponse:
         event = self._event(request)
@@ -285,7 +306,8 @@ def _reply_json(reply: Reply | None) -> dict[str, Any] | None:
         attachment = {"filename": reply.attachment.filename, "mime": reply.attachment.mime,
                       "content": reply.attachment.content.decode(errors="replace")}  # fmt: skip
     message_id = str(reply.reply_id) if reply.reply_id is not None else None
-    return {"id": message_id, "text": reply.text, "kind": reply.kind, "style": reply.style, "attachment": attachment}
+    return {"id": message_id, "text": reply.text, "kind": reply.kind, "style": reply.style, "attachment": attachment,
+            "deferred": reply.deferred}  # fmt: skip
 
 
 def _line(data: dict[str, Any]) -> bytes:

@@ -23,6 +23,7 @@ from agent_core.agent import Agent
 from agent_core.config import Config
 from agent_core.operations import Outcome
 from agent_core.policy import REALISATION_WINDOW
+from agent_core.stores import UNAVAILABLE
 from agent_core.style import DIMENSIONS
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,14 @@ class Dashboard:
     async def page(self, request: web.Request) -> web.StreamResponse:
         if (refused := self._refusal(request)) is not None:
             return refused
-        data = await self.overview()
+        health = await self.agent.health()
+        try:
+            data = await self.overview()
+        except UNAVAILABLE as exc:  # the page still says what is down
+            log.warning("dashboard: the database cannot be read now (%s)", exc)
+            body = _health(health) + "<p>The database cannot be read now; the page shows it again once it is back.</p>"
+            return self.web.with_cookies(request, web.Response(text=_layout("attune dashboard", body),
+                                                               content_type="text/html", status=503))  # fmt: skip
         users: list[dict[str, Any]] = data["users"]
         names = {str(u["id"]): u["name"] for u in users}
         csrf = escape(self.web.csrf_token(request))
@@ -165,6 +173,7 @@ class Dashboard:
         parts = [
             f'<form method="post" action="/dashboard/logout" class="logout"><input type="hidden" name="csrf" '
             f'value="{csrf}"><button>Sign out</button></form>',
+            _health(health),
             f"<p class='model'>Model: {escape(data['model'])}</p>",
             f'<p class="notice" role="status">{escape(notice)}</p>' if notice else "",
             "<section><h2>Activity</h2>"
@@ -206,6 +215,14 @@ class Dashboard:
 
 
 # --- rendering (every value from users goes through escape) ----------------------------------
+
+
+def _health(health: dict[str, Any]) -> str:
+    """The line at the top: whether the database and the model can be used (as ``/healthz``)."""
+    parts = [f"{name}: {'ok' if health[name]['ok'] else 'DOWN'} ({escape(str(health[name]['detail']))})"
+             for name in ("database", "model")]  # fmt: skip
+    state = "ok" if health["ok"] else "down"
+    return f'<p class="health {state}" role="status" id="health">{" · ".join(parts)}</p>'
 
 
 def _layout(title: str, body: str) -> str:

@@ -15,6 +15,10 @@ from storage.training import AdapterRow
 
 log = logging.getLogger(__name__)
 
+# ``messages.awaiting_reply`` of a message whose answer was deferred: the model could not
+# answer it, and the person was told the answer comes as soon as it can.
+DEFERRED = "deferred"
+
 
 def _search_query(dialect: str, terms: list[str]) -> str | None:
     if not terms:
@@ -170,34 +174,58 @@ class Conversations(Tables):
         longer awaits one."""
         await self.db.execute("UPDATE messages SET awaiting_reply = NULL WHERE id = ?", (message_id,))
 
+    async def defer(self, message_id: int) -> None:
+        """The model could not answer now and the person was told the answer comes later:
+        the message awaits a reply from whichever process can write one
+        (:meth:`claim_deferred`, or :meth:`claim_unanswered` after a restart)."""
+        await self.db.execute("UPDATE messages SET awaiting_reply = ? WHERE id = ?", (DEFERRED, message_id))
+
+    _UNANSWERED = (
+        "SELECT m.id, m.user_id, m.chat_id, m.text, m.created_at, m.platform_message_id, m.event_id,"
+        " m.awaiting_reply, c.platform_chat_id, c.kind, i.platform_user_id, i.display_name"
+        " FROM messages m JOIN chats c ON c.id = m.chat_id"
+        " JOIN identities i ON i.user_id = m.user_id AND i.platform = c.platform"
+    )
+
     async def claim_unanswered(self, platform: str, owner: str, *, before: float) -> list[Unanswered]:
         """The messages of ``platform`` received before ``before`` that another process
-        (not ``owner``) took and never answered, oldest first, each now claimed by
-        ``owner``: a message is claimed by one process only (the update checks the old
-        owner), so none is answered twice."""
+        (not ``owner``) took and never answered, or that wait for a later answer, oldest
+        first, each now claimed by ``owner``: a message is claimed by one process only
+        (the update checks the old owner), so none is answered twice."""
         rows = await self.db.fetchall(
-            "SELECT m.id, m.user_id, m.chat_id, m.text, m.created_at, m.platform_message_id, m.event_id,"
-            " m.awaiting_reply, c.platform_chat_id, c.kind, i.platform_user_id, i.display_name"
-            " FROM messages m JOIN chats c ON c.id = m.chat_id"
-            " JOIN identities i ON i.user_id = m.user_id AND i.platform = c.platform"
-            " WHERE m.awaiting_reply IS NOT NULL AND m.awaiting_reply != ? AND m.created_at < ? AND c.platform = ?"
+            self._UNANSWERED
+            + " WHERE m.awaiting_reply IS NOT NULL AND m.awaiting_reply != ? AND m.created_at < ? AND c.platform = ?"
             " ORDER BY m.id",
             (owner, before, platform),
         )
-        claimed = []
-        for r in rows:
-            cur = await self.db.execute(
-                "UPDATE messages SET awaiting_reply = ? WHERE id = ? AND awaiting_reply = ?", (owner, r[0], r[7])
+        return [claimed for r in rows if (claimed := await self._claim(r, platform, owner)) is not None]
+
+    async def claim_deferred(self, platform: str, owner: str) -> Unanswered | None:
+        """The oldest message of ``platform`` whose answer was deferred (:meth:`defer`),
+        now claimed by ``owner``; None if there is none."""
+        while True:
+            rows = await self.db.fetchall(
+                self._UNANSWERED + " WHERE m.awaiting_reply = ? AND c.platform = ? ORDER BY m.id LIMIT 1",
+                (DEFERRED, platform),
             )
-            if cur.rowcount != 1:
-                continue  # another process claimed it first
-            claimed.append(Unanswered(
-                received=Received(user_id=int(r[1]), chat_id=int(r[2]), message_id=int(r[0])),
-                text=self.cipher.open(r[3], "messages.text"), created_at=float(r[4]), platform=platform,
-                platform_chat_id=str(r[8]), chat_kind=str(r[9]), platform_user_id=str(r[10]),
-                display_name=str(r[11] or ""), platform_message_id=r[5], event_id=r[6],
-            ))  # fmt: skip
-        return claimed
+            if not rows:
+                return None
+            claimed = await self._claim(rows[0], platform, owner)
+            if claimed is not None:
+                return claimed
+
+    async def _claim(self, r: Any, platform: str, owner: str) -> Unanswered | None:
+        cur = await self.db.execute(
+            "UPDATE messages SET awaiting_reply = ? WHERE id = ? AND awaiting_reply = ?", (owner, r[0], r[7])
+        )
+        if cur.rowcount != 1:
+            return None  # another process claimed it first
+        return Unanswered(
+            received=Received(user_id=int(r[1]), chat_id=int(r[2]), message_id=int(r[0])),
+            text=self.cipher.open(r[3], "messages.text"), created_at=float(r[4]), platform=platform,
+            platform_chat_id=str(r[8]), chat_kind=str(r[9]), platform_user_id=str(r[10]),
+            display_name=str(r[11] or ""), platform_message_id=r[5], event_id=r[6], told=r[7] == DEFERRED,
+        )  # fmt: skip
 
     async def set_platform_message_id(self, message_id: int, platform_message_id: str) -> None:
         await self.db.execute(

@@ -18,7 +18,9 @@ class Received:
 
 @dataclass(frozen=True)
 class Unanswered:
-    """A message stored by a process that stopped before answering it, claimed by this one."""
+    """A message stored but not answered, claimed by this process: left by a process that
+    stopped, or deferred because the model could not answer (``told``: the person was told
+    the answer comes later)."""
 
     received: Received
     text: str
@@ -30,6 +32,7 @@ class Unanswered:
     display_name: str
     platform_message_id: str | None
     event_id: str | None
+    told: bool = False
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,11 @@ def _check_after_crash(tmp_path: Path, config: Path) -> None:
     # Received and kept; no half-written reply.
     assert query(tmp_path, "SELECT role, text FROM messages") == [("user", MESSAGE)]
     # Start again: the bot opens the same database and knows the message; the model
-    # server is gone, so the person is told it could not answer (and it is not retried).
+    # server is gone, so the person is told it will be answered later (it is kept for that).
     out = _chat(config, tmp_path, "/stats\n")
     assert "Messages: 1 from you, 0 replies from me." in out
-    assert "couldn't come up with an answer" in out
-    assert query(tmp_path, "SELECT awaiting_reply FROM messages") == [(None,)]
+    assert "couldn't come up with an answer just now. Your message is saved: I'll answer as soon as I can." in out
+    assert query(tmp_path, "SELECT awaiting_reply FROM messages") == [("deferred",)]
     assert integrity(tmp_path) == "ok"
 
 

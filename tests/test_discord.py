@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from agent_core.agent import Agent
+from agent_core.agent import APOLOGY, NOT_SAVED, Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent
 from bots.discord import DiscordConnector
+from storage import Unavailable
 from tests.conftest import recorded_reply_id
 from tests.fakes.discord import BOT_USER, DM_CHANNEL, GUILD_CHANNEL, FakeDiscord
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
@@ -92,6 +93,33 @@ async def test_in_a_server_only_mentions_are_answered(bot: DiscordConnector, fak
     assert str(sent[0][1]["message_reference"]["message_id"]) == question["id"]
     await asyncio.sleep(0.3)
     assert len(fake.sent_messages()) == 1
+
+
+async def test_a_dm_the_model_could_not_answer_gets_the_late_answer_as_a_reply_and_a_database_outage_a_refusal(
+    bot: DiscordConnector, fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend: RecordingBackend = bot.agent.llm  # type: ignore[assignment]
+    backend.fail = True  # the model cannot answer
+    question = fake.message(DM_CHANNEL, ANN, "what is tea?")
+    await fake.dispatch("MESSAGE_CREATE", question)
+    sent = await fake.wait(fake.sent_messages, 1)
+    assert sent[0][1]["content"] == APOLOGY and "message_reference" not in sent[0][1]
+    backend.fail = False
+    late = asyncio.create_task(bot.answer_deferred())  # as the supervisor runs it
+    try:
+        sent = await fake.wait(fake.sent_messages, 2)
+    finally:
+        late.cancel()
+    assert sent[1][1]["content"] == "echo: what is tea?"
+    assert str(sent[1][1]["message_reference"]["message_id"]) == question["id"]  # late: a reply, also in a DM
+
+    async def away(*args: object, **kwargs: object) -> None:
+        raise Unavailable("the database went away")
+
+    monkeypatch.setattr(bot.agent.store, "receive_message", away)
+    await fake.dispatch("MESSAGE_CREATE", fake.message(DM_CHANNEL, ANN, "still there?"))
+    sent = await fake.wait(fake.sent_messages, 3)
+    assert sent[2][1]["content"] == NOT_SAVED  # told in the chat, not dropped
 
 
 async def test_raw_reactions_are_stored_and_undone(bot: DiscordConnector, fake: FakeDiscord) -> None:

@@ -66,18 +66,22 @@ async def test_run_serves_telegram_while_slack_keeps_failing(tmp_path: Path, tin
 
 async def test_run_with_no_platform_serves_the_web_chat(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = write_config(tmp_path, tiny_config_text(tiny_model_dir) + "[web]\nport = 0\n")
+    text = config.read_text()  # and a free-space limit no disk here meets: it warns at start
+    config.write_text(text.replace("[storage]\n", "[storage]\nmin_free_mb = 100000000\n", 1))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTUNE_", "SLACK_", "TELEGRAM_", "DISCORD_"))}
     proc = await asyncio.create_subprocess_exec(
         ATTUNE, "--config", str(config), "run", stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert proc.stderr is not None
+    log = []
     try:
         url = None
         async with asyncio.timeout(120):
             while url is None:
                 line = (await proc.stderr.readline()).decode()
                 assert line, "attune run ended before serving"
+                log.append(line)
                 if found := re.search(r"web chat on (http://127\.0\.0\.1:\d+)", line):
                     url = found.group(1)
         jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
@@ -87,10 +91,14 @@ async def test_run_with_no_platform_serves_the_web_chat(tmp_path: Path, tiny_mod
                                      headers={"X-CSRF-Token": session["csrf"]})  # fmt: skip
             reply = (await answer.json())["reply"]
             assert reply["kind"] == "answer" and reply["id"]
+            health = await http.get(f"{url}/healthz")
+            assert health.status == 200 and (await health.json())["ok"] is True
     finally:
         proc.send_signal(signal.SIGTERM)
+        log.append((await asyncio.wait_for(proc.stderr.read(), timeout=60)).decode())
         await asyncio.wait_for(proc.wait(), timeout=60)
     assert proc.returncode == 0
+    assert "below [storage] min_free_mb = 100000000" in "".join(log)
 
 
 async def test_no_secret_reaches_the_log_or_config_show(tmp_path: Path, tiny_model_dir: Path) -> None:

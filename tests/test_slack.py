@@ -15,11 +15,12 @@ import aiohttp
 import pytest
 from slack_sdk.signature import SignatureVerifier
 
-from agent_core.agent import Agent
+from agent_core.agent import APOLOGY, NOT_SAVED, Agent
 from agent_core.config import Config
 from agent_core.testing import RecordingBackend
 from attune.wiring import open_agent, setup_logging
 from bots.slack import SlackConnector
+from storage import Unavailable
 from tests.conftest import recorded_reply_id
 from tests.fakes.slack import FakeSlack
 from tests.fuzzing import NO_LIMITS, examples_of, mutated, settled_whole
@@ -87,6 +88,31 @@ async def test_in_a_channel_only_mentions_are_answered_in_their_thread(bot: Slac
     assert posted[1]["thread_ts"] == "1700.0001"  # stays in the thread it came from
     await asyncio.sleep(0.3)
     assert len(fake.posted()) == 2
+
+
+async def test_a_dm_the_model_could_not_answer_gets_the_late_answer_in_its_thread_and_an_outage_a_refusal(
+    bot: SlackConnector, fake: FakeSlack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend: RecordingBackend = bot.agent.llm  # type: ignore[assignment]
+    backend.fail = True  # the model cannot answer
+    await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "what is tea?", ts="1700.0002")))
+    posted = await fake.wait_for("chat.postMessage", 1)
+    assert posted[0]["text"] == APOLOGY and "thread_ts" not in posted[0]
+    backend.fail = False
+    late = asyncio.create_task(bot.answer_deferred())  # as the supervisor runs it
+    try:
+        posted = await fake.wait_for("chat.postMessage", 2)
+    finally:
+        late.cancel()
+    assert posted[1]["text"] == "echo: what is tea?" and posted[1]["thread_ts"] == "1700.0002"  # a reply to it
+
+    async def away(*args: object, **kwargs: object) -> None:
+        raise Unavailable("the database went away")
+
+    monkeypatch.setattr(bot.agent.store, "receive_message", away)
+    await fake.push("events_api", fake.event_body(fake.message(DM, ANN, "still there?")))
+    posted = await fake.wait_for("chat.postMessage", 3)
+    assert posted[2]["text"] == NOT_SAVED  # told in the chat within Slack's 3 s, not dropped
 
 
 async def test_reactions_by_slack_name_are_stored_and_undone(bot: SlackConnector, fake: FakeSlack) -> None:

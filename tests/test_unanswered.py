@@ -83,7 +83,7 @@ async def test_each_message_a_stopped_process_left_is_answered_or_told_and_never
     config = make_config("[run]\nanswer_missed_within_s = 600\n")
     before = await open_agent(config, llm=RecordingBackend(fail=True))
     told = await before.handle_message(_message("the model fails on this one", 1))
-    assert told is not None and told.text == APOLOGY  # told at once: not answered again later
+    assert told is not None and told.text == APOLOGY and told.deferred  # told at once: answered later
     user = await before.store.resolve_user("web", "ann", "Ann")
     chat = await before.store.resolve_chat("web", "c1")
     now = time.time()
@@ -99,13 +99,17 @@ async def test_each_message_a_stopped_process_left_is_answered_or_told_and_never
     try:
         assert await after.handle_message(_message("remember that I like tea", 3)) is None  # the platform sent it again
         missed = await after.unanswered("web")
-        assert [m.text for m in missed] == ["from two hours ago", "remember that I like tea"]
+        assert [m.text for m in missed] == ["the model fails on this one", "from two hours ago",
+                                            "remember that I like tea"]  # fmt: skip
+        assert [m.told for m in missed] == [True, False, False]
         assert await after.unanswered("web") == []  # claimed: a second look finds nothing
-        old, recent = [await after.answer_unanswered(m) for m in missed]
+        deferred, old, recent = [await after.answer_unanswered(m) for m in missed]
+        assert deferred is not None and deferred.reply_id is not None and deferred.late and deferred.in_reply_to == "m1"
+        assert deferred.text == "echo: the model fails on this one"
         assert old is not None and old.text == MISSED and old.kind == "notice" and old.in_reply_to == "m2"
         assert recent is not None and recent.reply_id is not None and recent.in_reply_to == "m3"
         assert recent.text == "Noted: you like tea."  # memory answers it: no model needed
-        assert backend.requests == []
+        assert len(backend.requests) == 1
         assert [n.text for n in await after.store.list_memories(user)] == ["They like tea."]
     finally:
         await after.close()
@@ -113,6 +117,6 @@ async def test_each_message_a_stopped_process_left_is_answered_or_told_and_never
     try:
         assert await again.unanswered("web") == []
         stats = await again.store.stats(user)
-        assert (stats["messages"], stats["replies"]) == (3, 1)
+        assert (stats["messages"], stats["replies"]) == (3, 2)
     finally:
         await again.close()

@@ -6,6 +6,7 @@ Screenshots of the chat and the dashboard are saved under test-artifacts/screens
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from agent_core.agent import APOLOGY
 from agent_core.config import Config
 from agent_core.llm.local import LocalBackend
 from agent_core.testing import RecordingBackend
@@ -115,6 +117,29 @@ async def test_replies_stream_and_reactions_change_and_go(browser: Browser, site
     await expect(page.locator("li.message.bot .text")).to_have_text(["echo: hello there"])
 
 
+async def test_a_deferred_answer_appears_in_the_page_without_a_reload(
+    browser: Browser, make_config: Callable[..., Config]
+) -> None:
+    """The model fails: the page shows the apology; once it answers again, the late answer
+    appears under it by itself (the page polls its history), with its reaction bar."""
+    failing = RecordingBackend(fail=True)
+    web, url = await _serve(make_config, failing)
+    late = asyncio.create_task(web.answer_deferred())  # as the supervisor runs it
+    try:
+        page = await _open_chat(browser, url)
+        await _say(page, "tell me about owls")
+        await expect(page.locator("li.message.bot .text")).to_have_text([APOLOGY])
+        failing.fail = False  # the model is back
+        await expect(page.locator("li.message.bot.late .text")).to_have_text(["echo: tell me about owls"],
+                                                                           timeout=30_000)  # fmt: skip
+        await expect(page.locator("li.message.bot.late .reactions")).to_be_visible()
+        assert page.url == url + "/"  # the same page: not reloaded
+    finally:
+        late.cancel()
+        await web.stop()
+        await web.agent.close()
+
+
 async def test_slash_commands_with_suggestions_set_preferences(
     browser: Browser, site: tuple[WebConnector, str]
 ) -> None:
@@ -200,6 +225,8 @@ async def test_the_dashboard_refuses_without_the_token_and_shows_the_reward_plot
     await _sign_in(page, url, token="wrong")
     await expect(page.locator("main")).to_contain_text("Wrong token")
     await _sign_in(page, url)
+    await expect(page.locator("p#health.ok")).to_contain_text("database: ok")  # as /healthz says, at the top
+    await expect(page.locator("p#health.ok")).to_contain_text("model: ok")
     await expect(page.locator("svg#reward-plot polyline.series")).to_have_count(2)  # everyone, and this user
     await expect(page.locator("svg#activity-plot rect")).to_have_count(2)
     await expect(page.locator("table.users")).to_contain_text("+0.33")  # (1 - 1 + 1) / 3

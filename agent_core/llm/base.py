@@ -142,6 +142,11 @@ class LLMBackend(ABC):
         """The whole reply at once. Raises :class:`LLMError`."""
         return "".join([piece async for piece in self.stream(request)])
 
+    async def unreachable(self) -> str | None:
+        """Why the model cannot be asked now (for ``/healthz``), or None if it can; cheap,
+        no generation. A local model is reachable once loaded (the agent checks that)."""
+        return None
+
     @abstractmethod
     def describe(self) -> str:
         """One line for logs and ``/stats``: which model, where."""

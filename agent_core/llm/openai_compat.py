@@ -66,6 +66,14 @@ class OpenAIBackend(LLMBackend):
     def describe(self) -> str:
         return f"openai-compatible {self.model} at {self.base_url}"
 
+    async def unreachable(self) -> str | None:
+        """The server answers HTTP (any answer below 500 to ``GET /models``: it is up)."""
+        try:
+            answer = await self._http.get(f"{self.base_url}/models", timeout=3.0)
+        except httpx.HTTPError as exc:
+            return f"{self.base_url}: {type(exc).__name__}: {exc}".rstrip(": ")
+        return None if answer.status_code < 500 else f"{self.base_url}: HTTP {answer.status_code}"
+
     def count_tokens(self, text: str) -> int:
         # No tokenizer for an arbitrary server's model: about four characters a token.
         return len(text) // 4 + 1

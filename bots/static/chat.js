@@ -2,7 +2,9 @@
 // put on the page with textContent, never as HTML.
 "use strict";
 
-const state = { csrf: "", commands: [], quick: [], more: [], busy: false };
+const state = { csrf: "", commands: [], quick: [], more: [], busy: false, shown: new Set(), waiting: 0, watch: null };
+const LATE_POLL_MS = 3000;  // while a deferred message waits for its answer
+const LATE_WATCH_MS = 15 * 60 * 1000;
 const $ = (id) => document.getElementById(id);
 
 async function api(path, body) {
@@ -92,6 +94,8 @@ function reactionBar(item, messageId, current) {
 
 function showReply(item, reply) {
   if (!reply) return;
+  if (reply.id) state.shown.add(String(reply.id));
+  if (reply.deferred) watchLate();
   item.querySelector(".text").textContent = reply.text;
   item.classList.toggle("notice", reply.kind !== "answer");
   if (reply.kind === "answer" && reply.id) reactionBar(item, reply.id, null);
@@ -104,6 +108,29 @@ function showReply(item, reply) {
     link.className = "attachment";
     item.appendChild(link);
   }
+}
+
+// A message whose answer was deferred (the model could not answer) is answered later by
+// the server: poll the history until that answer is in, and show it under the messages.
+function watchLate() {
+  state.waiting += 1;
+  const until = Date.now() + LATE_WATCH_MS;
+  if (state.watch !== null) return;
+  state.watch = setInterval(async () => {
+    if (state.busy) return;  // a reply being streamed is shown by its own stream
+    if (state.waiting <= 0 || Date.now() > until) { clearInterval(state.watch); state.watch = null; return; }
+    try {
+      const { messages } = await (await api("/api/history")).json();
+      for (const message of messages) {
+        if (message.role !== "assistant" || !message.id || state.shown.has(String(message.id))) continue;
+        state.shown.add(String(message.id));
+        const item = addBubble("bot", message.text);
+        item.classList.add("late");
+        reactionBar(item, message.id, message.reactions[0] || null);
+        state.waiting -= 1;
+      }
+    } catch (_) { /* the server is away: the next poll tries again */ }
+  }, LATE_POLL_MS);
 }
 
 async function sendMessage(text) {
@@ -197,7 +224,10 @@ async function start() {
   const { messages } = await (await api("/api/history")).json();
   for (const message of messages) {
     const item = addBubble(message.role === "user" ? "user" : "bot", message.text);
-    if (message.role === "assistant" && message.id) reactionBar(item, message.id, message.reactions[0] || null);
+    if (message.role === "assistant" && message.id) {
+      state.shown.add(String(message.id));
+      reactionBar(item, message.id, message.reactions[0] || null);
+    }
   }
   $("composer").addEventListener("submit", submit);
   $("input").addEventListener("input", suggest);

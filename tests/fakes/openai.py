@@ -29,6 +29,7 @@ class FakeOpenAI:
         hang: bool = False,
         vllm: bool = False,
         base_model: str = "base-model",
+        port: int = 0,
     ) -> None:
         self.reply = reply
         self.vllm = vllm
@@ -42,7 +43,7 @@ class FakeOpenAI:
         self.received = asyncio.Event()
         self._release = asyncio.Event()  # set on exit: a hanging request then ends
         self._runner: web.AppRunner | None = None
-        self.port = 0
+        self.port = port  # 0: any free port (the same port again: the server "comes back")
 
     @property
     def base_url(self) -> str:
@@ -55,7 +56,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
