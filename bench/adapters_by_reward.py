@@ -176,7 +176,7 @@ class Night:
         elif event["event"] == "result":
             self.results[event["task"]] = event
             m = event["metrics"]
-            sampled = (m.get("sampling") or m.get("teaching") or {}).get("seconds")
+            sampled = _sample_seconds(m)
             print(f"  {event['task']}: {'promoted' if event['promote'] else 'rejected'}, {event['reason']} "
                   f"({m.get('seconds')} s: sampling {sampled}, training {m.get('train_seconds')})", file=sys.stderr,
                   flush=True)  # fmt: skip
@@ -386,14 +386,25 @@ def summarise(per_user: list[dict[str, Any]], pop_seconds: float, pop: dict[str,
         out["reward_auc"] = reward_model.auc(pooled["scores"], pooled["labels"])
         out["oracle_auc"] = reward_model.auc(pooled["chances"], pooled["labels"])
         out["heldout_reactions"] = len(pooled["labels"])
+    sampled = [_sample_seconds(u.get("metrics") or {}) for u in per_user]
     out.update(
         train_seconds_per_user=mean("train_seconds"),
+        # of those, the seconds the nightly job spent decoding: candidates to rank, or steered replies to learn
+        sample_seconds_per_user=fmean(s for s in sampled if s is not None) if any(s is not None for s in sampled)
+        else None,
         promoted=sum(u["promoted"] for u in per_user),
         users=len(per_user),
         population_promoted=bool(pop["promote"]),
         population_train_seconds=pop_seconds,
     )
     return out
+
+
+def _sample_seconds(metrics: dict[str, Any]) -> float | None:
+    """The seconds a user's nightly task spent sampling (``sampling``: candidates ranked by
+    the reward model; ``teaching``: the steered replies the distill objective learns)."""
+    seconds = (metrics.get("sampling") or metrics.get("teaching") or {}).get("seconds")
+    return float(seconds) if seconds is not None else None
 
 
 HEADERS = ["rated", "user", "liked", "base", "pop.", "user", "steered", "user+steered", "bo4 reward", "bo4 oracle",
@@ -427,10 +438,12 @@ def goals(at50: dict[str, Any]) -> dict[str, bool]:
 def print_summary(results: dict[str, Any], out: Callable[[str], None] = print) -> bool:
     """The summary tables and the goals at 50 rated; True when every goal is met."""
     rows = [[size, *(_num(f.get(k)) for k in LIKE_KEYS), _num(f.get("reward_auc")), _num(f.get("oracle_auc")),
-             f"{f['promoted']}/{f['users']}", f"{f['train_seconds_per_user']:.0f}"]
+             f"{f['promoted']}/{f['users']}", f"{f['train_seconds_per_user']:.0f}",
+             _num(f.get("sample_seconds_per_user"))]
             for size, f in results["by_rated"].items()]  # fmt: skip
     headers = ["rated", "base", "population", "user", "steered", "user+steered", "best of 4: reward",
-               "best of 4: oracle", "reward AUC", "oracle AUC", "promoted", "train s / user"]  # fmt: skip
+               "best of 4: oracle", "reward AUC", "oracle AUC", "promoted", "train s / user",
+               "of which sampling s"]  # fmt: skip
     out(report.table(headers, rows))
 
     def gain(f: dict[str, Any], key: str) -> str:

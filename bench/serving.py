@@ -26,7 +26,9 @@ Then ``contended``: one user with their adapter on the batching engine, quiet an
 while one other process keeps a core busy (a Python loop), measured back to back in the
 same run; the ratio is what a shared machine leaves of the single stream (goal 0.4).
 The matmul path the engine chose on this machine (agent_core/llm/kernels.py) is printed
-and written as ``kernels``.
+and written as ``kernels``. Last, ``step_ms``: a decode step's milliseconds by part
+(matmuls, attention, adapters, processors, rest) at 1 row and at the most users, on styled
+replies (bench/step_split.py).
 
 Aggregate tokens/s is all new tokens over the wall time from the first request to the last
 reply; TTFT and reply times are from the moment all users sent their message.
@@ -63,7 +65,8 @@ from agent_core.llm.batching import BatchLimits
 from agent_core.llm.local import LocalBackend
 from agent_core.llm.model_files import find_model
 from agent_core.llm.quantized import MODES, quantize_model
-from bench import report
+from agent_core.style import Style
+from bench import report, step_split
 from bench.generation import memory_bandwidth
 
 QUESTIONS = [
@@ -118,7 +121,12 @@ def make_adapters(model_dir: Path, count: int, out: Path) -> list[AdapterRef]:
     return refs
 
 
-def requests(users: int, tokens: int, adapters: list[AdapterRef] | None) -> list[GenerationRequest]:
+# A style as the bot asks for one (the step split is measured with it: style control on).
+STYLED = Style.from_dict({"length": "brief", "tone": "casual", "emoji": "none", "format": "bullets"})
+
+
+def requests(users: int, tokens: int, adapters: list[AdapterRef] | None,
+             style: Style | None = None) -> list[GenerationRequest]:  # fmt: skip
     system: ChatMessage = {"role": "system", "content": Settings().agent.system_prompt}
     return [
         GenerationRequest(
@@ -126,6 +134,7 @@ def requests(users: int, tokens: int, adapters: list[AdapterRef] | None) -> list
             max_new_tokens=tokens,
             temperature=0.0,
             adapter=adapters[i] if adapters else None,
+            style=style,
         )
         for i in range(users)
     ]
@@ -285,6 +294,10 @@ async def main() -> None:
             busy = await serve(batched, requests(1, args.tokens, adapters))
         contended = {"quiet_tokens_per_s": quiet["tokens_per_s"], "contended_tokens_per_s": busy["tokens_per_s"],
                      "ratio": busy["tokens_per_s"] / quiet["tokens_per_s"]}  # fmt: skip
+        with step_split.splitting() as split:  # after the timed rows: the split's own timing slows steps a little
+            for users in sorted({1, max(user_counts)}):
+                await serve(batched, requests(users, args.tokens, adapters, STYLED))
+        step_ms = {str(rows): split.ms_per_step(rows) for rows in sorted({1, max(user_counts)})}
         await batched.close()
         print("attune done", flush=True)
         by_mode = {}
@@ -314,6 +327,8 @@ async def main() -> None:
         f"contended: single stream {contended['quiet_tokens_per_s']:.1f} tokens/s quiet, "
         f"{contended['contended_tokens_per_s']:.1f} beside a busy process: {contended['ratio']:.2f} (goal 0.4)"
     )
+    for rows, ms in step_ms.items():
+        print(step_split.line(int(rows), ms))
     print_modes(by_mode, fidelities, bandwidth["read_gb_s"])
     document = {
         "params": {**vars(args), "threads": threads, "default_weights": default_weights},
@@ -333,6 +348,8 @@ async def main() -> None:
         "goals": goals(results, ceiling),
         "kernels": kernels,
         "contended": contended,
+        "step_ms": step_ms["1"],
+        "step_ms_by_rows": step_ms,
         "weights_modes": {
             m: {**r, "fidelity": fidelities.get(m), "fidelity_quantized_here": fidelities.get(f"{m} here")}
             for m, r in by_mode.items()

@@ -61,7 +61,8 @@ def test_the_summary_averages_the_arms_pools_the_aucs_and_gives_each_gains_paire
                 "like_rate_steered": steered, "like_rate_user_steered": steered + 0.02,
                 "like_rate_best_of_4_reward": base, "like_rate_best_of_4_oracle": base + 0.2,
                 "real_answer_rate": arms, "feature_rates": {arm: {"has_number": 0.5} for arm in arms},
-                "train_seconds": 100.0, "promoted": steered > base}  # fmt: skip
+                "train_seconds": 100.0, "promoted": steered > base,
+                "metrics": {"teaching": {"seconds": 40.0 + 20 * base}}}  # fmt: skip
 
     pooled = {"scores": [0.9, 0.8, 0.2, 0.1], "chances": [0.6, 0.5, 0.5, 0.4], "labels": [True, False, True, False]}
     summary = summarise([user(0.5, 0.7), user(0.6, 0.6)], 30.0, {"promote": True}, pooled)
@@ -71,6 +72,7 @@ def test_the_summary_averages_the_arms_pools_the_aucs_and_gives_each_gains_paire
     assert summary["reward_auc"] == pytest.approx(0.75) and summary["oracle_auc"] == pytest.approx(0.875)
     assert summary["real_answer_rate"]["steered"] == pytest.approx(0.8)
     assert summary["feature_rates"]["user"]["has_number"] == pytest.approx(0.5)
+    assert summary["sample_seconds_per_user"] == pytest.approx(51.0)  # (50 + 52) / 2: the decoding of the nights
 
 
 def test_a_simulated_user_dislikes_a_reply_that_is_not_an_answer_whatever_it_holds() -> None:
