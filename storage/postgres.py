@@ -45,6 +45,7 @@ _WRITE_LOCK = 0x61747475_6E650001
 _RUN_LOCK = 0x61747475_6E650002
 _MIGRATE_LOCK = 0x61747475_6E650003
 _CONNECT_TIMEOUT_S = 5
+_LOCK_WAIT_AT_START_S = 3.0
 
 _REWRITES = [
     (re.compile(r"^\s*INSERT OR IGNORE INTO (.*)$", re.S), r"INSERT INTO \1 ON CONFLICT DO NOTHING"),
@@ -298,9 +299,16 @@ class PostgresDatabase(Database):
         before anything is written. Not to be had: nothing is written on this connection."""
         exclusive = self._rotating
         function = "pg_try_advisory_lock" if exclusive else "pg_try_advisory_lock_shared"
-        row = await (await conn.raw.execute(f"SELECT {function}(%s)", (_RUN_LOCK,))).fetchone()
-        if row is not None and row[0]:
-            return
+        # At start, a process that has just closed its connections may still hold the lock
+        # for a moment (its server session ends after the client has gone): wait that out.
+        deadline = time.monotonic() + (0.0 if self.outage.armed else _LOCK_WAIT_AT_START_S)
+        while True:
+            row = await (await conn.raw.execute(f"SELECT {function}(%s)", (_RUN_LOCK,))).fetchone()
+            if row is not None and row[0]:
+                return
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
         if exclusive:
             raise DatabaseError(f"{self.where} is in use by a running attune: stop it first.")
         message = f"`attune keys rotate` is working on {self.where}: wait for it to finish."
