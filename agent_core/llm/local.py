@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,6 +79,7 @@ class LocalBackend(LLMBackend):
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
 
     def _load(self) -> None:
+        began = time.perf_counter()
         import torch
         from tokenizers import Tokenizer
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,6 +94,7 @@ class LocalBackend(LLMBackend):
         self._counter = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
         self._counter.no_truncation()
         self._counter.no_padding()
+        seconds = {"imports and tokenizer": time.perf_counter() - began}
         vocab: Future[StyleVocab] | None = None
         if self.style_control or self.no_repeat_ngram > 1:  # read beside the weights loading (about 1.5 s)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="attune-vocab") as side:
@@ -100,15 +103,20 @@ class LocalBackend(LLMBackend):
         else:
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         model.eval()
+        seconds["weights"] = time.perf_counter() - began - sum(seconds.values())
         self._quantized = self._quantize(model, source)
         self._model = model
         if vocab is not None:
             self._vocab = vocab.result()
+        blocks = "vocabulary" if self.weights == "fp32" else f"{self.weights} blocks and vocabulary"
+        seconds[blocks] = time.perf_counter() - began - sum(seconds.values())
         own = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_window = min(self._context_window_setting or own, own)
         if self.batching is not None:
             self._engine = self._batching_engine(model)
-        log.info("local model ready: %s", self.describe())
+        seconds["decoder and kernel choice"] = time.perf_counter() - began - sum(seconds.values())
+        log.info("local model ready: %s; loaded in %.1f s (%s)", self.describe(), time.perf_counter() - began,
+                 ", ".join(f"{part} {s:.1f} s" for part, s in seconds.items()))  # fmt: skip
 
     def _quantize(self, model: Any, source: ModelSource) -> dict[str, Quantized]:
         """The model's weights in the configured mode: the blocks of the GGUF it came
