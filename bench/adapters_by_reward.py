@@ -390,7 +390,8 @@ def summarise(per_user: list[dict[str, Any]], pop_seconds: float, pop: dict[str,
     out.update(
         train_seconds_per_user=mean("train_seconds"),
         # of those, the seconds the nightly job spent decoding: candidates to rank, or steered replies to learn
-        sample_seconds_per_user=fmean(s for s in sampled if s is not None) if any(s is not None for s in sampled)
+        sample_seconds_per_user=fmean(s for s in sampled if s is not None)
+        if any(s is not None for s in sampled)
         else None,
         promoted=sum(u["promoted"] for u in per_user),
         users=len(per_user),

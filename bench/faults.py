@@ -293,7 +293,7 @@ async def disk_full_fault(args: argparse.Namespace, folder: Path) -> dict[str, A
     filler = data / "filler"
 
     async def fill() -> None:
-        await asyncio.to_thread(_fill, filler)
+        await asyncio.to_thread(fill_disk, filler)
 
     async def free() -> None:
         filler.unlink()
@@ -316,7 +316,8 @@ async def disk_full_fault(args: argparse.Namespace, folder: Path) -> dict[str, A
         subprocess.run(["umount", "-l", str(data)], check=False)
 
 
-def _fill(path: Path) -> None:
+def fill_disk(path: Path) -> None:
+    """Write ``path`` until its disk is full (down to the last byte)."""
     with path.open("wb", buffering=0) as out:
         for size in (1 << 20, 4096, 1):
             with contextlib.suppress(OSError):

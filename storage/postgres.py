@@ -373,15 +373,16 @@ class PostgresDatabase(Database):
                     raise self.outage.refusal(maybe_committed=committing) from exc
                 raise
 
-    async def _begin(self) -> _Connection:
-        """BEGIN and the cross-process write lock, on a live connection: this checks that
-        the connection still works, and as nothing is written by it, it is safe to repeat
-        on a fresh connection."""
+    async def _begin(self, *, serialised: bool = True) -> _Connection:
+        """BEGIN (and, for a ``transaction()`` block, the cross-process write lock) on a
+        live connection: this checks that the connection still works, and as nothing is
+        written by it, it is safe to repeat on a fresh connection."""
         for attempt in (1, 2):
             conn = await self.writer.open()
             try:
                 await conn.raw.execute("BEGIN")
-                await conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+                if serialised:
+                    await conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
                 return conn
             except BaseException as exc:
                 if not await self._failed(conn, exc):
@@ -406,7 +407,7 @@ class PostgresDatabase(Database):
         if the first was lost before its COMMIT was sent (so it surely did not commit)."""
         async with self._write_lock:
             for attempt in (1, 2):
-                conn = await self._begin()
+                conn = await self._begin(serialised=False)  # one statement: atomic by itself, as before
                 try:
                     result = await (conn.execute_insert(sql, params) if returning else conn.execute(sql, params))
                 except BaseException as exc:

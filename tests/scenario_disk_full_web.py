@@ -18,6 +18,7 @@ import aiohttp
 
 from agent_core.testing import RecordingBackend
 from attune.wiring import load_config, open_agent
+from bench.faults import fill_disk
 from bots.web import WebConnector
 
 
@@ -28,19 +29,6 @@ class Lines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file until the disk is full."""
-    filler = directory / "filler"
-    with filler.open("wb", buffering=0) as out:
-        for size in (65536, 4096, 1):  # down to the last byte
-            try:
-                while True:
-                    out.write(b"\0" * size)
-            except OSError:
-                pass
-    return filler
 
 
 async def main(config_path: str, data_dir: str) -> dict[str, Any]:
@@ -64,7 +52,8 @@ async def main(config_path: str, data_dir: str) -> dict[str, Any]:
 
             status, reply = await send("before the disk filled")
             before = [status, reply["kind"] if reply else None]
-            filler = fill(Path(data_dir))
+            filler = Path(data_dir) / "filler"
+            fill_disk(filler)
             while_full = []
             for n in range(5):
                 status, reply = await send(f"while the disk is full {n}")
