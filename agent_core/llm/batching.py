@@ -33,11 +33,13 @@ from typing import Any
 
 import torch
 
+from agent_core.llm import row_processors
 from agent_core.llm.base import AdapterRef, BlockChoice, GenerationRequest, LLMBusy, LLMError, Steering
 from agent_core.llm.cpu import ThreadTuner
 from agent_core.llm.decoder import BatchDecoder, LoraAdapter
-from agent_core.llm.lookahead import BlockEnds, block_ends_for, choose, fork_processors
-from agent_core.llm.style_control import StyleVocab, logits_processors
+from agent_core.llm.lookahead import BlockEnds, block_ends_for, choose
+from agent_core.llm.row_processors import RowProcessors
+from agent_core.llm.style_control import StyleControl, StyleVocab
 from agent_core.llm.warpers import TOP_K, draw
 
 log = logging.getLogger(__name__)
@@ -64,11 +66,11 @@ class Row:
     """One row of the decoder: a reply being written, or one candidate for the next block
     of a steered reply. Its slot in the decoder is its index in the engine's rows."""
 
-    def __init__(self, job: Job, ids: list[int], processors: Any, generator: torch.Generator | None,
+    def __init__(self, job: Job, ids: list[int], processors: RowProcessors, generator: torch.Generator | None,
                  temperature: float, top_k: int = TOP_K) -> None:  # fmt: skip
         self.job = job
         self.ids = ids  # prompt, then the reply's tokens
-        self.processors = processors  # transformers' LogitsProcessorList for this row
+        self.processors = processors
         self.generator = generator
         self.temperature = temperature
         self.top_k = top_k
@@ -86,7 +88,7 @@ class Row:
         return self.ids[self.job.kept :]
 
     def fork(self, generator: torch.Generator | None) -> Row:
-        return Row(self.job, list(self.ids), fork_processors(self.processors), generator, self.temperature, self.top_k)
+        return Row(self.job, list(self.ids), self.processors.fork(), generator, self.temperature, self.top_k)
 
 
 class Job:
@@ -393,8 +395,8 @@ class BatchingEngine:
         processors (repetition penalty, style control), then one batched draw."""
         if not rows:
             return []
-        scores = torch.cat([row.processors(torch.tensor([row.ids]), logits[i : i + 1])
-                            for i, row in enumerate(rows)])  # fmt: skip
+        scores = logits.clone() if logits._base is not None else logits
+        row_processors.apply([row.processors for row in rows], [row.ids for row in rows], scores)
         return draw(scores, [r.temperature for r in rows], [r.job.request.top_p for r in rows],
                     [r.generator for r in rows], [r.top_k for r in rows])  # fmt: skip
 
@@ -438,7 +440,9 @@ class BatchingEngine:
     def _peek(self, row: Row, logits: torch.Tensor) -> None:
         """A parked candidate: the chance its reply ends right after its block, read from the
         scores of its next token (through a copy of its processors, which may force the end)."""
-        scores = fork_processors(row.processors)(torch.tensor([row.ids]), logits[None].clone())[0]
+        scores = logits[None].clone()
+        row_processors.apply([row.processors.fork()], [row.ids], scores)
+        scores = scores[0]
         probs = torch.softmax(scores.float() / max(row.temperature, 1e-2), dim=-1)
         row.stop = float(probs[list(self.stop_ids)].sum())
         row.peeked = True
@@ -478,7 +482,7 @@ class BatchingEngine:
                 target = self._rows.index(row)
                 self.decoder.copy(slot, target, start=job.kept)
                 row.ids = list(winner.ids)
-                row.processors = fork_processors(winner.processors)
+                row.processors = winner.processors.fork()
             row.parked = row.peeked = False
         job.kept = len(winner.ids)
         self._add_candidates(job, winner)
@@ -519,11 +523,16 @@ class BatchingEngine:
 
     # ----------------------------------------------------------------------------------------
 
-    def _processors(self, request: GenerationRequest, prompt_length: int) -> Any:
-        """The repetition penalty and the style control (the warpers come in :meth:`_pick`)."""
-        return logits_processors(request, prompt_length=prompt_length, vocab=self.vocab,
-                                 repetition_penalty=self.repetition_penalty, no_repeat_ngram=self.no_repeat_ngram,
-                                 eos=self.stop_ids, warpers=False)  # fmt: skip
+    def _processors(self, request: GenerationRequest, prompt_length: int) -> RowProcessors:
+        """The repetition penalty and the style control, as ``logits_processors(...,
+        warpers=False)`` has them for ``generate`` (the warpers come in :meth:`_pick`)."""
+        control = None
+        if self.vocab is not None and (request.style is not None or self.no_repeat_ngram > 1):
+            control = StyleControl(self.vocab, request.style, prompt_length=prompt_length,
+                                   budget=request.max_new_tokens, no_repeat_ngram=self.no_repeat_ngram,
+                                   eos=self.stop_ids)  # fmt: skip
+        return RowProcessors(self.repetition_penalty, control, vocab=sum(self.decoder.lm_head.sizes),
+                             capacity=self.decoder.max_length)  # fmt: skip
 
     def _finish(self, job: Job, row: Row) -> None:
         text = self.tokenizer.decode(row.reply_tokens, skip_special_tokens=True)

@@ -81,11 +81,3 @@ def choose(scores: Sequence[float], strength: float, generator: torch.Generator 
     index = min(int(np.searchsorted(np.cumsum(w), u * w.sum())), k - 1)
     kl = float(np.sum(w * np.log(np.maximum(k * w, 1e-12))))
     return index, max(0.0, min(kl, math.log(k)))
-
-
-def fork_processors(processors: Any) -> Any:
-    """A copy of a request's logits processors for another candidate row: stateful ones
-    (the style control) are forked, stateless ones shared."""
-    from transformers import LogitsProcessorList
-
-    return LogitsProcessorList(p.fork() if hasattr(p, "fork") else p for p in processors)

@@ -42,7 +42,8 @@ import copy
 import functools
 import re
 from collections import Counter, deque
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,27 @@ class StyleVocab:
     trie: dict[tuple[int, ...], tuple[int, ...]]  # emoji token prefixes -> allowed next tokens; leaves -> ()
     word_key: np.ndarray  # int [size]: tokens that are the same word ("Weather", " weather") share a key
     same_word: dict[int, list[int]]  # key -> every token with it
+    _made: dict[Any, np.ndarray] = field(default_factory=dict, repr=False, compare=False)  # see :meth:`made`
+
+    def made(self, key: Any, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """``make()``, made once per ``key`` and kept: the arrays a step applies (a ban's
+        ceiling, a bias), so that a step costs one vectorised operation each."""
+        if (made := self._made.get(key)) is None:
+            made = self._made[key] = make()
+        return made
+
+    def ceiling(self, name: str) -> np.ndarray:
+        """float32 [size]: -inf on the tokens of :data:`BANS` ``name``, +inf elsewhere (the
+        scores' minimum with it bans those tokens)."""
+        return self.made(name, lambda: np.where(BANS[name](self), np.float32(NEG), np.float32(np.inf)))
+
+    def lift(self, mask: str, value: float) -> np.ndarray:
+        """float32 [size]: ``value`` on the tokens of this vocabulary's mask ``mask``, 0 elsewhere."""
+        return self.made((mask, value), lambda: np.where(getattr(self, mask), np.float32(value), np.float32(0)))
+
+    def ids(self, mask: str) -> np.ndarray:
+        """The token ids of this vocabulary's mask ``mask``."""
+        return self.made(("ids", mask), lambda: np.flatnonzero(getattr(self, mask)))
 
     @classmethod
     def build(cls, tokenizer: Any) -> StyleVocab:
@@ -223,6 +245,20 @@ def vocab_for(tokenizer: Any) -> StyleVocab:
     """The tokenizer's :class:`StyleVocab`, read once (under a second) and kept."""
     return StyleVocab.build(tokenizer)
 
+
+# What a step bans, by name: unions of the vocabulary's masks (StyleVocab.ceiling).
+BANS: dict[str, Callable[[StyleVocab], np.ndarray]] = {
+    "item opening": lambda v: v.list_start | v.digit | v.has_newline | ~v.spaced,  # after a list marker
+    "in a list": lambda v: v.hashtag | (v.has_newline & ~_one_hot(v.size, v.newline)),
+    "in prose": lambda v: v.has_newline | v.hashtag,
+    "list start": lambda v: v.list_start,
+    "closes number": lambda v: v.closes_number,
+    "emoji": lambda v: v.emoji,
+    "emoji tail": lambda v: v.emoji_tail,
+    "casual": lambda v: v.has_bang | v.apostrophe | v.contractions | v.casual,
+    "word tail": lambda v: v.word & ~v.spaced,
+    "formal": lambda v: v.formal,
+}
 
 EMOJI_ACTION = -1  # in the queue of what must come next: "an emoji here"
 
@@ -348,10 +384,22 @@ class StyleControl:
     # --- choosing ------------------------------------------------------------------------
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        ids = input_ids[0, self.prompt_length :].tolist()
-        for token in ids[len(self.reply) :]:
+        self.apply(input_ids[0].tolist(), scores[0])
+        return scores
+
+    def apply(self, ids: Sequence[int], scores: torch.Tensor) -> None:
+        """Follow the reply to the end of ``ids`` (the prompt, then the reply so far) and
+        change ``scores``, the next token's (one row), in place."""
+        for token in ids[self.prompt_length + len(self.reply) :]:
             self._observe(token)
-        row = scores[0]
+        if scores.dtype == torch.float32:
+            self._choose(scores.numpy())
+        else:
+            row = scores.float().numpy()
+            self._choose(row)
+            scores.copy_(torch.from_numpy(row))
+
+    def _choose(self, row: np.ndarray) -> None:
         if not self._forced(row):
             self._guard_loops(row)
             if self.style is not None:
@@ -360,11 +408,10 @@ class StyleControl:
                 self._emoji(row, self.style)
                 self._tone(row, self.style)
                 self._item_end(row, self.style)
-            if torch.isneginf(row).all():  # everything blocked: let the reply end rather than fail
+            if row.max() == NEG:  # everything blocked: let the reply end rather than fail
                 row[list(self.eos)] = 0.0
-        return scores
 
-    def _item_end(self, row: torch.Tensor, style: Style) -> None:
+    def _item_end(self, row: np.ndarray, style: Style) -> None:
         """A list item the model ends with a line break, not a full stop: what a sentence
         end would have brought comes first (a casual "!", an emoji that is due)."""
         v = self.v
@@ -381,7 +428,7 @@ class StyleControl:
         elif v.period is not None and len(self.reply) > self.sentence_from and self._last() != v.marker:
             _only(row, (v.period,))  # the item ends as a sentence: a brief reply is not cut there
 
-    def _forced(self, row: torch.Tensor) -> bool:
+    def _forced(self, row: np.ndarray) -> bool:
         """Inside an emoji, or a marker, line break or end is due: allow only that."""
         v = self.v
         if self.emoji_prefix is None and self.queue and self.queue[0] == EMOJI_ACTION:
@@ -398,7 +445,7 @@ class StyleControl:
             return False
         return True
 
-    def _guard_loops(self, row: torch.Tensor) -> None:
+    def _guard_loops(self, row: np.ndarray) -> None:
         """Block a token that repeats a 4-gram of the reply, a word used twice in the last
         few tokens already, and a third sentence in a row with the same opening token."""
         if self.n <= 1:
@@ -417,48 +464,48 @@ class StyleControl:
             elif self.openers[-1] == self.openers[-2]:
                 row[self.openers[-1]] = NEG
 
-    def _length(self, row: torch.Tensor, style: Style) -> None:
+    def _length(self, row: np.ndarray, style: Style) -> None:
         v, n = self.v, len(self.reply)
         short_list = style.format == "bullets" and self.sentences < BRIEF_ITEMS
         if (style.length == "detailed" and n < self.detailed_min) or short_list:
             done = int(row.argmax()) in self.eos and n > self.sentence_from and self._last() != v.marker
             row[list(self.eos)] = NEG
             if short_list and done:  # the model ends its item: with a full stop, and the next item follows
-                _only(row, np.flatnonzero(v.sentence_end[: row.shape[0]]).tolist())
+                ends = v.ids("sentence_end")
+                _only(row, ends[ends < row.shape[0]])
         run_on = ITEM_TOKENS if style.format == "bullets" and style.length == "brief" else RUN_ON_TOKENS
         if n >= self.budget - CLOSING_TOKENS or n - self.sentence_from >= run_on:  # close the sentence
-            _bias(row, v.sentence_end, CLOSING_BIAS)
+            _bias(row, v.lift("sentence_end", CLOSING_BIAS))
 
-    def _format(self, row: torch.Tensor, style: Style) -> None:
+    def _format(self, row: np.ndarray, style: Style) -> None:
         v, last = self.v, self._last()
         if style.format == "bullets":
             if self._item_opened():  # an item's first word, after a space: not another marker, nor a number
-                _ban(row, v.list_start | v.digit | v.has_newline | ~v.spaced)
-            _ban(row, v.hashtag | (v.has_newline & ~_one_hot(v.size, v.newline)))
+                _ban(row, v.ceiling("item opening"))
+            _ban(row, v.ceiling("in a list"))
             return
-        _ban(row, v.has_newline | v.hashtag)
+        _ban(row, v.ceiling("in prose"))
         if self.at_start:  # a sentence does not open with a list marker or a number ("2. Eat")
-            _ban(row, v.list_start)
+            _ban(row, v.ceiling("list start"))
         if last is not None and v.digit[last] and _lone_number(self.reply, v):
-            _ban(row, v.closes_number)  # no "1." or "1)" numbering
+            _ban(row, v.ceiling("closes number"))  # no "1." or "1)" numbering
 
-    def _emoji(self, row: torch.Tensor, style: Style) -> None:
+    def _emoji(self, row: np.ndarray, style: Style) -> None:
         v, last = self.v, self._last()
-        _ban(row, v.emoji)  # with "some" too: emoji come only where the control puts them, one at a time
+        _ban(row, v.ceiling("emoji"))  # with "some" too: emoji come only where the control puts them, one at a time
         if last is not None and v.ends_e2[last]:  # a three-byte character begun: not a symbol
-            _ban(row, v.emoji_tail)
+            _ban(row, v.ceiling("emoji tail"))
         ending = int(row.argmax()) in self.eos or len(self.reply) >= self.budget - 4
         if style.emoji == "some" and self.emoji == 0 and v.trie and ending:
             self.emoji_prefix = ()  # about to end without one: an emoji closes the reply
             _only(row, v.trie[()])
 
-    def _tone(self, row: torch.Tensor, style: Style) -> None:
+    def _tone(self, row: np.ndarray, style: Style) -> None:
         v, last = self.v, self._last()
         if style.tone == "formal":
-            _ban(row, v.has_bang | v.apostrophe)
-            _ban(row, v.contractions | v.casual)
+            _ban(row, v.ceiling("casual"))
             if last is not None and (v.connectives[last] or v.formal[last]):  # "Moreover" stays that word
-                _ban(row, v.word & ~v.spaced)
+                _ban(row, v.ceiling("word tail"))
             if style.format == "prose":
                 opening = self.at_start and self.sentences >= 1
             else:
@@ -466,14 +513,14 @@ class StyleControl:
             if opening and not self.connective_last:
                 # An emoji reads as casual: a reply with one needs a formal word to stay formal.
                 owed = self.emoji > 0 and self.formal_words == 0
-                _bias(row, v.connectives, OWED_CONNECTIVE_BIAS if owed else CONNECTIVE_BIAS)
+                _bias(row, v.lift("connectives", OWED_CONNECTIVE_BIAS if owed else CONNECTIVE_BIAS))
             return
-        _ban(row, v.formal)
+        _ban(row, v.ceiling("formal"))
         if last is not None and v.word[last] and self.contracted < CONTRACTIONS:  # "it" -> "it's"
-            _bias(row, v.contractions, CONTRACTION_BIAS)
+            _bias(row, v.lift("contractions", CONTRACTION_BIAS))
         first_end = self.bangs == 0 and len(self.reply) >= 3 and not (last is not None and v.digit[last])
         if first_end and v.bang is not None and v.period is not None:  # the first sentence ends with "!"
-            row[v.bang] = torch.maximum(row[v.bang], row[v.period]) + 0.5
+            row[v.bang] = max(row[v.bang], row[v.period]) + 0.5
             row[v.period] = NEG
 
     def _last(self) -> int | None:
@@ -489,22 +536,24 @@ class StyleControl:
         return before is None or (before < self.v.size and bool(self.v.has_newline[before]))
 
 
-def _only(row: torch.Tensor, allowed: tuple[int, ...] | list[int]) -> None:
-    keep = row[list(allowed)].clone()
-    if torch.isneginf(keep).all():
-        keep.zero_()
-    row.fill_(NEG)
-    row[list(allowed)] = keep
+def _only(row: np.ndarray, allowed: Sequence[int] | np.ndarray) -> None:
+    allowed = np.asarray(allowed, dtype=np.int64)
+    keep = row[allowed]  # a copy
+    if np.isneginf(keep).all():
+        keep[:] = 0.0
+    row.fill(NEG)
+    row[allowed] = keep
 
 
-def _ban(row: torch.Tensor, mask: np.ndarray) -> None:
-    size = min(len(mask), row.shape[0])
-    row[:size][torch.from_numpy(mask[:size])] = NEG
+def _ban(row: np.ndarray, ceiling: np.ndarray) -> None:
+    """Ban the tokens where ``ceiling`` is -inf (StyleVocab.ceiling)."""
+    size = min(len(ceiling), row.shape[0])
+    np.minimum(row[:size], ceiling[:size], out=row[:size])
 
 
-def _bias(row: torch.Tensor, mask: np.ndarray, value: float) -> None:
-    size = min(len(mask), row.shape[0])
-    row[:size][torch.from_numpy(mask[:size])] += value
+def _bias(row: np.ndarray, lift: np.ndarray) -> None:
+    size = min(len(lift), row.shape[0])
+    np.add(row[:size], lift[:size], out=row[:size])
 
 
 def _one_hot(size: int, index: int | None) -> np.ndarray:
