@@ -201,6 +201,31 @@ def test_the_compiled_gemv_equals_a_plain_matmul() -> None:
         assert torch.allclose(kernel(x, weight, bias), x @ weight.t() + bias, atol=1e-4)
 
 
+def test_the_compiled_decode_attention_equals_torchs_on_rows_of_different_lengths() -> None:
+    import torch
+
+    from agent_core.llm.decoder import decode_attention
+    from agent_core.llm.kernels import gemv
+
+    kernel = gemv(MODEL_CACHE / "kernels")
+    assert kernel is not None
+    generator = torch.Generator().manual_seed(0)
+    heads, kv, dim = 6, 2, 16
+    for at in ([0], [5, 40, 17]):
+        rows, positions = len(at), torch.tensor(at)
+        qkv = torch.randn(rows, 1, (heads + 2 * kv) * dim, generator=generator)
+        cos, sin = (torch.randn(rows, 1, 1, dim, generator=generator) for _ in range(2))
+        caches = [torch.randn(4, kv, 64, dim, generator=generator) for _ in range(2)]
+        theirs, before = [c.clone() for c in caches], caches[0].clone()
+        got = kernel.attend(qkv, cos, sin, *caches, positions, heads, kv)
+        expected = decode_attention(qkv, cos, sin, *theirs, positions, heads, kv)
+        assert torch.allclose(got, expected, atol=1e-5)
+        for mine, reference in zip(caches, theirs, strict=True):  # the new keys and values, and nothing else
+            assert torch.allclose(mine, reference, atol=1e-6)
+        written = (caches[0] != before).any(dim=-1).nonzero()[:, [0, 2]].unique(dim=0).tolist()
+        assert written == [[row, position] for row, position in enumerate(at)]  # each row's key at its position
+
+
 async def test_a_build_killed_before_leaves_no_lock_that_holds_up_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
     from agent_core.llm import kernels
 

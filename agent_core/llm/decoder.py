@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,7 @@ class BatchDecoder:
         self.keys = [torch.zeros(shape) for _ in self.blocks]
         self.values = [torch.zeros(shape) for _ in self.blocks]
         self.lora: dict[tuple[int, str], _RowLora] = {}
+        self.attend: Gemv | None = None  # the compiled decode attention, where it is faster (choose_kernels)
 
     # --- the matmul paths --------------------------------------------------------------
 
@@ -297,10 +299,41 @@ class BatchDecoder:
             if choice.final:
                 dense.keep_only(set(choice.by_rows.values()))
         self.kernels = choice
+        self.attend = gemv if gemv is not None and self._compiled_attention_faster(gemv) else None
         log.info("decoding matmuls: %s", choice.describe())
         return choice
 
     # --- slots -------------------------------------------------------------------------
+
+    def _compiled_attention_faster(self, gemv: Gemv) -> bool:
+        """Whether the compiled decode attention (``gemv.attend``) agrees with torch's
+        (:func:`decode_attention`) and is faster here, at 1 and at 8 rows (rows of
+        different lengths, about 250 cached tokens): timed, not assumed, as the matmul
+        paths are."""
+        generator = torch.Generator().manual_seed(0)
+        heads, kv, dim = self.heads, self.kv_heads, self.head_dim
+        ways: dict[str, Callable[..., torch.Tensor]] = {"compiled": gemv.attend, "torch": decode_attention}
+        seconds = dict.fromkeys(ways, 0.0)
+        for rows in (1, 8):
+            qkv = torch.randn(rows, 1, (heads + 2 * kv) * dim, generator=generator)
+            cos, sin = (torch.randn(rows, 1, 1, dim, generator=generator) for _ in range(2))
+            at = torch.arange(rows) * 29 + 200
+            outs = {}
+            for name, way in ways.items():
+                caches = [torch.randn(rows, kv, 512, dim, generator=torch.Generator().manual_seed(1)) for _ in "kv"]
+                outs[name] = way(qkv, cos, sin, *caches, at, heads, kv)
+                began = time.perf_counter()
+                for _ in range(20):
+                    way(qkv, cos, sin, *caches, at, heads, kv)
+                seconds[name] += (time.perf_counter() - began) / 40
+            if not torch.allclose(outs["compiled"], outs["torch"], atol=1e-4):
+                log.warning("the compiled decode attention disagrees with torch's here; it is not used")
+                return False
+        faster = seconds["compiled"] < seconds["torch"]
+        chosen = "compiled" if faster else "torch operations"
+        log.info("decode attention: %s (a layer: %.0f us compiled, %.0f us in torch operations)", chosen,
+                 seconds["compiled"] * 1e6, seconds["torch"] * 1e6)  # fmt: skip
+        return faster
 
     def assign(self, slot: int, adapter: LoraAdapter | None) -> None:
         """Empty ``slot`` and give it ``adapter`` (None: the base model)."""
@@ -413,6 +446,11 @@ class BatchDecoder:
         k = qk[:, :, heads:].transpose(1, 2)
         v = qkv[..., (heads + kv_heads) * dim :].view(batch, span, kv_heads, dim).transpose(1, 2)
         cache_k, cache_v = self.keys[layer], self.values[layer]
+        if step.at is not None and self.attend is not None:  # one compiled call for the lines below
+            out = self.attend.attend(qkv.contiguous(), step.cos, step.sin, cache_k, cache_v, step.at, heads, kv_heads)
+            projected = block.o(out)
+            self._lora(layer, ("o_proj",), projected, out, step)
+            return projected
         if step.at is None:  # a prompt, or a chunk of one after step.start tokens
             cache_k[step.rows, :, step.start : step.width] = k
             cache_v[step.rows, :, step.start : step.width] = v
@@ -502,3 +540,26 @@ class _RMSNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def decode_attention(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    at: torch.Tensor, heads: int, kv_heads: int,
+) -> torch.Tensor:  # fmt: skip
+    """What the compiled ``Gemv.attend`` does, in torch operations: row i's new query and
+    key rotated (``cos``, ``sin`` as :class:`_Pass` has them), its key and value written
+    at position ``at[i]`` of cache slot i, then its attention over positions 0..at[i].
+    ``qkv`` [rows, 1, (heads + 2 kv_heads) dim]; returns [rows, 1, heads dim]."""
+    rows, dim = qkv.shape[0], keys.shape[-1]
+    qk = qkv[..., : (heads + kv_heads) * dim].view(rows, 1, heads + kv_heads, dim)
+    qk = qk * cos + torch.roll(qk, dim // 2, -1) * sin
+    index = torch.arange(rows)
+    keys[index, :, at] = qk[:, 0, heads:]
+    values[index, :, at] = qkv[:, 0, (heads + kv_heads) * dim :].reshape(rows, kv_heads, dim)
+    width = int(at.max()) + 1
+    hidden = torch.arange(width)[None, :] > at[:, None]
+    mask = torch.zeros(rows, width).masked_fill_(hidden, float("-inf"))[:, None, None, :]
+    queries = qk[:, :, :heads].transpose(1, 2)
+    out = F.scaled_dot_product_attention(queries, keys[:rows, :, :width], values[:rows, :, :width], attn_mask=mask,
+                                         enable_gqa=kv_heads != heads)  # fmt: skip
+    return out.transpose(1, 2).reshape(rows, 1, heads * dim)

@@ -55,6 +55,8 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <omp.h>
 #include <algorithm>
+#include <cmath>
+#include <vector>
 #include <cstdint>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -256,6 +258,79 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor q, torch::Tensor scale, t
     if (bias.has_value()) y.add_(bias.value());
     return y;
 }
+// One decode step's attention for rows 0..R-1, one new token each: the rotary angles on
+// the new queries and keys (x * cos + roll(x, D/2) * sin, with sin's first half negated,
+// as BatchDecoder has them), the new key and value written into each row's cache at its
+// position, then every head's attention over its row's cache up to that position.
+// qkv [R, 1, (H + 2 KV) D]; cos, sin [R, 1, 1, D]; keys, values [slots, KV, capacity, D];
+// positions int64 [R]. Returns [R, 1, H D].
+torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor keys,
+                     torch::Tensor values, torch::Tensor positions, int64_t heads, int64_t kv_heads) {
+    TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() && keys.is_contiguous()
+                && values.is_contiguous() && positions.is_contiguous());
+    TORCH_CHECK(qkv.scalar_type() == torch::kFloat && keys.scalar_type() == torch::kFloat
+                && values.scalar_type() == torch::kFloat && positions.scalar_type() == torch::kLong);
+    const int64_t R = qkv.size(0), KV = kv_heads, H = heads, C = keys.size(2), D = keys.size(3), half = D / 2;
+    TORCH_CHECK(keys.size(1) == KV && H % KV == 0 && qkv.size(-1) == (H + 2 * KV) * D && keys.size(0) >= R);
+    TORCH_CHECK(cos.numel() == R * D && sin.numel() == R * D && positions.numel() == R);
+    TORCH_CHECK(values.sizes() == keys.sizes());
+    const int64_t group = H / KV;
+    const float scale = 1.0f / std::sqrt((float)D);
+    auto out = torch::empty({R, 1, H * D}, qkv.options());
+    auto rotated = torch::empty({R, H, D}, qkv.options());
+    const float* src = qkv.data_ptr<float>();
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    const int64_t* pp = positions.data_ptr<int64_t>();
+    float* kp = keys.data_ptr<float>();
+    float* vp = values.data_ptr<float>();
+    float* qp = rotated.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (int64_t r = 0; r < R; r++) {
+        TORCH_CHECK(pp[r] >= 0 && pp[r] < C, "a position past the cache");
+        const float* row = src + r * (H + 2 * KV) * D;
+        const float* c = cp + r * D;
+        const float* s = sp + r * D;
+        auto rotate = [c, s, half, D](const float* x, float* y) {
+            for (int64_t j = 0; j < D; j++) y[j] = x[j] * c[j] + x[(j + half) % D] * s[j];
+        };
+        for (int64_t h = 0; h < H; h++) rotate(row + h * D, qp + (r * H + h) * D);
+        for (int64_t k = 0; k < KV; k++) {
+            const int64_t at = ((r * KV + k) * C + pp[r]) * D;
+            rotate(row + (H + k) * D, kp + at);
+            std::copy(row + (H + KV + k) * D, row + (H + KV + k + 1) * D, vp + at);
+        }
+    }
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t n = pp[r] + 1;
+            const float* q = qp + (r * H + h) * D;
+            const float* K = kp + (r * KV + h / group) * C * D;
+            const float* V = vp + (r * KV + h / group) * C * D;
+            std::vector<float> w(n);
+            float top = -INFINITY;
+            for (int64_t t = 0; t < n; t++) {
+                float dot = 0.0f;
+                for (int64_t j = 0; j < D; j++) dot += q[j] * K[t * D + j];
+                w[t] = dot * scale;
+                top = std::max(top, w[t]);
+            }
+            float total = 0.0f;
+            for (int64_t t = 0; t < n; t++) {
+                w[t] = std::exp(w[t] - top);
+                total += w[t];
+            }
+            float* o = op + (r * H + h) * D;
+            std::fill(o, o + D, 0.0f);
+            for (int64_t t = 0; t < n; t++) {
+                const float p = w[t] / total;
+                for (int64_t j = 0; j < D; j++) o[j] += p * V[t * D + j];
+            }
+        }
+    }
+    return out;
+}
 """
 
 
@@ -274,9 +349,14 @@ class Gemv:
             return self._module.gemv_int8(x, weight.q, weight.scale, bias)  # type: ignore[no-any-return]
         return self._module.gemv_int4(x, weight.q, weight.scale, weight.minimum, bias)  # type: ignore[no-any-return]
 
+    def attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, positions: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:  # fmt: skip
+        """One decode step's attention in one call: rotary, cache writes, attention (see SOURCE)."""
+        return self._module.attend(qkv, cos, sin, keys, values, positions, heads, kv_heads)  # type: ignore[no-any-return]
+
 
 _loaded: dict[Path, Gemv | None] = {}
-FUNCTIONS = ["gemv", "gemv_int8", "gemv_int4"]
+FUNCTIONS = ["gemv", "gemv_int8", "gemv_int4", "attend"]
 PATHS = ("gemv", "onednn", "linear")
 # The batch sizes timed: decode steps of 1, 2 and 8 users, and 64 for reading a prompt in.
 # A batch uses the choice of the smallest of these it fits (a longer prompt: 64's).
