@@ -116,6 +116,7 @@ async def test_the_real_model_batched_with_two_adapters_matches_plain_generate(
                            weights="int4")  # fmt: skip
     await backend.start()
     assert backend.model_dir is not None
+    await asyncio.to_thread(backend.kernels_final.wait, 300)  # the paths this machine chose (the compiled ones here)
     adapters = [
         random_lora(backend.model_dir, tmp_path_factory.mktemp(f"lora{seed}"), seed=seed, std=0.2) for seed in (1, 2)
     ]

@@ -27,6 +27,12 @@ The paths (:data:`PATHS`):
 In a quantized mode ``onednn`` and ``linear`` run on the dequantized fp32 weights (the
 same values), so the mode's fidelity does not depend on the path, and a CPU where the
 compiled loop is slow still decodes as fast as fp32 does.
+
+The same build holds ``attend``: a decode step's attention for every row in one call
+(the rotary angles, the new key and value written into the cache, each head's softmax
+over its row's own length), where torch takes about ten operations a layer. The decoder
+checks it against torch's (:func:`agent_core.llm.decoder.decode_attention`) and times
+both when it chooses its matmuls, and uses it only where it agrees and is faster.
 """
 
 from __future__ import annotations
