@@ -14,6 +14,11 @@ inside the attention counts as a matmul, not as attention):
 - ``rest``: everything else in the step (norms, the MLP's activation, embedding, Python
   between the parts), less the timing's own cost, which is measured first and taken off.
 
+Where the decoder runs a step as one compiled call (``decode_step`` in
+agent_core/llm/kernels.py), there is no Python between its parts to wrap: that call
+times its own parts (matmuls, attention, adapters, and its rest, which stays in
+``rest``) and they are read after each step.
+
 Steps are grouped by their number of rows. The wrappers are only installed here, in the
 benchmark: the engine itself carries no timing.
 """
@@ -28,7 +33,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from agent_core.llm import batching, decoder
+from agent_core.llm import batching, decoder, kernels
 
 PARTS = ("matmuls", "attention", "adapters", "processors")
 TARGETS: list[tuple[Any, str, str]] = [
@@ -87,6 +92,9 @@ class StepSplit:
             rows = len(engine._rows)
             self._local.rows = rows
             stack.append(0.0)
+            compiled = engine.decoder.attend  # the compiled step, where the decoder uses it: it times itself
+            if compiled is not None:
+                compiled.step_timing(True)
             started = self.clock()
             try:
                 return function(engine, *args, **kwargs)
@@ -94,6 +102,10 @@ class StepSplit:
                 self.total[rows] += self.clock() - started
                 self.steps[rows] += 1
                 stack.pop()
+                if compiled is not None:
+                    matmuls, attention, adapters, _ = compiled.step_timing(True)  # its own rest stays in rest
+                    for part, seconds in (("matmuls", matmuls), ("attention", attention), ("adapters", adapters)):
+                        self.parts[rows][part] += seconds
 
         return wrapper
 
@@ -146,6 +158,9 @@ def splitting() -> Iterator[StepSplit]:
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)
+        for compiled in kernels._loaded.values():
+            if compiled is not None:
+                compiled.step_timing(False)
 
 
 def line(rows: int, ms: dict[str, float] | None) -> str:

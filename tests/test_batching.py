@@ -226,6 +226,43 @@ def test_the_compiled_decode_attention_equals_torchs_on_rows_of_different_length
         assert written == [[row, position] for row, position in enumerate(at)]  # each row's key at its position
 
 
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_the_compiled_step_equals_the_layer_by_layer_one_with_mixed_adapters(
+    tiny_model_dir: Path, adapters: list[Path], tmp_path: Path, weights: str
+) -> None:
+    """``decode_step`` (every layer in one compiled call) gives the logits the layers give
+    one by one in torch, for rows of different lengths, two with their own adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agent_core.llm.decoder import BatchDecoder, LoraAdapter
+    from agent_core.llm.kernels import gemv
+    from agent_core.llm.quantized import quantize_model
+
+    kernel = gemv(MODEL_CACHE / "kernels")
+    assert kernel is not None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    quantized = quantize_model(model, weights, tmp_path)
+    decoder = BatchDecoder(model, 4, 256, quantized=quantized)
+    decoder.choose_kernels(kernel, setting="gemv")
+    decoder.attend = kernel  # whichever attention this machine chose: the compiled step needs it
+    prompts = [[1, 5, 9, 200, 31], [7] * 17, [3, 4], [11, 12, 13, 14, 15, 16, 17, 18, 19]]
+    own = [LoraAdapter.load("a", adapters[0]), None, LoraAdapter.load("b", adapters[1]), None]
+    for slot, (ids, adapter) in enumerate(zip(prompts, own, strict=True)):
+        decoder.assign(slot, adapter)
+        decoder.prefill(slot, ids)
+    tokens = torch.tensor([40, 41, 42, 43])
+    for _ in range(5):
+        positions = torch.tensor(decoder.lengths).unsqueeze(1)
+        with torch.inference_mode():
+            compiled = decoder._decode_compiled(tokens, positions)
+            layered = decoder._forward(tokens.unsqueeze(1), positions, slice(0, 4), positions)[:, -1]
+        assert torch.allclose(compiled, layered, rtol=1e-4, atol=1e-4 * float(layered.abs().max()))
+        decoder.lengths = [n + 1 for n in decoder.lengths]
+        tokens = layered.argmax(dim=-1)
+    assert decoder.kernels.path(4) == "gemv"  # so decode() itself takes the compiled step
+
+
 async def test_a_build_killed_before_leaves_no_lock_that_holds_up_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
     from agent_core.llm import kernels
 

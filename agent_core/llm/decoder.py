@@ -13,6 +13,13 @@ zeros there; a batch with no adapter at all skips the products.
 Rows are kept contiguous: the active requests occupy slots ``0..n-1``; when one leaves,
 the last one moves into its place (:meth:`BatchDecoder.move`), so the batch is a view of
 the cache, never a gather.
+
+A decode step runs in one of two ways. Where the machine chose the compiled loops for
+the step's batch size and the compiled attention (:meth:`BatchDecoder.choose_kernels`),
+every layer runs in one call, ``decode_step`` in :mod:`agent_core.llm.kernels`, with no
+Python between the layers (:meth:`BatchDecoder._decode_compiled`). Otherwise, and for
+reading prompts in, :meth:`BatchDecoder._forward` runs the layers one torch operation at
+a time. Both compute the same thing; a test holds them to it.
 """
 
 from __future__ import annotations
@@ -166,6 +173,12 @@ class _Dense:
             raise LLMError("the fp32 weight was dropped")
         return F.linear(flat, self.weight, self.bias)
 
+    def gemv_parts(self) -> list[torch.Tensor | None]:
+        """What the compiled step reads for this projection: [q, scale, minimum, weight, bias]."""
+        if self.blocks is not None:
+            return [self.blocks.q, self.blocks.scale, self.blocks.minimum, None, self.bias]
+        return [None, None, None, self.weight, self.bias]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out = self.run(self.choice.path(flat.shape[0]), flat)
@@ -266,6 +279,7 @@ class BatchDecoder:
         self.values = [torch.zeros(shape) for _ in self.blocks]
         self.lora: dict[tuple[int, str], _RowLora] = {}
         self.attend: Gemv | None = None  # the compiled decode attention, where it is faster (choose_kernels)
+        self._step_weights: list[list[Any]] = []  # the norms and projections as the compiled step reads them
 
     # --- the matmul paths --------------------------------------------------------------
 
@@ -300,6 +314,10 @@ class BatchDecoder:
                 dense.keep_only(set(choice.by_rows.values()))
         self.kernels = choice
         self.attend = gemv if gemv is not None and self._compiled_attention_faster(gemv) else None
+        self._step_weights = [
+            [p for b in self.blocks for p in (b.attention_norm.weight, b.mlp_norm.weight)] + [self.norm.weight],
+            [d.gemv_parts() for d in denses],
+        ]
         log.info("decoding matmuls: %s", choice.describe())
         return choice
 
@@ -409,10 +427,36 @@ class BatchDecoder:
         lengths = self.lengths[:rows]
         self._reserve(max(lengths) + 1)
         positions = torch.tensor(lengths).unsqueeze(1)
-        logits = self._forward(torch.tensor(tokens).unsqueeze(1), positions, slice(0, rows), positions)
+        if self.attend is not None and self.kernels.path(rows) == "gemv":
+            logits = self._decode_compiled(torch.tensor(tokens), positions)
+        else:
+            logits = self._forward(torch.tensor(tokens).unsqueeze(1), positions, slice(0, rows), positions)[:, -1]
         for row in range(rows):
             self.lengths[row] += 1
-        return logits[:, -1]
+        return logits
+
+    LORA_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def _decode_compiled(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` as one compiled call (``decode_step`` in agent_core/llm/kernels.py),
+        where every matmul at this batch size takes the compiled loops and the attention
+        is compiled too: the same layers as :meth:`_forward`, with no Python between them."""
+        assert self.attend is not None
+        rows = tokens.shape[0]
+        x = self.embed(tokens)
+        cos, sin = self.rotary(x[:, None], positions)  # [rows, 1, head_dim]
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # as _Pass has it
+        adapters: list[torch.Tensor | None] = []
+        if any(a is not None for a in self.adapters[:rows]):
+            for layer in range(len(self.blocks)):
+                for name in self.LORA_ORDER:
+                    stack = self.lora.get((layer, name))
+                    adapters += [stack.a, stack.b] if stack is not None else [None, None]
+        norms, denses = self._step_weights
+        return self.attend.decode_step(x, norms, self.norm.eps, denses, adapters, self.keys, self.values,
+                                       cos.contiguous(), sin, positions[:, 0].contiguous(), self.heads,
+                                       self.kv_heads)  # fmt: skip
 
     def _forward(
         self, ids: torch.Tensor, positions: torch.Tensor, rows: slice, decode_at: torch.Tensor | None, start: int = 0

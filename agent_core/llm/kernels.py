@@ -33,6 +33,12 @@ The same build holds ``attend``: a decode step's attention for every row in one 
 over its row's own length), where torch takes about ten operations a layer. The decoder
 checks it against torch's (:func:`agent_core.llm.decoder.decode_attention`) and times
 both when it chooses its matmuls, and uses it only where it agrees and is faster.
+
+With both chosen, a decode step is one call, ``decode_step``: the norms, these loops,
+the rows' LoRA products, ``attend``, the MLP and the residual sums of every layer, then
+the LM head, with no Python between them (a step at one row went from 13.5 ms to 9 ms
+here, most of the difference the interpreter and torch's per-operation cost).
+``step_timing`` makes it time its own parts, for bench/step_split.py.
 """
 
 from __future__ import annotations
@@ -337,6 +343,133 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
     }
     return out;
 }
+
+// --- one decode step in one call --------------------------------------------------------
+// Every layer of the model for rows 0..R-1, one new token each, without returning to
+// Python: the RMS norms, the projections (int4 or int8 blocks, or fp32 weights, by the
+// loops above), each row's own LoRA products, the attention (``attend``), the SiLU MLP
+// and the residual sums; then the final norm and the LM head. ``timing``: add each
+// part's seconds to ``step_seconds`` (matmuls, attention, adapters, rest).
+using Opt = c10::optional<torch::Tensor>;
+static double step_seconds[4] = {0, 0, 0, 0};
+static bool timing = false;
+
+static inline double now() { return omp_get_wtime(); }
+
+// A projection as BatchDecoder holds it: [q, scale, minimum, weight, bias], absent ones None.
+static torch::Tensor dense(const torch::Tensor& x, const std::vector<Opt>& d) {
+    if (d[2].has_value()) return gemv_int4(x, *d[0], *d[1], *d[2], d[4]);
+    if (d[1].has_value()) return gemv_int8(x, *d[0], *d[1], d[4]);
+    return gemv(x, *d[3], d[4]);
+}
+
+static torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+    const int64_t R = x.size(0), H = x.size(1);
+    auto y = torch::empty_like(x);
+    const float* xp = x.data_ptr<float>();
+    const float* wp = weight.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t r = 0; r < R; r++) {
+        const float* xr = xp + r * H;
+        float squares = 0.f;
+        for (int64_t j = 0; j < H; j++) squares += xr[j] * xr[j];
+        const float k = 1.0f / std::sqrt(squares / H + (float)eps);
+        for (int64_t j = 0; j < H; j++) yp[r * H + j] = xr[j] * k * wp[j];
+    }
+    return y;
+}
+
+static torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+    const int64_t R = gate_up.size(0), I = gate_up.size(1) / 2;
+    auto y = torch::empty({R, I}, gate_up.options());
+    const float* gp = gate_up.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t j = 0; j < I; j++) {
+            const float g = gp[r * 2 * I + j];
+            yp[r * I + j] = g / (1.0f + std::exp(-g)) * gp[r * 2 * I + I + j];
+        }
+    return y;
+}
+
+// out[:, offset:offset + size] += x A_row B_row for each row, A [slots, in, r], B [slots, r, size].
+static void lora(torch::Tensor& out, const torch::Tensor& x, const Opt& a, const Opt& b, int64_t offset) {
+    if (!a.has_value()) return;
+    const int64_t R = x.size(0);
+    auto delta = at::bmm(at::bmm(x.unsqueeze(1), a->narrow(0, 0, R)), b->narrow(0, 0, R)).squeeze(1);
+    out.narrow(1, offset, delta.size(1)).add_(delta);
+}
+
+torch::Tensor decode_step(torch::Tensor x, std::vector<torch::Tensor> norms, double eps,
+                          std::vector<std::vector<Opt>> denses, std::vector<Opt> adapters,
+                          std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor cos,
+                          torch::Tensor sin, torch::Tensor positions, int64_t heads, int64_t kv_heads) {
+    const int64_t L = keys.size(), R = x.size(0), D = keys[0].size(3);
+    TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat);
+    TORCH_CHECK((int64_t)norms.size() == 2 * L + 1 && (int64_t)denses.size() == 4 * L + 1);
+    TORCH_CHECK(adapters.empty() || (int64_t)adapters.size() == 14 * L, "adapters: A and B of 7 projections a layer");
+    const int64_t q_size = heads * D, kv_size = kv_heads * D;
+    double parts[4] = {0, 0, 0, 0};
+    double mark = now();
+    auto lap = [&](int part) {
+        if (!timing) return;
+        const double t = now();
+        parts[part] += t - mark;
+        mark = t;
+    };
+    auto adapt = [&](torch::Tensor& out, const torch::Tensor& in, int64_t layer, int64_t first, int64_t count,
+                     const int64_t* offsets) {
+        if (adapters.empty()) return;
+        for (int64_t i = 0; i < count; i++) {
+            const int64_t at = 2 * (7 * layer + first + i);
+            lora(out, in, adapters[at], adapters[at + 1], offsets[i]);
+        }
+        lap(2);
+    };
+    auto h = x.clone();
+    for (int64_t l = 0; l < L; l++) {
+        auto n = rms_norm(h, norms[2 * l], eps);
+        lap(3);
+        auto qkv = dense(n, denses[4 * l]);
+        lap(0);
+        const int64_t qkv_at[3] = {0, q_size, q_size + kv_size};
+        adapt(qkv, n, l, 0, 3, qkv_at);
+        auto a = attend(qkv.view({R, 1, -1}), cos, sin, keys[l], values[l], positions, heads, kv_heads).view({R, -1});
+        lap(1);
+        auto o = dense(a, denses[4 * l + 1]);
+        lap(0);
+        const int64_t zero[1] = {0};
+        adapt(o, a, l, 3, 1, zero);
+        h.add_(o);
+        n = rms_norm(h, norms[2 * l + 1], eps);
+        lap(3);
+        auto gate_up = dense(n, denses[4 * l + 2]);
+        lap(0);
+        const int64_t gate_up_at[2] = {0, gate_up.size(1) / 2};
+        adapt(gate_up, n, l, 4, 2, gate_up_at);
+        auto m = silu_mul(gate_up);
+        lap(3);
+        auto down = dense(m, denses[4 * l + 3]);
+        lap(0);
+        adapt(down, m, l, 6, 1, zero);
+        h.add_(down);
+        lap(3);
+    }
+    auto logits = dense(rms_norm(h, norms[2 * L], eps), denses[4 * L]);
+    lap(0);
+    if (timing)
+        for (int i = 0; i < 4; i++) step_seconds[i] += parts[i];
+    return logits;
+}
+
+// Turn the per-part timing of decode_step on or off; the seconds so far (matmuls,
+// attention, adapters, rest), which then start again from 0.
+std::vector<double> step_timing(bool on) {
+    timing = on;
+    std::vector<double> out(step_seconds, step_seconds + 4);
+    for (int i = 0; i < 4; i++) step_seconds[i] = 0;
+    return out;
+}
 """
 
 
@@ -360,9 +493,19 @@ class Gemv:
         """One decode step's attention in one call: rotary, cache writes, attention (see SOURCE)."""
         return self._module.attend(qkv, cos, sin, keys, values, positions, heads, kv_heads)  # type: ignore[no-any-return]
 
+    def decode_step(self, *args: Any) -> torch.Tensor:
+        """Every layer of one decode step in one call (``decode_step`` in SOURCE; its
+        arguments are :meth:`agent_core.llm.decoder.BatchDecoder._decode_compiled`'s)."""
+        return self._module.decode_step(*args)  # type: ignore[no-any-return]
+
+    def step_timing(self, on: bool) -> list[float]:
+        """Time the parts of each ``decode_step`` from now (``on``) or not; the seconds so
+        far spent on matmuls, attention, adapters and the rest, which start again from 0."""
+        return list(self._module.step_timing(on))
+
 
 _loaded: dict[Path, Gemv | None] = {}
-FUNCTIONS = ["gemv", "gemv_int8", "gemv_int4", "attend"]
+FUNCTIONS = ["gemv", "gemv_int8", "gemv_int4", "attend", "decode_step", "step_timing"]
 PATHS = ("gemv", "onednn", "linear")
 # The batch sizes timed: decode steps of 1, 2 and 8 users, and 64 for reading a prompt in.
 # A batch uses the choice of the smallest of these it fits (a longer prompt: 64's).
