@@ -289,15 +289,17 @@ async def main() -> None:
         read_bytes = bytes_read(batched) or weight_bytes
         choice = batched.kernel_choice
         kernels = choice.as_dict() if choice else None
+        # After the timed rows (the split's own timing slows steps a little), before the
+        # contended one (beside a busy process the engine may move to fewer threads for a while).
+        with step_split.splitting() as split:
+            for users in sorted({1, max(user_counts)}):
+                await serve(batched, requests(users, args.tokens, adapters, STYLED))
+        step_ms = {str(rows): split.ms_per_step(rows) for rows in sorted({1, max(user_counts)})}
         quiet = await serve(batched, requests(1, args.tokens, adapters))
         with competing_process():
             busy = await serve(batched, requests(1, args.tokens, adapters))
         contended = {"quiet_tokens_per_s": quiet["tokens_per_s"], "contended_tokens_per_s": busy["tokens_per_s"],
                      "ratio": busy["tokens_per_s"] / quiet["tokens_per_s"]}  # fmt: skip
-        with step_split.splitting() as split:  # after the timed rows: the split's own timing slows steps a little
-            for users in sorted({1, max(user_counts)}):
-                await serve(batched, requests(users, args.tokens, adapters, STYLED))
-        step_ms = {str(rows): split.ms_per_step(rows) for rows in sorted({1, max(user_counts)})}
         await batched.close()
         print("attune done", flush=True)
         by_mode = {}
