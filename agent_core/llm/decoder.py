@@ -447,14 +447,15 @@ class BatchDecoder:
         cos, sin = self.rotary(x[:, None], positions)  # [rows, 1, head_dim]
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # as _Pass has it
+        adapted = [row for row in range(rows) if self.adapters[row] is not None]
         adapters: list[torch.Tensor | None] = []
-        if any(a is not None for a in self.adapters[:rows]):
+        if adapted:
             for layer in range(len(self.blocks)):
                 for name in self.LORA_ORDER:
                     stack = self.lora.get((layer, name))
                     adapters += [stack.a, stack.b] if stack is not None else [None, None]
         norms, denses = self._step_weights
-        return self.attend.decode_step(x, norms, self.norm.eps, denses, adapters, self.keys, self.values,
+        return self.attend.decode_step(x, norms, self.norm.eps, denses, adapters, adapted, self.keys, self.values,
                                        cos.contiguous(), sin, positions[:, 0].contiguous(), self.heads,
                                        self.kv_heads)  # fmt: skip
 
