@@ -319,6 +319,12 @@ class BatchDecoder:
             [d.gemv_parts() for d in denses],
         ]
         log.info("decoding matmuls: %s", choice.describe())
+        compiled = [r for r in kernels.ROWS[:-1] if self.attend is not None and choice.path(r) == "gemv"]
+        if compiled:
+            log.info("decode steps of up to %d rows: one compiled call each", max(compiled))
+        elif choice.final:
+            why = "no compiled loops here" if gemv is None else "the compiled loops or attention were slower here"
+            log.info("decode steps: layer by layer in torch operations (%s)", why)
         return choice
 
     # --- slots -------------------------------------------------------------------------
