@@ -61,3 +61,24 @@ def test_a_trial_across_a_change_of_batch_size_decides_nothing() -> None:
     for rows in (1, 2, 2):  # one step to settle, then two of 2 rows: far faster, but not like the 1-row steps
         tuner.stepped(rows, 0.001)
     assert threads == [4, 3, 4] and tuner.current == 4
+
+
+def test_a_thread_that_lowers_its_priority_leaves_the_others_and_hands_it_to_its_children() -> None:
+    import os
+    import subprocess
+    import threading
+
+    seen: dict[str, int] = {}
+
+    def background() -> None:
+        cpu.lower_priority(5)
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        child = subprocess.run(["sh", "-c", "cut -d' ' -f19 /proc/self/stat"], capture_output=True, text=True)
+        seen["child"] = int(child.stdout)  # the nice value of a process it starts (a compiler)
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    assert seen["thread"] == min(19, before + 5) and seen["child"] == seen["thread"]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before  # this thread is untouched

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import platform
+import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,15 @@ def cgroup_quota() -> float | None:
         return quota_us / period_us if quota_us > 0 and period_us > 0 else None
     except (OSError, ValueError):
         return None
+
+
+def lower_priority(nice: int = 10) -> None:
+    """Run the calling thread, and the processes it starts (a compiler), ``nice`` steps
+    below the rest of the process: on Linux the nice value is a thread's own and a child
+    inherits it. Where that cannot be done, nothing changes."""
+    with contextlib.suppress(OSError, AttributeError):
+        who = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, who, min(19, os.getpriority(os.PRIO_PROCESS, who) + nice))
 
 
 class ThreadTuner:

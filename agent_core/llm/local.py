@@ -23,7 +23,7 @@ from typing import Any
 
 from agent_core.llm.base import GenerationRequest, LLMBackend, LLMError
 from agent_core.llm.batching import DONE, BatchingEngine, BatchLimits
-from agent_core.llm.cpu import available_cores
+from agent_core.llm.cpu import available_cores, lower_priority
 from agent_core.llm.kernels import KernelChoice
 from agent_core.llm.model_files import ModelSource, cached_directory, find_model
 from agent_core.llm.quantized import Quantized, quantize_model
@@ -177,9 +177,11 @@ class LocalBackend(LLMBackend):
         return engine
 
     def _gemv_later(self, engine: BatchingEngine, folder: Path) -> None:
-        """Build the compiled gemv (a compiler run), then let the engine choose again with it."""
+        """Build the compiled gemv (a compiler run), then let the engine choose again with it.
+        The compiler runs at a low priority: a reply decoding meanwhile keeps the cores."""
         from agent_core.llm import kernels
 
+        lower_priority()
         compiled = kernels.gemv(folder)
 
         def choose() -> None:
