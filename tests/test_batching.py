@@ -420,3 +420,26 @@ async def test_a_long_prompt_is_read_in_chunks_while_the_other_replies_go_on(
     assert got[0] == plain_generate(tiny_model_dir, PROMPTS[0], 90, adapter=b, repetition_penalty=1.1)
     assert got[1] == plain_generate(tiny_model_dir, LONG, 12, adapter=a, repetition_penalty=1.1)  # type: ignore[arg-type]
     assert got[2] == plain_generate(tiny_model_dir, PROMPTS[2], 4, repetition_penalty=1.1)
+
+
+def test_the_choice_made_while_the_gemv_builds_is_quick_and_not_kept(tmp_path: Path) -> None:
+    """A first start's choice before the compiled gemv is built (final False) times 1 and
+    8 rows once each, gives every batch size a path, and is not cached; the final one
+    times every size."""
+    import torch
+
+    from agent_core.llm import kernels
+
+    weights = [torch.randn(32, 64), torch.randn(16, 32)]
+    timed: list[tuple[str, int]] = []
+
+    def run(path: str, x: torch.Tensor, layer: int) -> torch.Tensor:
+        timed.append((path, x.shape[0]))
+        return x @ weights[layer].t()
+
+    interim = kernels.choose(run, [64, 32], ["onednn", "linear"], cache=tmp_path, shapes="s", final=False)
+    assert {rows for _, rows in timed} <= {1, 3, 8} and set(interim.by_rows) == set(kernels.ROWS)  # 3: the check
+    assert not interim.final and not (tmp_path / "choice.json").exists()
+    timed.clear()
+    final = kernels.choose(run, [64, 32], ["onednn", "linear"], cache=tmp_path, shapes="s", final=True)
+    assert {rows for _, rows in timed} >= set(kernels.ROWS) and final.final and (tmp_path / "choice.json").exists()
