@@ -392,12 +392,12 @@ class BatchingEngine:
 
     def _pick(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """The next token of each row (row i of ``logits`` is ``rows[i]``'s): each row's own
-        processors (repetition penalty, style control), then one batched draw."""
+        processors (repetition penalty, style control), then one batched draw. ``logits``
+        is the caller's own copy (the decoder's rows picked out): changed in place."""
         if not rows:
             return []
-        scores = logits.clone() if logits._base is not None else logits
-        row_processors.apply([row.processors for row in rows], [row.ids for row in rows], scores)
-        return draw(scores, [r.temperature for r in rows], [r.job.request.top_p for r in rows],
+        row_processors.apply([row.processors for row in rows], [row.ids for row in rows], logits)
+        return draw(logits, [r.temperature for r in rows], [r.job.request.top_p for r in rows],
                     [r.generator for r in rows], [r.top_k for r in rows])  # fmt: skip
 
     def _advance(self, row: Row, token: int) -> bool:
