@@ -39,7 +39,7 @@ from agent_core.llm.cpu import ThreadTuner
 from agent_core.llm.decoder import BatchDecoder, LoraAdapter
 from agent_core.llm.lookahead import BlockEnds, block_ends_for, choose
 from agent_core.llm.row_processors import RowProcessors
-from agent_core.llm.style_control import StyleControl, StyleVocab
+from agent_core.llm.style_control import StyleVocab, style_control_for
 from agent_core.llm.warpers import TOP_K, draw
 
 log = logging.getLogger(__name__)
@@ -526,11 +526,7 @@ class BatchingEngine:
     def _processors(self, request: GenerationRequest, prompt_length: int) -> RowProcessors:
         """The repetition penalty and the style control, as ``logits_processors(...,
         warpers=False)`` has them for ``generate`` (the warpers come in :meth:`_pick`)."""
-        control = None
-        if self.vocab is not None and (request.style is not None or self.no_repeat_ngram > 1):
-            control = StyleControl(self.vocab, request.style, prompt_length=prompt_length,
-                                   budget=request.max_new_tokens, no_repeat_ngram=self.no_repeat_ngram,
-                                   eos=self.stop_ids)  # fmt: skip
+        control = style_control_for(request, prompt_length, self.vocab, self.no_repeat_ngram, self.stop_ids)
         return RowProcessors(self.repetition_penalty, control, vocab=sum(self.decoder.lm_head.sizes),
                              capacity=self.decoder.max_length)  # fmt: skip
 

@@ -441,7 +441,12 @@ class BatchDecoder:
             self.lengths[row] += 1
         return logits
 
-    LORA_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    def angles(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos and sin at ``positions`` ([batch, span, head_dim] each), sin with
+        its first half negated: rotate_half(x) * sin == roll(x, half) * that sin."""
+        cos, sin = self.rotary(x, positions)
+        half = sin.shape[-1] // 2
+        return cos.contiguous(), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
     def _decode_compiled(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """:meth:`decode` as one compiled call (``decode_step`` in agent_core/llm/kernels.py),
@@ -450,19 +455,17 @@ class BatchDecoder:
         assert self.attend is not None
         rows = tokens.shape[0]
         x = self.embed(tokens)
-        cos, sin = self.rotary(x[:, None], positions)  # [rows, 1, head_dim]
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # as _Pass has it
+        cos, sin = self.angles(x[:, None], positions)
         adapted = [row for row in range(rows) if self.adapters[row] is not None]
         adapters: list[torch.Tensor | None] = []
         if adapted:
             for layer in range(len(self.blocks)):
-                for name in self.LORA_ORDER:
+                for name in (name for names in self._sizes for name in names):  # the order decode_step reads
                     stack = self.lora.get((layer, name))
                     adapters += [stack.a, stack.b] if stack is not None else [None, None]
         norms, denses = self._step_weights
         return self.attend.decode_step(x, norms, self.norm.eps, denses, adapters, adapted, self.keys, self.values,
-                                       cos.contiguous(), sin, positions[:, 0].contiguous(), self.heads,
+                                       cos, sin, positions[:, 0].contiguous(), self.heads,
                                        self.kv_heads)  # fmt: skip
 
     def _forward(
@@ -487,21 +490,28 @@ class BatchDecoder:
             start += size
 
     def _attention(self, layer: int, block: _Block, x: torch.Tensor, step: _Pass) -> torch.Tensor:
-        batch, span, _ = x.shape
-        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        heads, kv_heads = self.heads, self.kv_heads
         qkv = block.qkv(x)
         self._lora(layer, ("q_proj", "k_proj", "v_proj"), qkv, x, step)
+        cache_k, cache_v = self.keys[layer], self.values[layer]
+        if step.at is not None and self.attend is not None:  # the compiled call does what the lines below do
+            out = self.attend.attend(qkv.contiguous(), step.cos, step.sin, cache_k, cache_v, step.at, heads, kv_heads)
+        else:
+            out = self._attend_in_torch(qkv, cache_k, cache_v, step)
+        projected = block.o(out)
+        self._lora(layer, ("o_proj",), projected, out, step)
+        return projected
+
+    def _attend_in_torch(self, qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                         step: _Pass) -> torch.Tensor:  # fmt: skip
+        """Rotary, cache writes and attention in torch operations; [batch, span, heads dim]."""
+        batch, span, _ = qkv.shape
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qk = qkv[..., : (heads + kv_heads) * dim].view(batch, span, heads + kv_heads, dim)
         qk = qk * step.cos + torch.roll(qk, dim // 2, -1) * step.sin  # rotary, queries and keys at once
         q = qk[:, :, :heads].transpose(1, 2)
         k = qk[:, :, heads:].transpose(1, 2)
         v = qkv[..., (heads + kv_heads) * dim :].view(batch, span, kv_heads, dim).transpose(1, 2)
-        cache_k, cache_v = self.keys[layer], self.values[layer]
-        if step.at is not None and self.attend is not None:  # one compiled call for the lines below
-            out = self.attend.attend(qkv.contiguous(), step.cos, step.sin, cache_k, cache_v, step.at, heads, kv_heads)
-            projected = block.o(out)
-            self._lora(layer, ("o_proj",), projected, out, step)
-            return projected
         if step.at is None:  # a prompt, or a chunk of one after step.start tokens
             cache_k[step.rows, :, step.start : step.width] = k
             cache_v[step.rows, :, step.start : step.width] = v
@@ -519,10 +529,7 @@ class BatchDecoder:
             is_causal=step.at is None and span > 1 and step.start == 0,
             enable_gqa=kv_heads != heads,
         )
-        out = out.transpose(1, 2).reshape(batch, span, heads * dim)
-        projected = block.o(out)
-        self._lora(layer, ("o_proj",), projected, out, step)
-        return projected
+        return out.transpose(1, 2).reshape(batch, span, heads * dim)
 
     def _mlp(self, layer: int, block: _Block, x: torch.Tensor, step: _Pass) -> torch.Tensor:
         gate_up = block.gate_up(x)
@@ -546,11 +553,8 @@ class _Pass:
         self.rows = rows
         self.start = start
         self.lora = any(a is not None for a in decoder.adapters[rows])
-        cos, sin = decoder.rotary(x, positions)  # [batch, span, head_dim]
-        half = sin.shape[-1] // 2
-        self.cos = cos.unsqueeze(2)
-        # rotate_half(x) * sin == roll(x, half) * sin with the first half of sin negated
-        self.sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).unsqueeze(2)
+        cos, sin = decoder.angles(x, positions)
+        self.cos, self.sin = cos.unsqueeze(2), sin.unsqueeze(2)
         self.at: torch.Tensor | None = None
         self.single: int | None = None  # a decode step of one row: its position
         self.mask: torch.Tensor | None = None  # None: every row sees its whole cache (or a causal prompt)

@@ -94,7 +94,12 @@ class LocalBackend(LLMBackend):
         self._counter = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
         self._counter.no_truncation()
         self._counter.no_padding()
-        seconds = {"imports and tokenizer": time.perf_counter() - began}
+        seconds: dict[str, float] = {}
+
+        def lap(part: str) -> None:  # the seconds since the last part ended
+            seconds[part] = time.perf_counter() - began - sum(seconds.values())
+
+        lap("imports and tokenizer")
         vocab: Future[StyleVocab] | None = None
         if self.style_control or self.no_repeat_ngram > 1:  # read beside the weights loading (about 1.5 s)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="attune-vocab") as side:
@@ -103,18 +108,18 @@ class LocalBackend(LLMBackend):
         else:
             model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         model.eval()
-        seconds["weights"] = time.perf_counter() - began - sum(seconds.values())
+        lap("weights")
         self._quantized = self._quantize(model, source)
         self._model = model
         if vocab is not None:
             self._vocab = vocab.result()
         blocks = "vocabulary" if self.weights == "fp32" else f"{self.weights} blocks and vocabulary"
-        seconds[blocks] = time.perf_counter() - began - sum(seconds.values())
+        lap(blocks)
         own = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_window = min(self._context_window_setting or own, own)
         if self.batching is not None:
             self._engine = self._batching_engine(model)
-        seconds["decoder and kernel choice"] = time.perf_counter() - began - sum(seconds.values())
+        lap("decoder and kernel choice")
         log.info("local model ready: %s; loaded in %.1f s (%s)", self.describe(), time.perf_counter() - began,
                  ", ".join(f"{part} {s:.1f} s" for part, s in seconds.items()))  # fmt: skip
 

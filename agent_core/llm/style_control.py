@@ -572,6 +572,23 @@ def _lone_number(reply: list[int], v: StyleVocab) -> bool:
     return before < v.size and bool(v.list_start[before]) and not v.digit[before]
 
 
+def style_control_for(
+    request: GenerationRequest, prompt_length: int, vocab: StyleVocab | None, no_repeat_ngram: int, eos: set[int]
+) -> StyleControl | None:
+    """The style control of ``request``: its style and the loop guard (None: no vocabulary,
+    or neither a style nor a loop guard asked for)."""
+    if vocab is None or (request.style is None and no_repeat_ngram <= 1):
+        return None
+    return StyleControl(
+        vocab,
+        request.style,
+        prompt_length=prompt_length,
+        budget=request.max_new_tokens,
+        no_repeat_ngram=no_repeat_ngram,
+        eos=eos,
+    )
+
+
 def logits_processors(
     request: GenerationRequest,
     *,
@@ -598,10 +615,8 @@ def logits_processors(
     processors = LogitsProcessorList()
     if repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    if vocab is not None and (request.style is not None or no_repeat_ngram > 1):
-        processors.append(StyleControl(vocab, request.style, prompt_length=prompt_length,
-                                       budget=request.max_new_tokens, no_repeat_ngram=no_repeat_ngram,
-                                       eos=eos))  # fmt: skip
+    if (control := style_control_for(request, prompt_length, vocab, no_repeat_ngram, eos)) is not None:
+        processors.append(control)
     if warpers and request.temperature > 0:
         processors.append(TemperatureLogitsWarper(request.temperature))
         processors.append(TopKLogitsWarper(50))
